@@ -1,0 +1,109 @@
+"""Attention kernels: flash-attn (varlen, CUDA, when installed) or torch SDPA.
+
+The backend is chosen once per pipeline and logged with the reason; nothing here silently
+swallows an ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["sdpa", "flash"]
+
+
+@dataclass(frozen=True)
+class TextMemory:
+    """Variable-length text features, padded to the longest row.
+
+    features: (B, T, C); lengths: (B,) int64 on the same device; key_mask: (B, 1, 1, T) bool, True = valid.
+    """
+
+    features: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def key_mask(self) -> torch.Tensor:
+        T = self.features.shape[1]
+        valid = torch.arange(T, device=self.lengths.device)[None, :] < self.lengths[:, None]
+        return valid[:, None, None, :]
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return F.pad(self.lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) padded -> (sum(lengths), ...) packed, in row order."""
+        valid = self.key_mask[:, 0, 0, :]
+        return x[valid]
+
+
+def choose_backend(requested: Literal["auto", "sdpa", "flash"], device: torch.device) -> Backend:
+    """Pick the cross-attention kernel and log why."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "sdpa":
+        log.info("attention backend: torch SDPA (requested)")
+        return "sdpa"
+    if requested == "flash":
+        if device.type != "cuda" or not has_flash:
+            raise ValueError(f"attention='flash' needs CUDA and the flash-attn package "
+                             f"(device={device}, flash_attn installed={has_flash})")
+        log.info("attention backend: flash-attn varlen (requested)")
+        return "flash"
+    if device.type != "cuda":
+        log.info("attention backend: torch SDPA (device %s: flash-attn is CUDA-only)", device)
+        return "sdpa"
+    if not has_flash:
+        log.info("attention backend: torch SDPA (flash-attn not installed; `pip install .[gpu]`)")
+        return "sdpa"
+    log.info("attention backend: flash-attn varlen for cross-attention (installed, CUDA)")
+    return "flash"
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory,
+                    backend: Backend) -> torch.Tensor:
+    """Each row's queries attend to its own text tokens only.
+
+    q: (B, H, Lq, hd); k, v: (B, H, T, hd) padded like `memory` -> (B, H, Lq, hd)
+    """
+    if backend == "flash":
+        return _flash_varlen(q, k, v, memory)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=memory.key_mask)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_kvpacked_func
+
+    B, H, Lq, hd = q.shape
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q_packed = q.transpose(1, 2).reshape(B * Lq, H, hd).to(dtype)
+    kv = torch.stack((k, v), dim=2).permute(0, 3, 2, 1, 4)             # (B, T, 2, H, hd)
+    kv_packed = memory.compact(kv).to(dtype)
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
+    out = flash_attn_varlen_kvpacked_func(
+        q_packed, kv_packed, cu_q, memory.cu_seqlens, Lq, int(memory.lengths.max()),
+        dropout_p=0.0, softmax_scale=hd ** -0.5)
+    return out.reshape(B, Lq, H, hd).transpose(1, 2).to(q.dtype)
+
+
+def block_causal_mask(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Token of scale a sees token of scale b iff b <= a. (L, L) bool, True = visible."""
+    level = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
+    return level[:, None] >= level[None, :]
+
+
+def stack_memories(first: TextMemory, second: TextMemory) -> TextMemory:
+    """Rows of `first` then rows of `second`, padded to the longer of the two."""
+    T = max(first.features.shape[1], second.features.shape[1])
+
+    def pad(m: TextMemory) -> torch.Tensor:
+        return F.pad(m.features, (0, 0, 0, T - m.features.shape[1]))
+
+    return TextMemory(torch.cat((pad(first), pad(second))), torch.cat((first.lengths, second.lengths)))

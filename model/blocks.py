@@ -1,0 +1,182 @@
+"""Building blocks of the Infinity transformer, named as in the official state dict.
+
+Precision rule (as the official bf16 run): the residual stream, every norm and the AdaLN
+arithmetic are float32; Linear layers and attention run in the dtype of the block's weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.attention import Backend, TextMemory, cross_attention
+from model.kv_cache import KVCache
+from model.rope import apply_rope
+
+# exp(scale_mul) is clamped at 100; the bound is the float32 log(100) the official code uses.
+LOG_MAX_SCALE_MUL = float(torch.tensor(100.0).log())
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply `layer` in its weights' dtype (the caller's tensor may be float32)."""
+    w = layer.weight
+    b = layer.bias if bias is None else bias
+    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then x * (1 + scale) + shift, all in float32. (B, L, C)"""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).mul(scale.add(1)).add_(shift)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight.float()
+
+
+class SelfAttention(nn.Module):
+    """Cosine self-attention (per-head learned scale) with RoPE-2D and an optional KV cache."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (B, L, C); rope: (2, L, hd/2) for these tokens -> (B, L, C)"""
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = linear(self.mat_qkv, x, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # (B, H, L, hd)
+        scale = self.scale_mul_1H11.float().clamp_max(LOG_MAX_SCALE_MUL).exp()
+        q = apply_rope(F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale), rope).to(v.dtype)
+        k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)                             # (B, H, L_seen, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys/values from the projected text (no qk-norm)."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(width, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text K/V, computed once per request. memory: (B, T, C) -> k, v: (B, H, T, hd)"""
+        B, T, _ = memory.shape
+        bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        kv = linear(self.mat_kv, memory, bias).view(B, T, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], memory: TextMemory,
+                backend: Backend) -> torch.Tensor:
+        B, L, C = x.shape
+        q = linear(self.mat_q, x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        out = cross_attention(q, kv[0], kv[1], memory, backend)        # (B, H, L, hd)
+        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.fc2, F.gelu(linear(self.fc1, x), approximate="tanh"))
+
+
+class CrossAttnBlock(nn.Module):
+    """AdaLN(SA) -> CA -> AdaLN(FFN), with shared AdaLN plus a per-block offset `ada_gss`."""
+
+    def __init__(self, width: int, num_heads: int, ffn_hidden: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
+        self.sa = SelfAttention(width, num_heads)
+        self.ca = CrossAttention(width, num_heads)
+        self.ffn = FFN(width, ffn_hidden)
+        self.ca_norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, ada: torch.Tensor, ca_kv: tuple[torch.Tensor, torch.Tensor],
+                memory: TextMemory, rope: torch.Tensor, backend: Backend, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (B, L, C) float32; ada: (B, 1, 6, C) float32 shared modulation -> (B, L, C) float32"""
+        # Slot order of the 6-vector: SA gate, FFN gate, SA scale, FFN scale, SA shift, FFN shift.
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + ada).unbind(2)
+        h = ada_layer_norm(x, scale1, shift1, self.eps)
+        x = x + self.sa(h, rope, mask, cache, layer).float().mul(gamma1)
+        h = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
+        x = x + self.ca(h, ca_kv, memory, backend).float()
+        h = ada_layer_norm(x, scale2, shift2, self.eps)
+        return x + self.ffn(h).float().mul(gamma2)
+
+
+class PoolingAttention(nn.Module):
+    """One learned query per head attends over a prompt's tokens: the pooled text vector."""
+
+    def __init__(self, text_channels: int, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.mat_q = nn.Parameter(torch.empty(1, num_heads, self.head_dim))
+        self.mat_kv = nn.Linear(text_channels, 2 * width, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
+        nn.init.trunc_normal_(self.mat_q, std=math.sqrt(1 / width / 3))
+
+    def forward(self, text: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """text: (B, T, Ct) normalised; key_mask: (B, 1, 1, T) -> (B, C)"""
+        B, T, _ = text.shape
+        bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        kv = linear(self.mat_kv, text, bias).view(B, T, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, Hp, T, hdp)
+        q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)   # (B, Hp, 1, hdp)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return linear(self.proj, out.reshape(B, -1))
+
+
+class TextAttentivePool(nn.Module):
+    # Wrapper kept only so that parameter names match the checkpoint (`text_proj_for_sos.ca.*`).
+    def __init__(self, text_channels: int, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.ca = PoolingAttention(text_channels, width, num_heads)
+
+    def forward(self, text: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        return self.ca(text, key_mask)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def modulation(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) -> (B, 1, 2, C) float32: slot 0 = scale, slot 1 = shift."""
+        return self.ada_lin(pooled.float()).view(pooled.shape[0], 1, 2, -1)
+
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        scale, shift = modulation.unbind(2)
+        return ada_layer_norm(x, scale, shift, self.eps)

@@ -1,0 +1,44 @@
+"""A self-attention KV cache preallocated for a whole scale schedule.
+
+Written in place scale by scale; never grown by concatenation, so its memory is known before a
+batch starts (the server's admission uses `bytes_per_row`). A new generation is a new cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    keys: torch.Tensor        # (depth, B, H, L_total, hd)
+    values: torch.Tensor      # (depth, B, H, L_total, hd)
+    filled: int = 0           # tokens written by completed scales
+
+    @classmethod
+    def allocate(cls, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (depth, batch, heads, total_tokens, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device),
+                   torch.empty(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_row(depth: int, heads: int, total_tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Cache bytes for one batch row (a guided image needs two rows)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * depth * heads * total_tokens * head_dim * itemsize
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this scale's k, v (B, H, l, hd) at the current offset; return the visible prefix."""
+        end = self.filled + k.shape[2]
+        self.keys[layer, :, :, self.filled:end] = k
+        self.values[layer, :, :, self.filled:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        """Mark a scale as complete (called once per scale, after every layer wrote it)."""
+        self.filled += tokens
+        if self.filled > self.keys.shape[3]:
+            raise RuntimeError(f"KV cache overflow: {self.filled} > {self.keys.shape[3]} tokens")

@@ -1,0 +1,149 @@
+"""Prompts -> RGB images: text encoder, bitwise sampler, VAE decoder.
+
+Devices and dtypes come from a RuntimeConfig. Following the official bf16 run, a low-precision
+dtype applies to the transformer blocks and the VAE decoder, while the text projections, the
+AdaLN projections, the embeddings and the head stay float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.attention import TextMemory, choose_backend, stack_memories
+from model.config import RuntimeConfig, SamplingParams
+from model.sampler import ScaleCallback, sample
+from model.schedules import ScaleSchedule
+from model.text_encoder import T5TextEncoder
+from model.transformer import Infinity
+from model.vae import BitwiseVAE, to_uint8
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    text_encode: float
+    transformer: float
+    vae_decode: float
+    scales: tuple[float, ...]       # transformer seconds per scale
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[np.ndarray]        # per row (H, W, 3) uint8 RGB
+    bits: list[np.ndarray]          # per scale (B, h, w, d) uint8, latent layout (bit c = channel c)
+    seeds: list[int]
+    prompt_tokens: list[int]        # T5 tokens per prompt, EOS included
+    image_tokens: int               # bitwise tokens generated per image: sum over scales of h*w*bits
+    timings: StageTimings
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class InfinityPipeline:
+    def __init__(self, transformer: Infinity, vae: BitwiseVAE, text_encoder: T5TextEncoder,
+                 runtime: RuntimeConfig = RuntimeConfig()) -> None:
+        if transformer.config.token_bits != vae.config.token_bits:
+            raise ValueError(f"transformer tokens have {transformer.config.token_bits} bits, the VAE makes "
+                             f"{vae.config.token_bits}-bit tokens")
+        if text_encoder.channels != transformer.config.text_channels:
+            raise ValueError(f"text encoder width {text_encoder.channels} != transformer text_channels "
+                             f"{transformer.config.text_channels}")
+        self.runtime = runtime
+        self.device = torch.device(runtime.device)
+        dtype = DTYPES[runtime.dtype]
+        self.transformer = transformer.to(self.device).eval().requires_grad_(False)
+        self.transformer.blocks.to(dtype)
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.vae.decoder.to(dtype)
+        self.text_encoder = text_encoder
+        self.backend = choose_backend(runtime.attention, self.device)
+        log.info("pipeline on %s: blocks and VAE decoder in %s, attention %s", self.device, runtime.dtype, self.backend)
+
+    # ---- public API -------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], schedule: ScaleSchedule,
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 on_scale: ScaleCallback | None = None) -> GenerationResult:
+        """One image per prompt; `params` is shared or one per prompt (seeds, cfg, tau, ...)."""
+        # 1. check inputs
+        rows = self._check_inputs(prompts, schedule, params)
+        # 2. one generator per row, seeded explicitly
+        seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        with torch.inference_mode():
+            # 3. text features of the prompts and of their unconditional counterparts
+            t0 = time.perf_counter()
+            encoded = self.text_encoder.encode(list(prompts))
+            uncond = self._unconditional(encoded.memory, rows)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            # 4. scale-by-scale sampling of the bits
+            out = sample(self.transformer, self.vae.quantizer, schedule, encoded.memory, uncond, rows,
+                         generators, self.backend, on_scale)
+            _sync(self.device)
+            t2 = time.perf_counter()
+            # 5. decode the accumulated latent
+            images = self.decode_latent(out.latent)
+            t3 = time.perf_counter()
+        tokens = sum(schedule.lengths) * self.transformer.config.token_bits
+        return GenerationResult(
+            images=list(images), bits=[b.cpu().numpy() for b in out.bits], seeds=seeds,
+            prompt_tokens=encoded.token_counts, image_tokens=tokens,
+            timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
+
+    @torch.inference_mode()
+    def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
+        """Accumulated codes (B, d, h, w) -> (B, H, W, 3) uint8 RGB (also used for previews)."""
+        images = to_uint8(self.vae.decode(latent.to(self.device))).cpu().numpy()
+        _sync(self.device)
+        return images
+
+    def kv_cache_bytes_per_image(self, schedule: ScaleSchedule, guided: bool = True) -> int:
+        from model.kv_cache import KVCache
+
+        c = self.transformer.config
+        per_row = KVCache.bytes_per_row(c.depth, c.num_heads, schedule.total_tokens, c.head_dim,
+                                        self.transformer.blocks[0].sa.mat_qkv.weight.dtype)
+        return per_row * (2 if guided else 1)
+
+    # ---- steps ------------------------------------------------------------------------------
+    def _check_inputs(self, prompts: Sequence[str], schedule: ScaleSchedule,
+                      params: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("`prompts` must be a non-empty list of strings")
+        rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(rows) != len(prompts):
+            raise ValueError(f"`params` has {len(rows)} entries for {len(prompts)} prompts")
+        if schedule.num_scales > self.transformer.config.num_levels:
+            raise ValueError(f"schedule has {schedule.num_scales} scales, the model knows "
+                             f"{self.transformer.config.num_levels}")
+        for p in rows:
+            p.check_scales(schedule.num_scales)
+        return rows
+
+    def _unconditional(self, cond: TextMemory, rows: list[SamplingParams]) -> TextMemory:
+        """Per row: the negative prompt's features if given, else the learned null prompt."""
+        null = self.transformer.unconditional_text(cond.lengths)
+        negatives = [i for i, p in enumerate(rows) if p.negative_prompt is not None]
+        if not negatives:
+            return null
+        neg = self.text_encoder.encode([rows[i].negative_prompt for i in negatives]).memory
+        merged = stack_memories(null, neg)                 # common padding; pick rows below
+        B = len(rows)
+        index = torch.arange(B)
+        for j, i in enumerate(negatives):
+            index[i] = B + j
+        index = index.to(merged.lengths.device)
+        return TextMemory(merged.features[index], merged.lengths[index])

@@ -1,0 +1,129 @@
+"""The scale-by-scale autoregressive loop: next-scale prediction with a bitwise classifier.
+
+Per scale: embed the accumulated codes, run the blocks with the KV cache, mix conditional and
+unconditional logits (classifier-free guidance), sample every bit, add the new codes to the
+latent. Each batch row has its own sampling parameters and its own torch.Generator, so a seed
+gives the same bits whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.attention import Backend, TextMemory, stack_memories
+from model.config import SamplingParams
+from model.kv_cache import KVCache
+from model.quantizer import BitwiseQuantizer
+from model.schedules import ScaleSchedule
+from model.transformer import Infinity
+
+
+@dataclass(frozen=True)
+class ScaleEvent:
+    """Reported after each scale (progress bars, streamed previews, cancellation checks)."""
+
+    scale_index: int
+    num_scales: int
+    latent: torch.Tensor            # (B, d, H, W): codes accumulated so far
+    seconds: float
+
+
+ScaleCallback = Callable[[ScaleEvent], None]
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    bits: list[torch.Tensor]        # per scale (B, h, w, d) uint8, latent layout
+    latent: torch.Tensor            # (B, d, H, W) float32, input of the VAE decoder
+    scale_seconds: list[float]
+
+
+def guide(logits: torch.Tensor, params: list[SamplingParams], scale_index: int, guided: bool) -> torch.Tensor:
+    """Temperature then CFG on logits: cfg * l_cond + (1 - cfg) * l_uncond, per row.
+
+    logits: (2B or B, l, V) with conditional rows first -> (B, l, V)
+    """
+    B = len(params)
+    # Python-float arithmetic first, then float32: the same constants as the official scalars.
+    inv_tau = logits.new_tensor([1 / p.tau_at(scale_index) for p in params]).view(B, 1, 1)
+    if not guided:
+        return logits * inv_tau
+    w_cond = logits.new_tensor([p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
+    w_uncond = logits.new_tensor([1 - p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
+    return w_cond * (logits[:B] * inv_tau) + w_uncond * (logits[B:] * inv_tau)
+
+
+def filter_bit_logits(pairs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k / top-p on 2-way bit logits (N, 2); removed values become -inf.
+
+    With two classes top-k >= 2 keeps both, and top-p removes the minority value when its
+    probability is <= 1 - top_p (official default 0.97: <= 0.03).
+    """
+    pairs = pairs.clone()
+    if top_k == 1:
+        pairs.masked_fill_(pairs < pairs.amax(dim=-1, keepdim=True), float("-inf"))
+    if top_p > 0:
+        probs = pairs.softmax(dim=-1)
+        minority = pairs.argmin(dim=-1, keepdim=True)
+        p_min = probs.gather(-1, minority)
+        threshold = torch.tensor(1 - top_p, dtype=probs.dtype, device=probs.device)
+        drop = torch.zeros_like(pairs, dtype=torch.bool).scatter_(-1, minority, p_min <= threshold)
+        pairs.masked_fill_(drop, float("-inf"))
+    return pairs
+
+
+def sample_bits(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """(B, l, 2D) guided logits -> bits (B, l, D) int64, each row with its own generator."""
+    B, l, V = logits.shape
+    pairs = logits.view(B, l * V // 2, 2)
+    rows = []
+    for b, p in enumerate(params):
+        if p.top_k == 1:
+            # Greedy must not depend on the seed: argmax, an exact tie resolves to bit 0.
+            rows.append((pairs[b, :, 1] > pairs[b, :, 0]).long())
+            continue
+        probs = filter_bit_logits(pairs[b], p.top_k, p.top_p).softmax(dim=-1)
+        rows.append(torch.multinomial(probs, 1, replacement=True, generator=generators[b])[:, 0])
+    return torch.stack(rows).view(B, l, V // 2)
+
+
+def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule, text: TextMemory,
+           uncond_text: TextMemory, params: list[SamplingParams], generators: list[torch.Generator],
+           backend: Backend, on_scale: ScaleCallback | None = None) -> SampleOutput:
+    """Generate the bits of every scale for B prompts.
+
+    text / uncond_text: raw T5 features of the prompts and of their unconditional counterparts
+    (learned null prompt or negative prompt), B rows each.
+    """
+    B, n = len(params), schedule.num_scales
+    for p in params:
+        p.check_scales(n)
+    guided = any(p.uses_guidance(n) for p in params)
+    cond = model.condition(stack_memories(text, uncond_text) if guided else text)
+    ca_kv = model.cross_kv(cond)
+    rows = 2 * B if guided else B
+    c = model.config
+    cache = KVCache.allocate(c.depth, rows, c.num_heads, schedule.total_tokens, c.head_dim,
+                             model.blocks[0].sa.mat_qkv.weight.dtype, text.features.device)
+    vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
+
+    x = model.start_tokens(cond)                                        # (rows, 1, C)
+    latent, bits_out, seconds = None, [], []
+    for si, (h, w) in enumerate(schedule.scales):
+        t0 = time.perf_counter()
+        logits = guide(model.step(x, si, schedule, cond, ca_kv, cache, backend), params, si, guided)
+        token_bits = sample_bits(logits, params, generators).view(B, h, w, -1)
+        bits = quantizer.to_latent_layout(token_bits)                   # (B, h', w', d)
+        latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
+        if si + 1 < n:
+            x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
+            x = torch.cat((x, x)) if guided else x
+        bits_out.append(bits.to(torch.uint8))
+        seconds.append(time.perf_counter() - t0)
+        if on_scale is not None:
+            on_scale(ScaleEvent(si, n, latent, seconds[-1]))
+    return SampleOutput(bits_out, latent, seconds)

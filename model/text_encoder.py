@@ -1,0 +1,67 @@
+"""T5 text encoder: any directory `transformers` can load (flan-t5-xl for the official models).
+
+Tokenised as the official code does (truncate at 512 tokens, EOS appended, pad id 0); only the
+true tokens are kept, so the padded length does not matter (the padding is masked).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5EncoderModel
+
+from model.attention import TextMemory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    memory: TextMemory              # features (B, T, Ct) float32, lengths (B,)
+    token_counts: list[int]         # true tokens per prompt, EOS included
+
+
+class T5TextEncoder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = 512) -> None:
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = max_length
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 max_length: int = 512) -> "T5TextEncoder":
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"text encoder directory not found: {path}")
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(path, legacy=True)
+        model = T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)
+        log.info("text encoder %s: d_model=%d, %s on %s", path, model.config.d_model, dtype, device)
+        return cls(tokenizer, model, max_length)
+
+    @property
+    def channels(self) -> int:
+        return self.model.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, max_length=self.max_length, truncation=True)["input_ids"])
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> EncodedText:
+        tokens = self.tokenizer(prompts, max_length=self.max_length, padding="longest", truncation=True,
+                                return_tensors="pt")
+        ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device)
+        features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        lengths = mask.sum(dim=1)
+        features = features * mask.unsqueeze(-1)        # zero the padding: it is never attended
+        return EncodedText(TextMemory(features, lengths), lengths.tolist())

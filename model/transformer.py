@@ -1,0 +1,135 @@
+"""The Infinity transformer: text conditioning, block stack and bitwise head.
+
+Parameter names equal the official checkpoint's, except that blocks are a flat `blocks.{i}`
+list instead of `block_chunks.{i // k}.module.{i % k}` (see weights/keymap.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from model.attention import Backend, TextMemory, block_causal_mask
+from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool
+from model.config import TransformerConfig
+from model.kv_cache import KVCache
+from model.rope import rope_table
+from model.schedules import ScaleSchedule
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """Everything the blocks need from the prompt, computed once per request (B rows)."""
+
+    pooled: torch.Tensor            # (B, C) float32: start token content and AdaLN condition
+    ada: torch.Tensor               # (B, 1, 6, C) float32: shared AdaLN modulation
+    head_ada: torch.Tensor          # (B, 1, 2, C) float32: modulation before the head
+    memory: TextMemory              # projected text (B, T, C) for cross-attention
+
+
+class Infinity(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        self.cfg_uncond = nn.Parameter(torch.empty(c.text_maxlen, c.text_channels))
+        self.pos_start = nn.Parameter(torch.empty(1, 1, c.width))
+        self.text_norm = RMSNorm(c.text_channels, eps=c.norm_eps)
+        self.text_proj_for_sos = TextAttentivePool(c.text_channels, c.width, c.pool_heads)
+        self.text_proj_for_ca = nn.Sequential(
+            nn.Linear(c.text_channels, c.width), nn.GELU(approximate="tanh"), nn.Linear(c.width, c.width))
+        self.lvl_embed = nn.Embedding(c.num_levels, c.width)
+        self.word_embed = nn.Linear(c.token_bits, c.width)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.width, 6 * c.width))
+        self.blocks = nn.ModuleList(
+            CrossAttnBlock(c.width, c.num_heads, c.ffn_hidden, c.norm_eps) for _ in range(c.depth))
+        self.head_nm = AdaLNBeforeHead(c.width, c.norm_eps)
+        self.head = nn.Linear(c.width, 2 * c.token_bits)
+        self._init_free_parameters()
+
+    def _init_free_parameters(self) -> None:
+        # Official inits; they matter only for training from scratch and for random test models.
+        g = torch.Generator().manual_seed(0)
+        if self.cfg_uncond.device.type != "meta":
+            std = 1.2
+            u = torch.empty_like(self.cfg_uncond, device="cpu")
+            nn.init.trunc_normal_(u, std=std, a=-2 * std, b=2 * std, generator=g)
+            self.cfg_uncond.data.copy_(u / math.sqrt(self.config.text_channels))
+        nn.init.trunc_normal_(self.pos_start, std=0.02)
+
+    # ---- text -------------------------------------------------------------------------------
+    def condition(self, text: TextMemory) -> TextConditioning:
+        """Raw T5 features (B, T, Ct) -> the conditioning of each row."""
+        normed = self.text_norm(text.features)
+        pooled = self.text_proj_for_sos(normed, text.key_mask).float()
+        projected = self.text_proj_for_ca(normed.to(self.text_proj_for_ca[0].weight.dtype))
+        ada = self.shared_ada_lin(pooled).view(pooled.shape[0], 1, 6, -1).float()
+        return TextConditioning(pooled, ada, self.head_nm.modulation(pooled),
+                                TextMemory(projected, text.lengths))
+
+    def unconditional_text(self, lengths: torch.Tensor) -> TextMemory:
+        """The learned null prompt, cut to each prompt's own token count. lengths: (B,)"""
+        T = int(lengths.max())
+        feats = self.cfg_uncond[:T].float().unsqueeze(0).expand(len(lengths), -1, -1).clone()
+        return TextMemory(feats, lengths)
+
+    def cross_kv(self, cond: TextConditioning) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-block text K/V, computed once per request instead of once per scale."""
+        return [block.ca.project_memory(cond.memory.features) for block in self.blocks]
+
+    # ---- tokens -----------------------------------------------------------------------------
+    def start_tokens(self, cond: TextConditioning) -> torch.Tensor:
+        """(B, 1, C): pooled text + learned start position."""
+        return cond.pooled.unsqueeze(1) + self.pos_start.float()
+
+    def embed_bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """Next-scale inputs (B, l, token_bits) float32 -> (B, l, C) float32."""
+        return self.word_embed(codes.to(self.word_embed.weight.dtype)).float()
+
+    def add_level(self, x: torch.Tensor, scale_index: int) -> torch.Tensor:
+        return x + self.lvl_embed.weight[scale_index].float()
+
+    def logits(self, hidden: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+        """(B, l, C) -> (B, l, 2 * token_bits) float32; columns (2j, 2j+1) = logits of bit j = 0, 1."""
+        h = self.head_nm(hidden, cond.head_ada)
+        return self.head(h.to(self.head.weight.dtype)).float()
+
+    # ---- stack ------------------------------------------------------------------------------
+    def run_blocks(self, x: torch.Tensor, cond: TextConditioning, ca_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                   rope: torch.Tensor, backend: Backend, mask: torch.Tensor | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond.ada, ca_kv[i], cond.memory, rope, backend, mask, cache, i)
+        return x
+
+    def step(self, x: torch.Tensor, scale_index: int, schedule: ScaleSchedule, cond: TextConditioning,
+             ca_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, backend: Backend) -> torch.Tensor:
+        """One scale with the KV cache: token embeddings (B, l, C) -> logits (B, l, 2 * token_bits)."""
+        start, n = schedule.offsets[scale_index], schedule.lengths[scale_index]
+        if cache.filled != start:
+            raise RuntimeError(f"KV cache holds {cache.filled} tokens, scale {scale_index} starts at {start}")
+        rope = rope_table(schedule, self.config.head_dim, x.device)[:, start:start + n]
+        h = self.run_blocks(self.add_level(x, scale_index), cond, ca_kv, rope, backend, cache=cache)
+        cache.advance(n)
+        return self.logits(h, cond)
+
+    def forward(self, cond: TextConditioning, schedule: ScaleSchedule, inputs: torch.Tensor,
+                backend: Backend = "sdpa") -> list[torch.Tensor]:
+        """Teacher forcing: all scales at once under the block-causal mask.
+
+        inputs: (B, L_total - 1, token_bits) next-scale inputs of scales 1.. (scale 0 is the start
+        token) -> per-scale logits, list of (B, h*w, 2 * token_bits).
+        """
+        expected = schedule.total_tokens - 1
+        if inputs.shape[1] != expected:
+            raise ValueError(f"inputs hold {inputs.shape[1]} tokens, schedule needs {expected}")
+        x = torch.cat((self.start_tokens(cond), self.embed_bits(inputs)), dim=1)
+        level = torch.repeat_interleave(torch.arange(schedule.num_scales, device=x.device),
+                                        torch.tensor(schedule.lengths, device=x.device))
+        x = x + self.lvl_embed.weight.float()[level]
+        mask = block_causal_mask(schedule.lengths, x.device)
+        rope = rope_table(schedule, self.config.head_dim, x.device)
+        h = self.run_blocks(x, cond, self.cross_kv(cond), rope, backend, mask=mask)
+        return list(self.logits(h, cond).split(list(schedule.lengths), dim=1))
