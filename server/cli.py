@@ -1,0 +1,134 @@
+"""`infinity-serve` command line: generate, convert (and serve, once the server lands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("infinity_serve.cli")
+
+
+def _scale_values(text: str) -> float | tuple[float, ...]:
+    """"3" -> 3.0; "3,3,2.5" -> one value per scale (as the official --cfg / --tau accept)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}") from None
+    return w, h
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate one image from a prompt")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")
+    p.add_argument("--transformer", type=Path, help="official .pth, sharded folder or safetensors")
+    p.add_argument("--vae", type=Path, help="official VAE .pth or safetensors")
+    p.add_argument("--text-encoder", type=Path, help="T5 encoder directory (flan-t5-xl for official models)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--h-div-w", type=float, help="aspect ratio h/w, snapped to the nearest template")
+    shape.add_argument("--size", type=_size, help="WIDTHxHEIGHT, snapped to the nearest template")
+    p.add_argument("--pn", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget (default 1M)")
+    p.add_argument("--cfg", type=_scale_values, default=3.0, help="guidance: one value or one per scale")
+    p.add_argument("--tau", type=_scale_values, default=0.5, help="temperature: one value or one per scale")
+    p.add_argument("--top-k", type=int, default=0, help="1 = greedy (seed-independent); 0 = off")
+    p.add_argument("--top-p", type=float, default=0.97)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA (as the official run), float32 on CPU")
+    p.add_argument("--save-bits", type=Path, help="write the sampled bits of every scale to this .npz")
+    p.set_defaults(func=_generate)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="write a checkpoint as safetensors with our names")
+    p.add_argument("kind", choices=["transformer", "vae"])
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--token-bits", type=int, help="VAE only: the transformer's bits per token (56 for 8B)")
+    p.set_defaults(func=_convert)
+
+
+def _schedule(args: argparse.Namespace):
+    from model.schedules import ScaleSchedule, nearest_template, schedule_for_size
+
+    if args.size is not None:
+        return schedule_for_size(*args.size, pn=args.pn)
+    template = nearest_template(args.h_div_w) if args.h_div_w is not None else 1.0
+    return ScaleSchedule.official(template, args.pn or "1M")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from model.config import RuntimeConfig, SamplingParams
+    from weights import load_pipeline
+
+    missing = [f"--{n.replace('_', '-')}" for n in ("transformer", "vae", "text_encoder") if getattr(args, n) is None]
+    if missing:
+        log.error("missing %s: give the transformer, VAE and text encoder paths", " ".join(missing))
+        return 2
+    schedule = _schedule(args)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            negative_prompt=args.negative_prompt)
+    pipe = load_pipeline(args.transformer, args.vae, args.text_encoder, RuntimeConfig(args.device, dtype))
+    h, w = schedule.image_size()
+    log.info("generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn,
+             schedule.num_scales)
+    with tqdm(total=schedule.num_scales, desc="scales", unit="scale", file=sys.stderr) as bar:
+        result = pipe.generate([args.prompt], schedule, params, on_scale=lambda e: bar.update(1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result.images[0]).save(args.out)
+    if args.save_bits is not None:
+        arrays = {f"scale_{i:02d}": b for i, b in enumerate(result.bits)}
+        np.savez_compressed(args.save_bits, scales=np.array(schedule.scales), seed=np.array(result.seeds[0]),
+                            **arrays)
+    t = result.timings
+    log.info("wrote %s (seed %d): text %.2fs, transformer %.2fs, VAE %.2fs", args.out, result.seeds[0],
+             t.text_encode, t.transformer, t.vae_decode)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from weights.convert import convert
+
+    convert(args.src, args.dst, args.kind, args.token_bits)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinity-serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_convert(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:      # CheckpointError is a ValueError
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real models in the official layout, built offline by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, TransformerConfig, VAEConfig  # noqa: E402
+from model.t5_builder import build_t5_encoder_dir  # noqa: E402
+from model.transformer import Infinity  # noqa: E402
+from model.vae import BitwiseVAE  # noqa: E402
+from weights.official import official_transformer_state, official_vae_state  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+WORDS = "a an the red green blue yellow circle square triangle star left right of to and two three big small".split()
+
+
+def perturbed(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every parameter so that zero-initialised biases and gates matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def make_transformer(config: TransformerConfig, seed: int = 0) -> Infinity:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return perturbed(Infinity(config), seed)
+
+
+def make_vae(config: VAEConfig, seed: int = 0) -> BitwiseVAE:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return perturbed(BitwiseVAE(config), seed, std=0.01)
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory) -> Path:
+    return build_t5_encoder_dir(tmp_path_factory.mktemp("t5"), WORDS, d_model=TRANSFORMER_SIZES["tiny"].text_channels)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer() -> Infinity:
+    return make_transformer(TRANSFORMER_SIZES["tiny"])
+
+
+@pytest.fixture(scope="session")
+def tiny_vae() -> BitwiseVAE:
+    return make_vae(VAE_SIZES["tiny"])
+
+
+@pytest.fixture(scope="session")
+def official_files(tmp_path_factory, tiny_transformer, tiny_vae) -> dict[str, Path]:
+    """Tiny checkpoints written exactly as the official files are laid out."""
+    root = tmp_path_factory.mktemp("official")
+    transformer, vae = root / "infinity_tiny.pth", root / "infinity_vae_tiny.pth"
+    torch.save(official_transformer_state(tiny_transformer), transformer)
+    torch.save({"vae": official_vae_state(tiny_vae)}, vae)
+    return {"transformer": transformer, "vae": vae}

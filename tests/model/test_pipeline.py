@@ -1,0 +1,84 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import RuntimeConfig, SamplingParams
+from model.pipeline import InfinityPipeline
+from model.schedules import ScaleSchedule
+from model.text_encoder import T5TextEncoder
+
+SCHEDULE = ScaleSchedule.official(1.0, "0.06M")
+
+
+@pytest.fixture(scope="module")
+def pipe(t5_dir, tiny_transformer, tiny_vae):
+    import copy
+    return InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))
+
+
+def test_generate_returns_rgb_images_bits_seeds_and_timings(pipe):
+    result = pipe.generate(["a red circle", "two blue squares"], SCHEDULE, SamplingParams(seed=3))
+    assert len(result.images) == 2 and result.images[0].shape == (64, 64, 3)
+    assert result.images[0].dtype == np.uint8
+    assert result.seeds == [3, 3]
+    assert [b.shape for b in result.bits] == [(2, h, w, 8) for h, w in SCHEDULE.scales]
+    assert result.prompt_tokens == [4, 4]
+    assert result.image_tokens == 521 * 8
+    assert len(result.timings.scales) == 7 and result.timings.transformer > 0
+    # the image is the decoded latent of exactly these bits
+    latent = pipe.vae.quantizer.bits_to_latent([torch.from_numpy(b).long() for b in result.bits], SCHEDULE.scales)
+    assert np.array_equal(pipe.decode_latent(latent), np.stack(result.images))
+
+
+def test_random_seeds_are_reported_and_reproduce(pipe):
+    first = pipe.generate(["a star"], SCHEDULE, SamplingParams(tau=1.0))
+    again = pipe.generate(["a star"], SCHEDULE, SamplingParams(tau=1.0, seed=first.seeds[0]))
+    assert np.array_equal(first.images[0], again.images[0])
+
+
+def test_text_features_do_not_depend_on_padding(pipe):
+    enc = pipe.text_encoder
+    alone = enc.encode(["a red circle"]).memory
+    padded = enc.encode(["a red circle", "the big small green triangle to the left of a star"]).memory
+    torch.testing.assert_close(padded.features[0, :4], alone.features[0], atol=1e-5, rtol=1e-5)
+    assert padded.features[0, 4:].abs().max() == 0
+
+
+def test_negative_prompt_replaces_the_null_prompt_for_its_row_only(pipe):
+    plain = SamplingParams(seed=1, cfg=4.0)
+    neg = SamplingParams(seed=1, cfg=4.0, negative_prompt="a blue star")
+    a = pipe.generate(["a red circle", "a red circle"], SCHEDULE, [plain, neg])
+    b = pipe.generate(["a red circle"], SCHEDULE, [plain])
+    assert np.array_equal(a.images[0], b.images[0])
+    assert not np.array_equal(a.images[0], a.images[1])
+
+
+def test_bfloat16_pipeline_runs_and_stays_close(t5_dir, tiny_transformer, tiny_vae):
+    import copy
+    bf16 = InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir),
+                            RuntimeConfig(dtype="bfloat16"))
+    assert bf16.transformer.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16
+    assert bf16.transformer.head.weight.dtype == torch.float32          # fp32 island, as the official run
+    result = bf16.generate(["a red circle"], SCHEDULE, SamplingParams(seed=0, top_k=1))
+    assert result.images[0].shape == (64, 64, 3)
+
+
+def test_bad_inputs_name_the_argument(pipe):
+    with pytest.raises(ValueError, match="`params` has 1 entries for 2 prompts"):
+        pipe.generate(["a", "b"], SCHEDULE, [SamplingParams()])
+    with pytest.raises(ValueError, match="`prompts`"):
+        pipe.generate("a red circle", SCHEDULE)
+    with pytest.raises(ValueError, match="15"):
+        pipe.generate(["a"], ScaleSchedule.custom(tuple((i, i) for i in range(1, 17))))
+
+
+def test_inconsistent_components_are_refused(t5_dir, tiny_vae):
+    from model.config import TRANSFORMER_SIZES
+    from model.transformer import Infinity
+    with pytest.raises(ValueError, match="8-bit tokens"):
+        InfinityPipeline(Infinity(TRANSFORMER_SIZES["small"]), tiny_vae, T5TextEncoder.from_dir(t5_dir))
+    wide_text = replace(TRANSFORMER_SIZES["tiny"], text_channels=48)
+    with pytest.raises(ValueError, match="text_channels"):
+        InfinityPipeline(Infinity(wide_text), tiny_vae, T5TextEncoder.from_dir(t5_dir))

@@ -1,0 +1,137 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.attention import TextMemory
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams
+from model.quantizer import BitwiseQuantizer
+from model.sampler import filter_bit_logits, sample
+from model.schedules import ScaleSchedule
+from model.transformer import Infinity
+from tests.conftest import make_transformer
+
+SCHEDULE = ScaleSchedule.official(1.0, "0.06M")
+QUANT = BitwiseQuantizer(VAE_SIZES["tiny"])
+
+
+class RecordingInfinity(Infinity):
+    """The real model; remembers the raw logits of each cached step."""
+
+    def step(self, *args, **kwargs):
+        out = super().step(*args, **kwargs)
+        self.recorded.append(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def model() -> RecordingInfinity:
+    base = make_transformer(TRANSFORMER_SIZES["tiny"])
+    m = RecordingInfinity(base.config)
+    m.load_state_dict(base.state_dict())
+    m.recorded = []
+    return m.eval()
+
+
+def text(lengths, seed=0, channels=32) -> TextMemory:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    feats = torch.randn(len(lengths), int(lengths.max()), channels, generator=g)
+    feats = feats * (torch.arange(feats.shape[1])[None, :, None] < lengths[:, None, None])
+    return TextMemory(feats, lengths)
+
+
+def run(model, memory, params, schedule=SCHEDULE, quant=QUANT, uncond=None):
+    model.recorded = []
+    gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else 0) for p in params]
+    uncond = uncond if uncond is not None else model.unconditional_text(memory.lengths)
+    with torch.inference_mode():
+        return sample(model, quant, schedule, memory, uncond, params, gens, "sdpa")
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_cached_logits_equal_teacher_forced_logits(model, cfg):
+    memory = text([5, 3])
+    params = [SamplingParams(cfg=cfg, tau=1.0, seed=s) for s in (1, 2)]
+    out = run(model, memory, params)
+    bits = [b.long() for b in out.bits]
+    inputs = QUANT.teacher_inputs(bits, SCHEDULE.vae_scales(False))
+    with torch.inference_mode():
+        forced = model(model.condition(memory), SCHEDULE, inputs)
+        forced_uncond = model(model.condition(model.unconditional_text(memory.lengths)), SCHEDULE, inputs)
+    for si, (cached, tf) in enumerate(zip(model.recorded, forced)):
+        torch.testing.assert_close(cached[:2], tf, atol=2e-5, rtol=1e-5, msg=f"scale {si}")
+        if cfg != 1.0:
+            torch.testing.assert_close(cached[2:], forced_uncond[si], atol=2e-5, rtol=1e-5)
+
+
+def test_cached_and_teacher_forced_agree_under_patchify():
+    config = replace(TRANSFORMER_SIZES["tiny"], token_bits=16)
+    m = RecordingInfinity(config).eval()
+    m.recorded = []
+    quant = BitwiseQuantizer(VAE_SIZES["tiny-patchify"])
+    memory = text([4])
+    out = run(m, memory, [SamplingParams(cfg=1.0, tau=1.0, seed=0)], quant=quant)
+    assert out.bits[-1].shape == (1, 32, 32, 4)              # latent layout: 2x the token grid
+    inputs = quant.teacher_inputs([b.long() for b in out.bits], SCHEDULE.vae_scales(True))
+    with torch.inference_mode():
+        forced = m(m.condition(memory), SCHEDULE, inputs)
+    for cached, tf in zip(m.recorded, forced):
+        torch.testing.assert_close(cached, tf, atol=2e-5, rtol=1e-5)
+
+
+def test_a_seed_gives_the_same_bits_whatever_shares_its_batch(model):
+    alone = run(model, text([4], seed=7), [SamplingParams(seed=123)])
+    mixed_text = text([6, 4, 2], seed=9)
+    target = text([4], seed=7)
+    feats = mixed_text.features.clone()
+    feats[1] = 0
+    feats[1, :4] = target.features[0]
+    batch = TextMemory(feats, mixed_text.lengths)
+    params = [SamplingParams(seed=5, cfg=1.0), SamplingParams(seed=123), SamplingParams(seed=9, cfg=5.0, tau=1.0, top_k=1)]
+    together = run(model, batch, params)
+    for a, b in zip(alone.bits, together.bits):
+        assert torch.equal(a[0], b[1])
+    torch.testing.assert_close(alone.latent[0], together.latent[1], atol=0, rtol=0)
+
+
+def test_greedy_does_not_depend_on_the_seed(model):
+    memory = text([5])
+    a = run(model, memory, [SamplingParams(top_k=1, seed=1)])
+    b = run(model, memory, [SamplingParams(top_k=1, seed=2)])
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    c = run(model, memory, [SamplingParams(tau=1.0, seed=1)])
+    d = run(model, memory, [SamplingParams(tau=1.0, seed=2)])
+    assert not all(torch.equal(x, y) for x, y in zip(c.bits, d.bits))
+
+
+def test_per_scale_cfg_and_tau(model):
+    memory = text([5])
+    per_scale = SamplingParams(cfg=(3.0,) * 7, tau=(0.5,) * 7, seed=4)
+    scalar = SamplingParams(cfg=3.0, tau=0.5, seed=4)
+    a, b = run(model, memory, [per_scale]), run(model, memory, [scalar])
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    with pytest.raises(ValueError, match="scales"):
+        run(model, memory, [SamplingParams(cfg=(3.0, 3.0))])
+
+
+def official_top_k_top_p(logits, top_k, top_p):
+    """The official sort-based filter, rewritten here as an independent reference."""
+    logits = logits.clone()
+    if top_k > 0:
+        kth = logits.topk(min(top_k, 2), dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, idx = logits.sort(dim=-1)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(1, idx, remove), float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.97), (1, 0.97), (2, 0.9), (0, 0.0), (900, 0.5)])
+def test_bit_filter_matches_the_official_sort_based_filter(top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randn(5000, 2, generator=g) * 4
+    pairs[:10] = torch.tensor([2.0, 2.0])                     # exact ties
+    assert torch.equal(filter_bit_logits(pairs, top_k, top_p), official_top_k_top_p(pairs, top_k, top_p))
