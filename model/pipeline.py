@@ -103,6 +103,10 @@ class InfinityPipeline:
             prompt_tokens=encoded.token_counts, image_tokens=tokens,
             timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
 
+    def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
+        """(height, width) in pixels that this VAE produces for the schedule."""
+        return schedule.image_size(self.vae.config.pixels_per_token)
+
     @torch.inference_mode()
     def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
         """Accumulated codes (B, d, h, w) -> (B, H, W, 3) uint8 RGB (also used for previews)."""

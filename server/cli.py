@@ -86,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             negative_prompt=args.negative_prompt)
     pipe = load_pipeline(args.transformer, args.vae, args.text_encoder, RuntimeConfig(args.device, dtype))
-    h, w = schedule.image_size()
+    h, w = pipe.image_size(schedule)
     log.info("generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn,
              schedule.num_scales)
     with tqdm(total=schedule.num_scales, desc="scales", unit="scale", file=sys.stderr) as bar:
