@@ -37,6 +37,10 @@ class KVCache:
         self.values[layer, :, :, self.filled:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache holding only batch rows `rows` (rows leaving a running batch)."""
+        return KVCache(self.keys[:, rows], self.values[:, rows], self.filled)
+
     def advance(self, tokens: int) -> None:
         """Mark a scale as complete (called once per scale, after every layer wrote it)."""
         self.filled += tokens

@@ -39,7 +39,8 @@ class StageTimings:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    images: list[np.ndarray]        # per row (H, W, 3) uint8 RGB
+    rows: tuple[int, ...]           # prompt index of each returned image (rows dropped by on_scale are absent)
+    images: list[np.ndarray]        # per returned row (H, W, 3) uint8 RGB
     bits: list[np.ndarray]          # per scale (B, h, w, d) uint8, latent layout (bit c = channel c)
     seeds: list[int]
     prompt_tokens: list[int]        # T5 tokens per prompt, EOS included
@@ -94,14 +95,14 @@ class InfinityPipeline:
                          generators, self.backend, on_scale)
             _sync(self.device)
             t2 = time.perf_counter()
-            # 5. decode the accumulated latent
-            images = self.decode_latent(out.latent)
+            # 5. decode the accumulated latent of the rows that ran to the end
+            images = list(self.decode_latent(out.latent)) if out.rows else []
             t3 = time.perf_counter()
         tokens = sum(schedule.lengths) * self.transformer.config.token_bits
         return GenerationResult(
-            images=list(images), bits=[b.cpu().numpy() for b in out.bits], seeds=seeds,
-            prompt_tokens=encoded.token_counts, image_tokens=tokens,
-            timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
+            rows=out.rows, images=images, bits=[b.cpu().numpy() for b in out.bits],
+            seeds=[seeds[i] for i in out.rows], prompt_tokens=[encoded.token_counts[i] for i in out.rows],
+            image_tokens=tokens, timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
         """(height, width) in pixels that this VAE produces for the schedule."""

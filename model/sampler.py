@@ -9,7 +9,7 @@ gives the same bits whatever else shares the batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from model.config import SamplingParams
 from model.kv_cache import KVCache
 from model.quantizer import BitwiseQuantizer
 from model.schedules import ScaleSchedule
-from model.transformer import Infinity
+from model.transformer import Infinity, TextConditioning
 
 
 @dataclass(frozen=True)
@@ -28,18 +28,47 @@ class ScaleEvent:
 
     scale_index: int
     num_scales: int
-    latent: torch.Tensor            # (B, d, H, W): codes accumulated so far
+    rows: tuple[int, ...]           # original row index of each row still running
+    latent: torch.Tensor            # (len(rows), d, H, W): codes accumulated so far
     seconds: float
 
 
-ScaleCallback = Callable[[ScaleEvent], None]
+# Returns the original indices of rows to drop before the next scale (None: keep them all).
+ScaleCallback = Callable[[ScaleEvent], Collection[int] | None]
 
 
 @dataclass(frozen=True)
 class SampleOutput:
-    bits: list[torch.Tensor]        # per scale (B, h, w, d) uint8, latent layout
-    latent: torch.Tensor            # (B, d, H, W) float32, input of the VAE decoder
+    rows: tuple[int, ...]           # original row index of each returned row (dropped rows are absent)
+    bits: list[torch.Tensor]        # per scale (len(rows), h, w, d) uint8, latent layout
+    latent: torch.Tensor            # (len(rows), d, H, W) float32, input of the VAE decoder
     scale_seconds: list[float]
+
+
+@dataclass
+class _RunningRows:
+    """Per-row state of a running batch, so that rows can leave between scales."""
+
+    ids: list[int]
+    params: list[SamplingParams]
+    generators: list[torch.Generator]
+    cond: TextConditioning
+    ca_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cache: KVCache
+    guided: bool
+
+    def drop(self, ids: Collection[int]) -> list[int]:
+        """Remove rows by original id; returns the positions kept (for tensors held by the caller)."""
+        keep = [i for i, rid in enumerate(self.ids) if rid not in ids]
+        index = torch.tensor(keep, dtype=torch.long, device=self.cache.keys.device)
+        both = torch.cat((index, index + len(self.ids))) if self.guided else index
+        self.ids = [self.ids[i] for i in keep]
+        self.params = [self.params[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        self.cond = self.cond.select(both)
+        self.ca_kv = [(k[both], v[both]) for k, v in self.ca_kv]
+        self.cache = self.cache.select(both)
+        return keep
 
 
 def guide(logits: torch.Tensor, params: list[SamplingParams], scale_index: int, guided: bool) -> torch.Tensor:
@@ -104,26 +133,30 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
         p.check_scales(n)
     guided = any(p.uses_guidance(n) for p in params)
     cond = model.condition(stack_memories(text, uncond_text) if guided else text)
-    ca_kv = model.cross_kv(cond)
-    rows = 2 * B if guided else B
     c = model.config
-    cache = KVCache.allocate(c.depth, rows, c.num_heads, schedule.total_tokens, c.head_dim,
+    cache = KVCache.allocate(c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim,
                              model.blocks[0].sa.mat_qkv.weight.dtype, text.features.device)
+    state = _RunningRows(list(range(B)), list(params), list(generators), cond, model.cross_kv(cond), cache, guided)
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
 
     x = model.start_tokens(cond)                                        # (rows, 1, C)
     latent, bits_out, seconds = None, [], []
     for si, (h, w) in enumerate(schedule.scales):
         t0 = time.perf_counter()
-        logits = guide(model.step(x, si, schedule, cond, ca_kv, cache, backend), params, si, guided)
-        token_bits = sample_bits(logits, params, generators).view(B, h, w, -1)
+        raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
+        logits = guide(raw, state.params, si, guided)
+        token_bits = sample_bits(logits, state.params, state.generators).view(len(state.ids), h, w, -1)
         bits = quantizer.to_latent_layout(token_bits)                   # (B, h', w', d)
         latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
+        bits_out.append(bits.to(torch.uint8))
+        seconds.append(time.perf_counter() - t0)
+        dropped = on_scale(ScaleEvent(si, n, tuple(state.ids), latent, seconds[-1])) if on_scale else None
+        if dropped:
+            keep = state.drop(set(dropped))
+            latent, bits_out = latent[keep], [b[keep] for b in bits_out]
+            if not state.ids:
+                break
         if si + 1 < n:
             x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
             x = torch.cat((x, x)) if guided else x
-        bits_out.append(bits.to(torch.uint8))
-        seconds.append(time.perf_counter() - t0)
-        if on_scale is not None:
-            on_scale(ScaleEvent(si, n, latent, seconds[-1]))
-    return SampleOutput(bits_out, latent, seconds)
+    return SampleOutput(tuple(state.ids), bits_out, latent, seconds)

@@ -29,6 +29,11 @@ class TextConditioning:
     head_ada: torch.Tensor          # (B, 1, 2, C) float32: modulation before the head
     memory: TextMemory              # projected text (B, T, C) for cross-attention
 
+    def select(self, index: torch.Tensor) -> "TextConditioning":
+        """The rows `index` (used when rows leave a running batch)."""
+        memory = TextMemory(self.memory.features[index], self.memory.lengths[index])
+        return TextConditioning(self.pooled[index], self.ada[index], self.head_ada[index], memory)
+
 
 class Infinity(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:

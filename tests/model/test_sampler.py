@@ -135,3 +135,29 @@ def test_bit_filter_matches_the_official_sort_based_filter(top_k, top_p):
     pairs = torch.randn(5000, 2, generator=g) * 4
     pairs[:10] = torch.tensor([2.0, 2.0])                     # exact ties
     assert torch.equal(filter_bit_logits(pairs, top_k, top_p), official_top_k_top_p(pairs, top_k, top_p))
+
+
+def test_rows_dropped_between_scales_leave_the_others_unchanged(model):
+    memory = text([5, 4, 3], seed=11)
+    params = [SamplingParams(seed=s, tau=1.0) for s in (1, 2, 3)]
+    full = run(model, memory, params)
+    seen = []
+
+    def drop_row_one_after_scale_two(event):
+        seen.append(event.rows)
+        return {1} if event.scale_index == 2 else None
+
+    model.recorded = []
+    gens = [torch.Generator().manual_seed(p.seed) for p in params]
+    with torch.inference_mode():
+        part = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
+                      "sdpa", on_scale=drop_row_one_after_scale_two)
+    assert part.rows == (0, 2)
+    assert seen[2] == (0, 1, 2) and seen[3] == (0, 2)
+    assert model.recorded[3].shape[0] == 4                    # 2 rows x (cond, uncond) after the drop
+    for a, b in zip(full.bits, part.bits):
+        assert torch.equal(a[[0, 2]], b)
+    with torch.inference_mode():
+        none = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
+                      "sdpa", on_scale=lambda e: {0, 1, 2})
+    assert none.rows == () and len(none.bits) == 1

@@ -1,0 +1,95 @@
+"""Server settings: read once (environment `INFINITY_*` and CLI flags), checked, passed down.
+
+Nothing else in the project reads environment variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFINITY_", extra="forbid", frozen=True)
+
+    # --- weights (all three, or none for the embedded default model) ---
+    transformer: Path | None = None
+    vae: Path | None = None
+    text_encoder: Path | None = None
+    model_name: str = "infinity"                    # id reported by /v1/models and accepted in requests
+
+    # --- devices ---
+    devices: list[str] = Field(default_factory=lambda: ["cpu"])  # one replica per device
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    attention: Literal["auto", "sdpa", "flash"] = "auto"
+    warmup: bool = True
+
+    # --- batching and admission ---
+    max_batch_size: int = Field(8, ge=1, le=256)    # rows (images) per batch
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1)                # queued images before 429
+    memory_budget_bytes: int | None = Field(None, ge=1)  # KV cache bytes per batch; None = no cap
+    request_timeout_s: float = Field(600.0, gt=0)   # server-side deadline of a request
+
+    # --- limits ---
+    default_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] = "1M"
+    max_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] = "1M"
+    max_n: int = Field(4, ge=1, le=64)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    url_ttl_s: float = Field(600.0, gt=0)           # lifetime of `response_format=url` images
+    url_store_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
+
+    # --- security ---
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty = no authentication
+
+    # --- http ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_requests_body: bool = False
+    drain_timeout_s: float = Field(60.0, ge=0)
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, devices: list[str]) -> list[str]:
+        import torch
+
+        if not devices:
+            raise ValueError("at least one device is needed")
+        for d in devices:
+            try:
+                dev = torch.device(d)
+            except RuntimeError:
+                raise ValueError(f"unknown device {d!r} (use cpu, cuda, cuda:1, ...)") from None
+            if dev.type == "cuda":
+                index = dev.index or 0
+                if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                    raise ValueError(f"device {d!r} is not available on this machine")
+            elif dev.type != "cpu":
+                raise ValueError(f"unsupported device {d!r} (use cpu or cuda)")
+        return devices
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> "Settings":
+        given = {n: getattr(self, n) for n in ("transformer", "vae", "text_encoder")}
+        if any(v is not None for v in given.values()):
+            missing = [n for n, v in given.items() if v is None]
+            if missing:
+                raise ValueError(f"weights: give transformer, vae and text_encoder together (missing: {missing})")
+            for name, path in given.items():
+                if not Path(path).exists():
+                    raise ValueError(f"{name}: {path} does not exist")
+        order = ["0.06M", "0.25M", "0.60M", "1M"]
+        if order.index(self.default_pn) > order.index(self.max_pn):
+            raise ValueError(f"default_pn {self.default_pn} exceeds max_pn {self.max_pn}")
+        return self
+
+    @property
+    def uses_default_model(self) -> bool:
+        return self.transformer is None
+
+    def dtype_for(self, device: str) -> str:
+        return self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
