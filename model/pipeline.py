@@ -115,6 +115,15 @@ class InfinityPipeline:
         _sync(self.device)
         return images
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory in use: allocated/reserved on CUDA, the process's resident set on CPU."""
+        if self.device.type == "cuda":
+            return {"allocated": torch.cuda.memory_allocated(self.device),
+                    "reserved": torch.cuda.memory_reserved(self.device)}
+        import resource
+
+        return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
     def kv_cache_bytes_per_image(self, schedule: ScaleSchedule, guided: bool = True) -> int:
         from model.kv_cache import KVCache
 

@@ -1,4 +1,4 @@
-"""`infinity-serve` command line: generate, convert (and serve, once the server lands)."""
+"""`infinity-serve` command line: serve, generate, convert."""
 
 from __future__ import annotations
 
@@ -60,6 +60,44 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_convert)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API (flags override INFINITY_* environment variables)")
+    p.add_argument("--transformer", type=Path)
+    p.add_argument("--vae", type=Path)
+    p.add_argument("--text-encoder", type=Path)
+    p.add_argument("--device", dest="devices", action="append", help="repeat for one replica per device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--max-queue", type=int)
+    p.add_argument("--default-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
+    p.add_argument("--max-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
+    p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from server.main import serve
+    from server.settings import Settings
+
+    fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
+              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "warmup")
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        for err in e.errors():
+            log.error("setting %s: %s", ".".join(str(p) for p in err["loc"]) or "-", err["msg"])
+        return 2
+    serve(settings)
+    return 0
+
+
 def _schedule(args: argparse.Namespace):
     from model.schedules import ScaleSchedule, nearest_template, schedule_for_size
 
@@ -116,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0)   # server-side deadline of a request
 
     # --- limits ---
-    default_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] = "1M"
-    max_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] = "1M"
+    default_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] | None = None   # None: the model's own default
+    max_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] | None = None       # None: the model's own limit
     max_n: int = Field(4, ge=1, le=64)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
@@ -83,8 +83,11 @@ class Settings(BaseSettings):
                 if not Path(path).exists():
                     raise ValueError(f"{name}: {path} does not exist")
         order = ["0.06M", "0.25M", "0.60M", "1M"]
-        if order.index(self.default_pn) > order.index(self.max_pn):
+        if self.default_pn and self.max_pn and order.index(self.default_pn) > order.index(self.max_pn):
             raise ValueError(f"default_pn {self.default_pn} exceeds max_pn {self.max_pn}")
+        if self.max_n > self.max_batch_size:
+            raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "
+                             f"one request's images always share a batch")
         return self
 
     @property

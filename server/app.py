@@ -1,0 +1,177 @@
+"""The FastAPI application factory: middleware, error mapping, health and metrics routes.
+
+`create_app(settings, engine, limits)` wires handles on `app.state`; the lifespan drains the
+engine on shutdown whatever happens. Generation routes live in routes_generate / routes_openai.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import routes_generate, routes_openai
+from server.auth import check_api_key
+from server.engine import Engine
+from server.errors import ServingError, invalid
+from server.images import ImageStore
+from server.service import ModelLimits
+from server.settings import Settings
+
+log = logging.getLogger("infinity_serve.http")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def error_response(error: ServingError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(error.headers)
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, min(60, round(error.retry_after))))
+    if error.retryable is not None:
+        headers["x-should-retry"] = "true" if error.retryable else "false"
+    if request_id:
+        headers["x-request-id"] = request_id
+    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> ServingError:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
+    param = ".".join(loc) or "body"
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return invalid(f"the body is not valid JSON: {message}", "body", "invalid_json")
+    got = first.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80 else ""
+    return invalid(f"invalid `{param}`: {message}{shown}", param)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, with or without Content-Length (pure ASGI, streams counted)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = ServingError(f"request body larger than {self.max_bytes} bytes", 413, "invalid_request_error",
+                               "body_too_large", retryable=False)
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(too_big)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await error_response(too_big)(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining for up to %.0fs", settings.drain_timeout_s)
+            finished = engine.drain(settings.drain_timeout_s)
+            log.info("drained%s", "" if finished else " (timeout: work was left unfinished)")
+
+    app = FastAPI(title="infinity-serve", version="0.1.0", lifespan=lifespan,
+                  description="Infinity text-to-image: REST and OpenAI-compatible images API")
+    app.state.settings, app.state.engine, app.state.limits = settings, engine, limits
+    app.state.metrics = engine.metrics
+    app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
+    app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    _install_error_handlers(app)
+    _install_request_middleware(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        ready = engine.ready
+        return JSONResponse({"ready": ready, "model": limits.name}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(check_api_key)], tags=["openai"])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": limits.name, "object": "model", "created": 0,
+                                            "owned_by": "infinity-serve"}]}
+
+    app.include_router(routes_generate.router)
+    app.include_router(routes_openai.router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc), getattr(request.state, "request_id", None))
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False),
+                              getattr(request.state, "request_id", None))
+
+    @app.exception_handler(405)
+    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(ServingError(f"method {request.method} not allowed", 405, "invalid_request_error",
+                                           "method_not_allowed", retryable=False))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", None)
+        log.exception("unhandled error (request %s)", rid)
+        app.state.metrics.errors.labels("unhandled").inc()
+        return error_response(ServingError("internal error; it was logged with the request id", 500), rid)
+
+
+def _install_request_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = rid
+        start = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - start
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        metrics = app.state.metrics
+        metrics.requests.labels(endpoint, f"{response.status_code // 100}xx").inc()
+        metrics.request_duration.labels(endpoint).observe(elapsed)
+        response.headers["x-request-id"] = rid
+        log.info("request %s %s %s -> %d in %.3fs", rid, request.method, request.url.path, response.status_code,
+                 elapsed)
+        return response

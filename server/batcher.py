@@ -1,0 +1,132 @@
+"""The dynamic batcher: a bounded queue that hands worker threads batches of one schedule.
+
+A batch is the oldest waiting request plus every later request with the same scale schedule,
+in arrival order, up to `max_batch_size` images and the KV-cache memory budget. It leaves when
+full or when its oldest request has waited `max_wait_s` (monotonic clock). Requests past their
+deadline or cancelled while queued are failed here and never run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import ServingError, cancelled, deadline_exceeded, queue_full
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request as the batcher and the engine see it."""
+
+    key: str                         # scale-schedule key: only equal keys share a batch
+    rows: int                        # images
+    kv_bytes: int                    # KV cache bytes of all its rows
+    deadline: float                  # monotonic
+    payload: Any                     # the engine's request object
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+    cancel_reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+    def fail(self, error: ServingError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Batcher:
+    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue_rows: int,
+                 memory_budget: int | None = None, on_change: Callable[[int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+        self.max_queue_rows, self.memory_budget = max_queue_rows, memory_budget
+        self._on_change = on_change or (lambda depth: None)
+        self._clock = clock
+        self._queue: list[Ticket] = []
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Images waiting."""
+        with self._cond:
+            return sum(t.rows for t in self._queue)
+
+    def put(self, ticket: Ticket, retry_after: float = 1.0) -> None:
+        with self._cond:
+            if sum(t.rows for t in self._queue) + ticket.rows > self.max_queue_rows:
+                raise queue_full(retry_after)
+            self._queue.append(ticket)
+            self._changed()
+
+    def remove(self, ticket: Ticket) -> bool:
+        """Take a queued ticket out (client gone); False if it already left the queue."""
+        with self._cond:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._changed()
+                return True
+            return False
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, idle_timeout: float | None = None) -> list[Ticket] | None:
+        """Block until a batch is ready. None when closed and empty, [] after `idle_timeout`."""
+        with self._cond:
+            idle_deadline = None if idle_timeout is None else self._clock() + idle_timeout
+            while True:
+                self._discard_dead()
+                if not self._queue:
+                    if self._closed:
+                        return None
+                    remaining = None if idle_deadline is None else idle_deadline - self._clock()
+                    if remaining is not None and remaining <= 0:
+                        return []
+                    self._cond.wait(remaining)
+                    continue
+                batch, full = self._select()
+                leave_at = self._queue[0].enqueued + self.max_wait_s
+                now = self._clock()
+                if full or now >= leave_at or self._closed:
+                    for t in batch:
+                        self._queue.remove(t)
+                    self._changed()
+                    return batch
+                self._cond.wait(leave_at - now)
+
+    # ---- internals (lock held) ---------------------------------------------------------------
+    def _select(self) -> tuple[list[Ticket], bool]:
+        head = self._queue[0]
+        batch, rows, memory = [head], head.rows, head.kv_bytes
+        for t in self._queue[1:]:
+            if t.key != head.key:
+                continue
+            fits_rows = rows + t.rows <= self.max_batch_size
+            fits_memory = self.memory_budget is None or memory + t.kv_bytes <= self.memory_budget
+            if not (fits_rows and fits_memory):
+                return batch, True
+            batch.append(t)
+            rows, memory = rows + t.rows, memory + t.kv_bytes
+        return batch, rows >= self.max_batch_size
+
+    def _discard_dead(self) -> None:
+        now = self._clock()
+        dead = [t for t in self._queue if t.cancelled or t.deadline <= now]
+        for t in dead:
+            self._queue.remove(t)
+            t.fail(cancelled() if t.cancelled else deadline_exceeded())
+        if dead:
+            self._changed()
+
+    def _changed(self) -> None:
+        self._on_change(sum(t.rows for t in self._queue))
+        self._cond.notify_all()

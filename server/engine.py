@@ -1,0 +1,259 @@
+"""The engine: one worker thread per device replica, fed by the dynamic batcher.
+
+The seam between server and model: `Engine.submit(GenerationRequest) -> Ticket` whose future
+resolves to a `GenerationOutput`. Only plain dataclasses and numpy images cross it; the routes
+never see tensors and the model never sees HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.config import SamplingParams
+from model.pipeline import InfinityPipeline
+from model.sampler import ScaleEvent
+from model.schedules import ScaleSchedule
+from server.batcher import Batcher, Ticket
+from server.errors import ServingError, cancelled, deadline_unreachable, draining, generation_failed, invalid, not_ready
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preview:
+    scale_index: int
+    num_scales: int
+    images: list[np.ndarray]         # one per image of the request still running
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    schedule: ScaleSchedule
+    params: tuple[SamplingParams, ...]     # one per image, each with its seed
+    deadline: float                         # time.monotonic() by which it must finish
+    preview_scales: frozenset[int] = frozenset()
+    on_preview: Callable[[Preview], None] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    schedule: ScaleSchedule                 # what was generated (the requested size snapped)
+    images: list[np.ndarray]                # (H, W, 3) uint8 RGB
+    seeds: list[int]
+    width: int
+    height: int
+    prompt_tokens: int
+    image_tokens: int                       # per image
+    timings: dict[str, float]               # seconds: queue_wait, text_encode, transformer, vae_decode
+
+
+@dataclass
+class _Replica:
+    device: str
+    pipeline: InfinityPipeline
+    thread: threading.Thread | None = None
+    batch_seconds: dict[str, float] = field(default_factory=dict)   # EMA per schedule key
+
+
+class Engine:
+    def __init__(self, pipelines: dict[str, InfinityPipeline], metrics: Metrics, max_batch_size: int = 8,
+                 max_wait_ms: float = 10.0, max_queue: int = 64, memory_budget_bytes: int | None = None) -> None:
+        self.metrics = metrics
+        self.replicas = [_Replica(d, p) for d, p in pipelines.items()]
+        self.batcher = Batcher(max_batch_size, max_wait_ms / 1000, max_queue, memory_budget_bytes,
+                               on_change=metrics.queue_depth.set)
+        self.max_batch_size = max_batch_size
+        self._running: set[Ticket] = set()
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._started = False
+        self.fault_hook: Callable[[list[GenerationRequest]], None] | None = None   # tests inject failures here
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self, warmup: ScaleSchedule | None = None) -> None:
+        if warmup is not None:
+            for r in self.replicas:
+                t0 = time.perf_counter()
+                r.pipeline.generate(["warm-up"], warmup, SamplingParams(seed=0))
+                log.info("replica %s warmed up on %s in %.2fs", r.device, warmup.key, time.perf_counter() - t0)
+        for r in self.replicas:
+            r.thread = threading.Thread(target=self._worker, args=(r,), name=f"replica-{r.device}", daemon=True)
+            r.thread.start()
+        self._accepting = self._started = True
+        self.metrics.ready.set(1)
+
+    @property
+    def ready(self) -> bool:
+        alive = all(r.thread is not None and r.thread.is_alive() for r in self.replicas)
+        return self._accepting and alive
+
+    def stop_admitting(self) -> None:
+        """New requests get 503 and /readyz turns false; queued and running work continues."""
+        self._accepting = False
+        self.metrics.ready.set(0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = bool(self._running)
+            if not busy and self.batcher.depth == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting, let queued and running work finish, stop the workers; True if all finished."""
+        self.stop_admitting()
+        finished = self.wait_idle(timeout)
+        self.batcher.close()
+        for r in self.replicas:
+            if r.thread is not None:
+                r.thread.join(timeout=1.0)
+        return finished
+
+    # ---- model facts for the routes ---------------------------------------------------------
+    @property
+    def pipeline(self) -> InfinityPipeline:
+        return self.replicas[0].pipeline
+
+    def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.pipeline.image_size(schedule)
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        return self.pipeline.text_encoder.token_count(prompt)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Ticket:
+        if not self._started:
+            raise not_ready()
+        if not self._accepting:
+            raise draining()
+        guided = any(p.uses_guidance(request.schedule.num_scales) for p in request.params)
+        per_image = self.pipeline.kv_cache_bytes_per_image(request.schedule, guided)
+        kv = per_image * len(request.params)
+        budget = self.batcher.memory_budget
+        if budget is not None and kv > budget:
+            raise invalid(f"{len(request.params)} images at this size need {kv} bytes of KV cache, more than the "
+                          f"server's budget of {budget}; ask for fewer images or a smaller size", "n")
+        estimate = self._estimated_wait(request.schedule.key)
+        if time.monotonic() + estimate > request.deadline:
+            self.metrics.rejected.labels("deadline").inc()
+            raise deadline_unreachable(min(60.0, max(1.0, estimate)))
+        ticket = Ticket(request.schedule.key, len(request.params), kv, request.deadline, request)
+        try:
+            self.batcher.put(ticket, retry_after=min(60.0, max(1.0, estimate)))
+        except ServingError:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise
+        return ticket
+
+    def cancel(self, ticket: Ticket, stage_hint: str) -> None:
+        """Client gone or deadline passed: leave the queue now, or drop out at the next scale."""
+        if ticket.future.done():
+            return
+        ticket.cancel_reason = stage_hint
+        stage = "queued" if self.batcher.remove(ticket) else "running"
+        if stage == "queued":
+            ticket.future.cancel()
+        self.metrics.cancelled.labels(stage).inc()
+
+    def _estimated_wait(self, key: str) -> float:
+        """Seconds before a new request of this schedule could finish, from recent batch times."""
+        seconds = [r.batch_seconds.get(key) for r in self.replicas]
+        known = [s for s in seconds if s is not None]
+        if not known:
+            return 0.0
+        batches_ahead = self.batcher.depth / (self.max_batch_size * len(self.replicas))
+        return (batches_ahead + 1) * min(known)
+
+    # ---- worker -----------------------------------------------------------------------------
+    def _worker(self, replica: _Replica) -> None:
+        while True:
+            batch = self.batcher.take()
+            if batch is None:
+                return
+            live = [t for t in batch if not t.cancelled]
+            if live:
+                self._run(replica, live)
+
+    def _run(self, replica: _Replica, tickets: list[Ticket]) -> None:
+        requests: list[GenerationRequest] = [t.payload for t in tickets]
+        schedule = requests[0].schedule
+        owners = [i for i, r in enumerate(requests) for _ in r.params]         # ticket index of each row
+        prompts = [requests[i].prompt for i in owners]
+        params = [p for r in requests for p in r.params]
+        start = time.monotonic()
+        for t in tickets:
+            self.metrics.queue_wait.observe(start - t.enqueued)
+        self.metrics.batch_size.observe(len(prompts))
+        self.metrics.running_rows.inc(len(prompts))
+        with self._lock:
+            self._running.update(tickets)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(requests)
+            result = replica.pipeline.generate(prompts, schedule, params,
+                                               on_scale=lambda e: self._on_scale(replica, tickets, owners, e))
+        except Exception:
+            log.exception("batch failed: requests %s", [r.request_id for r in requests])
+            self.metrics.errors.labels("generation").inc()
+            for t in tickets:
+                t.fail(generation_failed())
+            return
+        finally:
+            self.metrics.running_rows.dec(len(prompts))
+            with self._lock:
+                self._running.difference_update(tickets)
+        elapsed = time.monotonic() - start
+        previous = replica.batch_seconds.get(schedule.key)
+        replica.batch_seconds[schedule.key] = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
+        self._observe(result, replica)
+        self._deliver(tickets, owners, result, start)
+
+    def _on_scale(self, replica: _Replica, tickets: list[Ticket], owners: list[int], event: ScaleEvent):
+        self.metrics.scale_step.labels(str(event.scale_index)).observe(event.seconds)
+        for i, t in enumerate(tickets):
+            request: GenerationRequest = t.payload
+            if t.cancelled or request.on_preview is None or event.scale_index not in request.preview_scales:
+                continue
+            positions = [p for p, row in enumerate(event.rows) if owners[row] == i]
+            images = replica.pipeline.decode_latent(event.latent[positions])
+            request.on_preview(Preview(event.scale_index, event.num_scales, list(images)))
+        return {row for row in event.rows if tickets[owners[row]].cancelled}
+
+    def _observe(self, result, replica: _Replica) -> None:
+        m, t = self.metrics, result.timings
+        m.stage.labels("text_encode").observe(t.text_encode)
+        m.stage.labels("transformer").observe(t.transformer)
+        m.stage.labels("vae_decode").observe(t.vae_decode)
+        m.images.inc(len(result.images))
+        m.image_tokens.inc(result.image_tokens * len(result.images))
+        m.prompt_tokens.inc(sum(result.prompt_tokens))
+        for kind, value in replica.pipeline.memory_bytes().items():
+            m.device_memory.labels(replica.device, kind).set(value)
+
+    def _deliver(self, tickets: list[Ticket], owners: list[int], result, start: float) -> None:
+        h, w = result.images[0].shape[:2] if result.images else (0, 0)
+        for i, t in enumerate(tickets):
+            rows = [k for k, row in enumerate(result.rows) if owners[row] == i]
+            if t.future.done():
+                continue
+            if not rows:                                   # every image of it was dropped (cancelled)
+                t.fail(cancelled())
+                continue
+            timings = {"queue_wait": start - t.enqueued, "text_encode": result.timings.text_encode,
+                       "transformer": result.timings.transformer, "vae_decode": result.timings.vae_decode}
+            t.future.set_result(GenerationOutput(
+                schedule=t.payload.schedule, images=[result.images[k] for k in rows], seeds=[result.seeds[k] for k in rows], width=w, height=h,
+                prompt_tokens=result.prompt_tokens[rows[0]], image_tokens=result.image_tokens, timings=timings))

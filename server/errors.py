@@ -1,0 +1,65 @@
+"""Domain errors of the serving engine and their single mapping to HTTP.
+
+Routes raise these (or let validation fail); `install_handlers` turns every one of them into an
+OpenAI-shaped body `{"error": {message, type, param, code}}`. No stack trace or internal path
+ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingError(Exception):
+    message: str
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+    retry_after: float | None = None           # seconds, sent as Retry-After (<= 60: the SDK ignores more)
+    retryable: bool | None = None              # sent as x-should-retry when known
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value") -> ServingError:
+    return ServingError(message, 400, "invalid_request_error", code, param, retryable=False)
+
+
+def queue_full(retry_after: float) -> ServingError:
+    return ServingError("the server is busy: the queue is full, retry later", 429, "rate_limit_error",
+                        "queue_full", retry_after=retry_after, retryable=True)
+
+
+def draining() -> ServingError:
+    return ServingError("the server is shutting down", 503, "server_error", "draining", retry_after=5,
+                        retryable=True)
+
+
+def not_ready() -> ServingError:
+    return ServingError("the model is not ready", 503, "server_error", "not_ready", retry_after=5, retryable=True)
+
+
+def deadline_unreachable(retry_after: float) -> ServingError:
+    return ServingError("the request cannot start before its deadline (queue too long)", 503, "server_error",
+                        "deadline_unreachable", retry_after=retry_after, retryable=True)
+
+
+def deadline_exceeded() -> ServingError:
+    return ServingError("the request did not finish before its deadline", 504, "server_error",
+                        "deadline_exceeded", retryable=True)
+
+
+def generation_failed() -> ServingError:
+    return ServingError("image generation failed; the error was logged with the request id", 500,
+                        "server_error", "generation_failed", retryable=True)
+
+
+def cancelled() -> ServingError:
+    return ServingError("the request was cancelled", 499, "server_error", "cancelled", retryable=False)

@@ -1,0 +1,90 @@
+"""Start-up: settings -> pipelines on every device -> warmed engine -> app -> uvicorn.
+
+Loading and warm-up finish before the port opens, so a listening server is a ready one. On
+SIGTERM/SIGINT the engine stops admitting (503, /readyz false), in-flight work finishes within
+`drain_timeout_s`, then the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from importlib.metadata import PackageNotFoundError, version
+
+import uvicorn
+
+from model.config import RuntimeConfig
+from model.pipeline import InfinityPipeline
+from model.schedules import ScaleSchedule
+from server.app import create_app
+from server.engine import Engine
+from server.metrics import Metrics
+from server.service import ModelLimits
+from server.settings import Settings
+from weights.default import load_default_pipeline
+from weights.pipeline import load_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def _runtime(settings: Settings, device: str) -> RuntimeConfig:
+    return RuntimeConfig(device=device, dtype=settings.dtype_for(device), attention=settings.attention)
+
+
+def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
+    pipelines: dict[str, InfinityPipeline] = {}
+    limits = ModelLimits(settings.model_name, settings.default_pn or "1M", settings.max_pn or "1M")
+    for device in settings.devices:
+        if settings.uses_default_model:
+            pipelines[device], default = load_default_pipeline(_runtime(settings, device))
+            limits = ModelLimits(default.name, settings.default_pn or default.default_pn,
+                                 settings.max_pn or default.max_pn)
+        else:
+            pipelines[device] = load_pipeline(settings.transformer, settings.vae, settings.text_encoder,
+                                              _runtime(settings, device))
+    return pipelines, limits
+
+
+def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Engine, ModelLimits]:
+    pipelines, limits = load_pipelines(settings)
+    metrics = metrics or Metrics()
+    try:
+        package_version = version("infinity-serve")
+    except PackageNotFoundError:
+        package_version = "dev"
+    metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
+    engine = Engine(pipelines, metrics, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+                    settings.memory_budget_bytes)
+    engine.start(warmup=ScaleSchedule.official(1.0, limits.default_pn) if settings.warmup else None)
+    return engine, limits
+
+
+class DrainingServer(uvicorn.Server):
+    """First signal: stop admitting and let in-flight work finish, then exit as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, drain_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:                       # second signal: exit now
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        log.info("signal %s: draining (new requests get 503) for up to %.0fs", sig, self.drain_timeout)
+        self.engine.stop_admitting()
+
+        def finish() -> None:
+            self.engine.wait_idle(self.drain_timeout)
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        threading.Thread(target=finish, name="drain", daemon=True).start()
+
+
+def serve(settings: Settings) -> None:
+    engine, limits = build_engine(settings)
+    app = create_app(settings, engine, limits)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
+    log.info("serving %s on http://%s:%d", limits.name, settings.host, settings.port)
+    DrainingServer(config, engine, settings.drain_timeout_s).run()

@@ -1,0 +1,47 @@
+"""Every Prometheus metric of the server, on one app-owned registry. Names carry their units.
+
+No prompt text or other unbounded values ever become label values.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("infinity_requests_total", "HTTP requests by endpoint and status class",
+                                ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram("infinity_request_duration_seconds", "End-to-end request latency",
+                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("infinity_images_generated_total", "Images generated", registry=r)
+        self.image_tokens = Counter("infinity_image_tokens_generated_total",
+                                    "Bitwise image tokens generated (sum over scales of h*w*bits)", registry=r)
+        self.prompt_tokens = Counter("infinity_prompt_tokens_total", "T5 prompt tokens encoded", registry=r)
+        self.rejected = Counter("infinity_rejected_requests_total", "Requests refused before running, by reason",
+                                ["reason"], registry=r)
+        self.cancelled = Counter("infinity_cancelled_requests_total", "Requests cancelled, by stage",
+                                 ["stage"], registry=r)
+        self.errors = Counter("infinity_errors_total", "Server-side failures, by reason", ["reason"], registry=r)
+        self.queue_depth = Gauge("infinity_queue_depth", "Images waiting in the queue", registry=r)
+        self.running_rows = Gauge("infinity_running_rows", "Images being generated now", registry=r)
+        self.batch_size = Histogram("infinity_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_wait = Histogram("infinity_queue_wait_seconds", "Time from admission to batch start",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("infinity_stage_duration_seconds", "Time per pipeline stage and batch",
+                               ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.scale_step = Histogram("infinity_scale_step_seconds", "Transformer time per scale and batch",
+                                    ["scale"], buckets=STEP_BUCKETS, registry=r)
+        self.device_memory = Gauge("infinity_device_memory_bytes", "Memory in use by device",
+                                   ["device", "kind"], registry=r)
+        self.ready = Gauge("infinity_ready", "1 when loaded, warmed and not draining", registry=r)
+        self.build = Info("infinity_build", "Build and model information", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,163 @@
+"""Request and response models of the HTTP API (validation at the edge, fields named in errors)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.images import OutputFormat
+
+PN = Literal["0.06M", "0.25M", "0.60M", "1M"]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+PerScale = float | Annotated[list[float], Field(min_length=1, max_length=16)]
+
+
+class SamplingFields(BaseModel):
+    """Knobs shared by both endpoints (on the OpenAI endpoint: through `extra_body`)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, str_max_length=100_000)
+
+    negative_prompt: str | None = Field(None, max_length=10_000)
+    seed: Seed | None = Field(None, description="seed of the first image; image i uses seed + i")
+    cfg: PerScale | None = Field(None, description="guidance scale, one value or one per scale")
+    tau: PerScale | None = Field(None, description="temperature (> 0), one value or one per scale")
+    top_k: int | None = Field(None, ge=0, le=1000, description="1 = greedy")
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+
+    @field_validator("tau")
+    @classmethod
+    def _positive_tau(cls, v: PerScale | None) -> PerScale | None:
+        values = v if isinstance(v, list) else [v] if v is not None else []
+        if any(t <= 0 for t in values):
+            raise ValueError("tau must be > 0")
+        return v
+
+
+class GenerateRequest(SamplingFields):
+    """POST /generate."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1)
+    width: int | None = Field(None, ge=1, le=16384)
+    height: int | None = Field(None, ge=1, le=16384)
+    aspect_ratio: str | None = Field(None, description='width:height such as "16:9", or a number w/h')
+    pn: PN | None = Field(None, description="pixel budget; default from the size or the server")
+    n: int = Field(1, ge=1)
+    output_format: OutputFormat = "png"
+    stream: bool = Field(False, description="server-sent events: queued, preview per scale, completed")
+    partial_images: int | None = Field(None, ge=0, le=16, description="with stream: previews (default: every scale)")
+
+    @model_validator(mode="after")
+    def _one_way_to_give_the_shape(self) -> "GenerateRequest":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be given together")
+        if self.width is not None and self.aspect_ratio is not None:
+            raise ValueError("give either width/height or aspect_ratio, not both")
+        return self
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio(cls, v: str | None) -> str | None:
+        if v is not None and parse_aspect_ratio(v) is None:
+            raise ValueError('aspect_ratio must look like "16:9" or "1.5" (width / height, between 0.1 and 10)')
+        return v
+
+
+def parse_aspect_ratio(text: str) -> float | None:
+    """ "16:9" or "1.777" (width / height) -> h / w, or None if malformed."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?::\s*(\d+(?:\.\d+)?)\s*)?", text)
+    if m is None:
+        return None
+    w, h = float(m[1]), float(m[2]) if m[2] else 1.0
+    if w <= 0 or h <= 0 or not 0.1 <= w / h <= 10:
+        return None
+    return h / w
+
+
+class OpenAIImageRequest(SamplingFields):
+    """POST /v1/images/generations. Unknown OpenAI fields (style, background, moderation...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(1, ge=1)
+    size: str | None = Field("auto", description='"WIDTHxHEIGHT" (snapped to the nearest template) or "auto"')
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = "auto"
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    output_format: OutputFormat | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = Field(None, max_length=256)
+    stream: bool | None = False
+    partial_images: int | None = Field(None, ge=0, le=3)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None and v != "auto" and parse_size(v) is None:
+            raise ValueError('size must be "auto" or "WIDTHxHEIGHT" such as "1024x1024"')
+        return v
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    m = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text)
+    if m is None or int(m[1]) == 0 or int(m[2]) == 0:
+        return None
+    return int(m[1]), int(m[2])
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    total_tokens: int
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: OutputFormat
+    size: str
+    quality: str | None = None
+    usage: Usage
+
+
+class GeneratedImage(BaseModel):
+    b64: str
+    seed: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    width: int
+    height: int
+    h_div_w: float
+    pn: str
+    num_scales: int
+    output_format: OutputFormat
+    images: list[GeneratedImage]
+    usage: dict[str, int]
+    timings: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

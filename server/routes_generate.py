@@ -1,0 +1,92 @@
+"""POST /generate: the native REST endpoint (image bytes, JSON, or server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.auth import check_api_key
+from server.engine import GenerationOutput, GenerationRequest, Preview
+from server.errors import ServingError
+from server.images import CONTENT_TYPES, encode_image
+from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GeneratedImage, parse_aspect_ratio
+from server.service import (check_common, deadline_for, encode_b64, preview_scales, preview_sink, progress,
+                            resolve_schedule, sampling_rows, wait_for_output)
+
+router = APIRouter(tags=["generate"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
+
+
+@router.post("/generate", dependencies=[Depends(check_api_key)], response_model=GenerateResponse,
+             responses={**ERRORS, 200: {"content": {"image/png": {}, "text/event-stream": {}}}})
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""
+    app = request.app.state
+    check_common(app.settings, body.prompt, body.n)
+    h_div_w = parse_aspect_ratio(body.aspect_ratio) if body.aspect_ratio else None
+    schedule = resolve_schedule(app.limits, body.width, body.height, h_div_w, body.pn)
+    rows = sampling_rows(body, body.n, schedule)
+    deadline = deadline_for(request, app.settings)
+    rid = request.state.request_id
+    if body.stream:
+        previews: asyncio.Queue[Preview] = asyncio.Queue()
+        gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline,
+                                preview_scales(schedule.num_scales, body.partial_images), preview_sink(previews))
+        ticket = app.engine.submit(gen)
+        return StreamingResponse(_events(request, body, ticket, previews, deadline), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+    ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
+    out = await wait_for_output(request, app.engine, ticket, deadline)
+    if body.n == 1 and _wants_image(request):
+        data = await asyncio.to_thread(encode_image, out.images[0], body.output_format)
+        return Response(data, media_type=CONTENT_TYPES[body.output_format], headers=_image_headers(out, body))
+    return Response((await _response(request, body, out)).model_dump_json(), media_type="application/json")
+
+
+def _wants_image(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/" in accept and "application/json" not in accept
+
+
+def _image_headers(out: GenerationOutput, body: GenerateRequest) -> dict[str, str]:
+    return {"x-seed": str(out.seeds[0]), "x-image-width": str(out.width), "x-image-height": str(out.height)}
+
+
+async def _response(request: Request, body: GenerateRequest, out: GenerationOutput) -> GenerateResponse:
+    app = request.app.state
+    images = [GeneratedImage(b64=await encode_b64(img, body.output_format), seed=seed)
+              for img, seed in zip(out.images, out.seeds)]
+    image_tokens = out.image_tokens * len(out.images)
+    return GenerateResponse(
+        id=request.state.request_id, created=int(time.time()), model=app.limits.name, width=out.width,
+        height=out.height, h_div_w=out.schedule.h_div_w, pn=out.schedule.pn, num_scales=out.schedule.num_scales,
+        output_format=body.output_format, images=images,
+        usage={"prompt_tokens": out.prompt_tokens, "image_tokens": image_tokens,
+               "total_tokens": out.prompt_tokens + image_tokens},
+        timings=out.timings)
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(request: Request, body: GenerateRequest, ticket, previews: asyncio.Queue,
+                  deadline: float) -> AsyncIterator[bytes]:
+    engine = request.app.state.engine
+    start = time.monotonic()
+    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth})
+    async for item in progress(request, engine, ticket, previews, deadline):
+        if isinstance(item, Preview):
+            images = [await encode_b64(img, "png") for img in item.images]
+            yield _sse("preview", {"scale_index": item.scale_index, "num_scales": item.num_scales,
+                                   "elapsed": round(time.monotonic() - start, 3), "images": images})
+        elif isinstance(item, ServingError):
+            yield _sse("error", {"error": {"message": item.message, "type": item.type, "code": item.code,
+                                           "param": item.param}})
+        else:
+            yield _sse("completed", json.loads((await _response(request, body, item)).model_dump_json()))

@@ -1,0 +1,115 @@
+"""OpenAI-compatible images API: POST /v1/images/generations and the served `url` images."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.auth import check_api_key
+from server.engine import GenerationOutput, GenerationRequest, Preview
+from server.errors import ServingError
+from server.images import CONTENT_TYPES, encode_image
+from server.protocol import ErrorResponse, ImageData, OpenAIImageRequest, OpenAIImagesResponse, Usage, parse_size
+from server.service import (check_common, deadline_for, encode_b64, preview_scales, preview_sink, progress,
+                            resolve_schedule, sampling_rows, wait_for_output)
+
+router = APIRouter(tags=["openai"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
+QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # others: the server default
+
+
+@router.post("/v1/images/generations", dependencies=[Depends(check_api_key)], response_model=OpenAIImagesResponse,
+             responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
+    app = request.app.state
+    n = body.n or 1
+    check_common(app.settings, body.prompt, n)
+    size = parse_size(body.size) if body.size and body.size != "auto" else None
+    pn = None if size else _pn_for_quality(body.quality, app.limits)
+    schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, None, pn)
+    rows = sampling_rows(body, n, schedule)
+    deadline = deadline_for(request, app.settings)
+    rid = request.state.request_id
+    if body.stream:
+        previews: asyncio.Queue[Preview] = asyncio.Queue()
+        count = 0 if body.partial_images is None else body.partial_images
+        gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline, preview_scales(schedule.num_scales, count),
+                                preview_sink(previews))
+        ticket = app.engine.submit(gen)
+        return StreamingResponse(_events(request, body, ticket, previews, deadline), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+    ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
+    out = await wait_for_output(request, app.engine, ticket, deadline)
+    response = await _response(request, body, out)
+    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+@router.get("/v1/images/{image_id}", tags=["openai"], responses={404: {"model": ErrorResponse}})
+async def stored_image(image_id: str, request: Request) -> Response:
+    """Images of `response_format=url`, served for `url_ttl_s` seconds; ids are random, not paths."""
+    stored = request.app.state.images.get(image_id)
+    if stored is None:
+        raise ServingError("image not found or expired", 404, "invalid_request_error", "image_not_found",
+                           retryable=False)
+    return Response(stored.data, media_type=stored.content_type, headers={"Cache-Control": "private, max-age=60"})
+
+
+def _pn_for_quality(quality: str | None, limits) -> str:
+    return QUALITY_PN.get(quality or "auto", limits.default_pn) if limits.max_pn == "1M" else limits.default_pn
+
+
+def _fmt(body: OpenAIImageRequest) -> str:
+    return body.output_format or "png"
+
+
+def _usage(out: GenerationOutput) -> Usage:
+    output = out.image_tokens * len(out.images)
+    return Usage(input_tokens=out.prompt_tokens, input_tokens_details={"text_tokens": out.prompt_tokens,
+                                                                        "image_tokens": 0},
+                 output_tokens=output, total_tokens=out.prompt_tokens + output)
+
+
+async def _response(request: Request, body: OpenAIImageRequest, out: GenerationOutput) -> OpenAIImagesResponse:
+    fmt, data = _fmt(body), []
+    for image, seed in zip(out.images, out.seeds):
+        if body.response_format == "url":
+            encoded = await asyncio.to_thread(encode_image, image, fmt, body.output_compression)
+            image_id = request.app.state.images.put(encoded, CONTENT_TYPES[fmt])
+            data.append(ImageData(url=str(request.url_for("stored_image", image_id=image_id)), seed=seed))
+        else:
+            data.append(ImageData(b64_json=await encode_b64(image, fmt, body.output_compression), seed=seed))
+    return OpenAIImagesResponse(created=int(time.time()), data=data, output_format=fmt,
+                                size=f"{out.width}x{out.height}", quality=body.quality, usage=_usage(out))
+
+
+def _event(data: dict) -> bytes:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: asyncio.Queue,
+                  deadline: float) -> AsyncIterator[bytes]:
+    fmt = _fmt(body)
+    common = {"background": "opaque", "output_format": fmt, "quality": body.quality or "auto"}
+    index = 0
+    async for item in progress(request, request.app.state.engine, ticket, previews, deadline):
+        if isinstance(item, Preview):
+            for image in item.images:
+                h, w = image.shape[:2]
+                yield _event({"type": "image_generation.partial_image", "created_at": int(time.time()),
+                              "size": f"{w}x{h}", "partial_image_index": index,
+                              "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
+            index += 1
+        elif isinstance(item, ServingError):
+            error = {"message": item.message, "type": item.type, "code": item.code, "param": item.param}
+            yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        else:
+            usage = _usage(item).model_dump()
+            for image in item.images:
+                yield _event({"type": "image_generation.completed", "created_at": int(time.time()),
+                              "size": f"{item.width}x{item.height}", "usage": usage,
+                              "b64_json": await encode_b64(image, fmt, body.output_compression), **common})

@@ -1,0 +1,161 @@
+"""What both APIs share: turning request fields into an engine request, and waiting for it.
+
+Waiting never blocks the event loop and never outlives the client: a disconnect or a passed
+deadline cancels the request in the engine (out of the queue, or dropped at the next scale).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from model.config import SamplingParams
+from model.schedules import PN_SCALES, ScaleSchedule, nearest_template, schedule_for_size
+from server.engine import Engine, GenerationOutput, Preview
+from server.errors import ServingError, cancelled, deadline_exceeded, invalid
+from server.images import OutputFormat, encode_image
+from server.protocol import SamplingFields
+from server.settings import Settings
+
+PN_ORDER = list(PN_SCALES)
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model and the settings allow; decided once at start-up."""
+
+    name: str
+    default_pn: str
+    max_pn: str
+
+
+def resolve_schedule(limits: ModelLimits, width: int | None, height: int | None, h_div_w: float | None,
+                     pn: str | None) -> ScaleSchedule:
+    """Requested shape -> the nearest official template at an allowed pixel budget."""
+    if pn is not None and PN_ORDER.index(pn) > PN_ORDER.index(limits.max_pn):
+        raise invalid(f"pn {pn} exceeds this server's limit {limits.max_pn}", "pn")
+    if width is not None and height is not None:
+        schedule = schedule_for_size(width, height, pn)
+        if PN_ORDER.index(schedule.pn) > PN_ORDER.index(limits.max_pn):
+            schedule = ScaleSchedule.official(schedule.h_div_w, limits.max_pn)
+        return schedule
+    template = nearest_template(h_div_w) if h_div_w is not None else 1.0
+    return ScaleSchedule.official(template, pn or limits.default_pn)
+
+
+def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tuple[SamplingParams, ...]:
+    """One SamplingParams per image: seed, seed + 1, ... (or random seeds), shared knobs."""
+    defaults = SamplingParams()
+
+    def per_scale(name: str, value):
+        if value is None:
+            return getattr(defaults, name)
+        if isinstance(value, list):
+            if len(value) < schedule.num_scales:
+                raise invalid(f"`{name}` lists {len(value)} values but the schedule has {schedule.num_scales} "
+                              f"scales", name)
+            return tuple(value)
+        return float(value)
+
+    cfg, tau = per_scale("cfg", fields.cfg), per_scale("tau", fields.tau)
+    first = fields.seed if fields.seed is not None else None
+    rng = random.SystemRandom()
+    rows = []
+    for i in range(n):
+        seed = (first + i) % 2**63 if first is not None else rng.randrange(2**32)
+        rows.append(SamplingParams(
+            cfg=cfg, tau=tau, seed=seed, negative_prompt=fields.negative_prompt,
+            top_k=defaults.top_k if fields.top_k is None else fields.top_k,
+            top_p=defaults.top_p if fields.top_p is None else fields.top_p))
+    return tuple(rows)
+
+
+def check_common(settings: Settings, prompt: str, n: int) -> None:
+    if len(prompt) > settings.max_prompt_chars:
+        raise invalid(f"`prompt` must be at most {settings.max_prompt_chars} characters, got {len(prompt)}", "prompt")
+    if n > settings.max_n:
+        raise invalid(f"`n` must be between 1 and {settings.max_n}, got {n}", "n")
+
+
+def deadline_for(request: Request, settings: Settings) -> float:
+    """Server limit, shortened by the client's own read timeout when the OpenAI SDK announces it."""
+    budget = settings.request_timeout_s
+    header = request.headers.get("x-stainless-read-timeout")
+    if header:
+        try:
+            client = float(header)
+            if client > 0:
+                budget = min(budget, client)
+        except ValueError:
+            pass
+    return time.monotonic() + budget
+
+
+def preview_scales(num_scales: int, count: int | None) -> frozenset[int]:
+    """`count` scales spread before the last one; None = every scale but the last."""
+    if count is None:
+        return frozenset(range(num_scales - 1))
+    return frozenset(round((i + 1) * (num_scales - 1) / (count + 1)) for i in range(count))
+
+
+async def wait_for_output(request: Request, engine: Engine, ticket, deadline: float) -> GenerationOutput:
+    """Await the engine without blocking the loop; cancel on disconnect or deadline."""
+    future = asyncio.wrap_future(ticket.future)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            engine.cancel(ticket, "deadline")
+            raise deadline_exceeded()
+        done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
+        if done:
+            if future.cancelled():
+                raise cancelled()
+            return future.result()
+        if await request.is_disconnected():
+            engine.cancel(ticket, "disconnect")
+            raise cancelled()
+
+
+async def encode_b64(pixels, fmt: OutputFormat, quality: int | None = None) -> str:
+    data = await asyncio.to_thread(encode_image, pixels, fmt, quality)
+    return base64.b64encode(data).decode("ascii")
+
+
+
+async def progress(request: Request, engine: Engine, ticket, previews: "asyncio.Queue",
+                   deadline: float) -> AsyncIterator[object]:
+    """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it.
+
+    If the consumer stops early (client gone), the request is cancelled in the engine.
+    """
+    waiter = asyncio.ensure_future(wait_for_output(request, engine, ticket, deadline))
+    try:
+        while True:
+            getter = asyncio.ensure_future(previews.get())
+            done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+                continue
+            getter.cancel()
+            try:
+                yield waiter.result()
+            except ServingError as e:
+                yield e
+            return
+    finally:
+        if not ticket.future.done():
+            engine.cancel(ticket, "disconnect")
+        waiter.cancel()
+
+
+def preview_sink(previews: "asyncio.Queue") -> Callable[[Preview], None]:
+    """A callback for worker threads that hands previews to this event loop."""
+    loop = asyncio.get_running_loop()
+    return lambda p: loop.call_soon_threadsafe(previews.put_nowait, p)

@@ -1,0 +1,49 @@
+"""The embedded default model: what `serve` and `generate` use when no weights are configured.
+
+Its files live in `weights/default/` (transformer.safetensors, vae.safetensors, text_encoder/).
+Until the trained default model ships there, a tiny *random* model stands in, and every start
+says so loudly: its images are noise, not prompt-following pictures.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, RuntimeConfig
+from model.pipeline import InfinityPipeline
+from model.t5_builder import build_t5_encoder_dir
+from model.text_encoder import T5TextEncoder
+from weights.loader import build_transformer, build_vae
+from weights.pipeline import load_pipeline
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DIR = Path(__file__).parent / "default"
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    name: str
+    default_pn: str
+    max_pn: str
+    placeholder: bool                 # True: random weights, not a trained model
+
+
+def default_files_present(root: Path = DEFAULT_DIR) -> bool:
+    return all((root / n).exists() for n in ("transformer.safetensors", "vae.safetensors", "text_encoder"))
+
+
+def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> tuple[InfinityPipeline, DefaultModel]:
+    if default_files_present(root):
+        pipe = load_pipeline(root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime)
+        return pipe, DefaultModel("infinity-default", "0.06M", "0.06M", placeholder=False)
+    log.warning("NO WEIGHTS CONFIGURED and no trained default model in %s: serving a TINY RANDOM model. "
+                "Its images are noise. Configure --transformer/--vae/--text-encoder for real images.", root)
+    t5_dir = build_t5_encoder_dir(Path(tempfile.mkdtemp(prefix="infinity-t5-")), ["a"],
+                                  d_model=TRANSFORMER_SIZES["tiny"].text_channels)
+    encoder = T5TextEncoder.from_dir(t5_dir, runtime.device, max_length=TRANSFORMER_SIZES["tiny"].text_maxlen)
+    pipe = InfinityPipeline(build_transformer(TRANSFORMER_SIZES["tiny"]), build_vae(VAE_SIZES["tiny"]), encoder, runtime)
+    return pipe, DefaultModel("infinity-tiny-random", "0.06M", "0.25M", placeholder=True)
