@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["sdpa", "flash"]
+# "sdpa": exact float32 attention. "flash": flash-attn varlen kernels (CUDA, half precision).
+# "sdpa-bf16io": SDPA with flash-attn's numerics: bf16-rounded q/k/v in, bf16-rounded output. The
+# official code always runs cross-attention and text pooling through flash-attn in bf16 (even
+# in an fp32 run), and the checkpoints were trained that way, so this reproduces official outputs.
+Backend = Literal["sdpa", "flash", "sdpa-bf16io"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,12 @@ class TextMemory:
         return x[valid]
 
 
-def choose_backend(requested: Literal["auto", "sdpa", "flash"], device: torch.device) -> Backend:
+def choose_backend(requested: Literal["auto", "sdpa", "flash", "sdpa-bf16io"], device: torch.device) -> Backend:
     """Pick the cross-attention kernel and log why."""
     has_flash = importlib.util.find_spec("flash_attn") is not None
-    if requested == "sdpa":
-        log.info("attention backend: torch SDPA (requested)")
-        return "sdpa"
+    if requested in ("sdpa", "sdpa-bf16io"):
+        log.info("attention backend: torch %s (requested)", requested)
+        return requested
     if requested == "flash":
         if device.type != "cuda" or not has_flash:
             raise ValueError(f"attention='flash' needs CUDA and the flash-attn package "
@@ -58,11 +62,13 @@ def choose_backend(requested: Literal["auto", "sdpa", "flash"], device: torch.de
         log.info("attention backend: flash-attn varlen (requested)")
         return "flash"
     if device.type != "cuda":
-        log.info("attention backend: torch SDPA (device %s: flash-attn is CUDA-only)", device)
-        return "sdpa"
+        log.info("attention backend: torch SDPA with flash-attn's bf16 rounding (device %s: flash-attn is "
+                 "CUDA-only; rounding kept to match official outputs, attention='sdpa' for exact fp32)", device)
+        return "sdpa-bf16io"
     if not has_flash:
-        log.info("attention backend: torch SDPA (flash-attn not installed; `pip install .[gpu]`)")
-        return "sdpa"
+        log.info("attention backend: torch SDPA with flash-attn's bf16 rounding (flash-attn not installed; "
+                 "`pip install .[gpu]`)")
+        return "sdpa-bf16io"
     log.info("attention backend: flash-attn varlen for cross-attention (installed, CUDA)")
     return "flash"
 
@@ -75,6 +81,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: T
     """
     if backend == "flash":
         return _flash_varlen(q, k, v, memory)
+    if backend == "sdpa-bf16io":
+        rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*rounded, attn_mask=memory.key_mask)
+        return out.to(torch.bfloat16).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=memory.key_mask)
 
 

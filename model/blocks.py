@@ -146,14 +146,14 @@ class PoolingAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         nn.init.trunc_normal_(self.mat_q, std=math.sqrt(1 / width / 3))
 
-    def forward(self, text: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """text: (B, T, Ct) normalised; key_mask: (B, 1, 1, T) -> (B, C)"""
-        B, T, _ = text.shape
+    def forward(self, text: TextMemory, backend: Backend) -> torch.Tensor:
+        """text: normalised features (B, T, Ct) -> (B, C)"""
+        B, T, _ = text.features.shape
         bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
-        kv = linear(self.mat_kv, text, bias).view(B, T, 2, self.num_heads, self.head_dim)
+        kv = linear(self.mat_kv, text.features, bias).view(B, T, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, Hp, T, hdp)
         q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)   # (B, Hp, 1, hdp)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        out = cross_attention(q, k, v, text, backend)
         return linear(self.proj, out.reshape(B, -1))
 
 
@@ -163,8 +163,8 @@ class TextAttentivePool(nn.Module):
         super().__init__()
         self.ca = PoolingAttention(text_channels, width, num_heads)
 
-    def forward(self, text: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        return self.ca(text, key_mask)
+    def forward(self, text: TextMemory, backend: Backend) -> torch.Tensor:
+        return self.ca(text, backend)
 
 
 class AdaLNBeforeHead(nn.Module):

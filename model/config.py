@@ -214,4 +214,4 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: Precision = "float32"                 # compute dtype of the transformer blocks and the VAE
     text_dtype: Precision | None = None          # T5 dtype; None = float16 on CUDA, float32 elsewhere
-    attention: Literal["auto", "sdpa", "flash"] = "auto"
+    attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"   # see model/attention.py

@@ -110,8 +110,13 @@ class InfinityPipeline:
 
     @torch.inference_mode()
     def decode_latent(self, latent: torch.Tensor) -> np.ndarray:
-        """Accumulated codes (B, d, h, w) -> (B, H, W, 3) uint8 RGB (also used for previews)."""
-        images = to_uint8(self.vae.decode(latent.to(self.device))).cpu().numpy()
+        """Accumulated codes (B, d, h, w) -> (B, H, W, 3) uint8 RGB (also used for previews).
+
+        One image at a time: convolution kernels round differently at other batch sizes, and an
+        image must not depend on what else shares its batch.
+        """
+        latent = latent.to(self.device)
+        images = np.stack([to_uint8(self.vae.decode(latent[i:i + 1]))[0].cpu().numpy() for i in range(len(latent))])
         _sync(self.device)
         return images
 

@@ -132,7 +132,7 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     for p in params:
         p.check_scales(n)
     guided = any(p.uses_guidance(n) for p in params)
-    cond = model.condition(stack_memories(text, uncond_text) if guided else text)
+    cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
     c = model.config
     cache = KVCache.allocate(c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim,
                              model.blocks[0].sa.mat_qkv.weight.dtype, text.features.device)

@@ -57,11 +57,19 @@ class T5TextEncoder:
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> EncodedText:
-        tokens = self.tokenizer(prompts, max_length=self.max_length, padding="longest", truncation=True,
-                                return_tensors="pt")
-        ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device)
-        features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        lengths = mask.sum(dim=1)
-        features = features * mask.unsqueeze(-1)        # zero the padding: it is never attended
+        """Each distinct prompt is encoded alone: padding changes T5's floats slightly, and a prompt
+        must give the same features (hence the same image) whatever else shares its batch."""
+        unique = list(dict.fromkeys(prompts))
+        encoded = {p: self._encode_one(p) for p in unique}
+        T = max(f.shape[0] for f in encoded.values())
+        features = torch.zeros(len(prompts), T, self.channels, device=self.device)
+        for i, p in enumerate(prompts):
+            features[i, : encoded[p].shape[0]] = encoded[p]
+        lengths = torch.tensor([encoded[p].shape[0] for p in prompts], device=self.device)
         return EncodedText(TextMemory(features, lengths), lengths.tolist())
+
+    def _encode_one(self, prompt: str) -> torch.Tensor:
+        """(L, Ct) float32 features of one prompt, EOS included, no padding."""
+        ids = self.tokenizer(prompt, max_length=self.max_length, truncation=True, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.device)
+        return self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0].float()

@@ -65,10 +65,10 @@ class Infinity(nn.Module):
         nn.init.trunc_normal_(self.pos_start, std=0.02)
 
     # ---- text -------------------------------------------------------------------------------
-    def condition(self, text: TextMemory) -> TextConditioning:
+    def condition(self, text: TextMemory, backend: Backend = "sdpa") -> TextConditioning:
         """Raw T5 features (B, T, Ct) -> the conditioning of each row."""
         normed = self.text_norm(text.features)
-        pooled = self.text_proj_for_sos(normed, text.key_mask).float()
+        pooled = self.text_proj_for_sos(TextMemory(normed, text.lengths), backend).float()
         projected = self.text_proj_for_ca(normed.to(self.text_proj_for_ca[0].weight.dtype))
         ada = self.shared_ada_lin(pooled).view(pooled.shape[0], 1, 6, -1).float()
         return TextConditioning(pooled, ada, self.head_nm.modulation(pooled),

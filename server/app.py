@@ -44,7 +44,7 @@ def error_response(error: ServingError, request_id: str | None = None) -> JSONRe
 def _validation_error(exc: RequestValidationError) -> ServingError:
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
-    param = ".".join(loc) or "body"
+    param = loc[0] if loc else "body"              # the top-level field (union members add noise below it)
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return invalid(f"the body is not valid JSON: {message}", "body", "invalid_json")

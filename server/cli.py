@@ -47,6 +47,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA (as the official run), float32 on CPU")
+    p.add_argument("--attention", choices=["auto", "sdpa", "sdpa-bf16io", "flash"], default="auto",
+                   help="cross-attention kernel; auto = flash-attn on CUDA when installed, else SDPA with "
+                        "flash-attn's bf16 rounding (matches official outputs); sdpa = exact float32")
     p.add_argument("--save-bits", type=Path, help="write the sampled bits of every scale to this .npz")
     p.set_defaults(func=_generate)
 
@@ -123,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             negative_prompt=args.negative_prompt)
-    pipe = load_pipeline(args.transformer, args.vae, args.text_encoder, RuntimeConfig(args.device, dtype))
+    pipe = load_pipeline(args.transformer, args.vae, args.text_encoder, RuntimeConfig(args.device, dtype, attention=args.attention))
     h, w = pipe.image_size(schedule)
     log.info("generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn,
              schedule.num_scales)

@@ -161,3 +161,19 @@ def test_rows_dropped_between_scales_leave_the_others_unchanged(model):
         none = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
                       "sdpa", on_scale=lambda e: {0, 1, 2})
     assert none.rows == () and len(none.bits) == 1
+
+
+def test_bf16io_backend_rounds_like_flash_attn():
+    from model.attention import cross_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    memory = TextMemory(torch.zeros(2, 5, 1), torch.tensor([5, 3]))
+    exact = cross_attention(q, k, v, memory, "sdpa")
+    rounded = cross_attention(q, k, v, memory, "sdpa-bf16io")
+    assert rounded.dtype == torch.float32
+    assert torch.equal(rounded, rounded.bfloat16().float())                 # outputs are bf16 values
+    assert not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
+    # row 1 sees only its 3 text tokens
+    torch.testing.assert_close(exact[1], torch.nn.functional.scaled_dot_product_attention(q[1], k[1, :, :3], v[1, :, :3]))
