@@ -29,14 +29,12 @@ log = logging.getLogger("infinity_serve.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-def error_response(error: ServingError, request_id: str | None = None) -> JSONResponse:
+def error_response(error: ServingError) -> JSONResponse:
     headers = dict(error.headers)
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, min(60, round(error.retry_after))))
     if error.retryable is not None:
         headers["x-should-retry"] = "true" if error.retryable else "false"
-    if request_id:
-        headers["x-request-id"] = request_id
     body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
@@ -104,8 +102,8 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
     app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
     _install_error_handlers(app)
-    _install_request_middleware(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=engine.metrics)      # outermost: sees every response
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -133,16 +131,15 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def serving_error(request: Request, exc: ServingError) -> JSONResponse:
-        return error_response(exc, getattr(request.state, "request_id", None))
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc), getattr(request.state, "request_id", None))
+        return error_response(_validation_error(exc))
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False),
-                              getattr(request.state, "request_id", None))
+        return error_response(ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False))
 
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
@@ -154,24 +151,39 @@ def _install_error_handlers(app: FastAPI) -> None:
         rid = getattr(request.state, "request_id", None)
         log.exception("unhandled error (request %s)", rid)
         app.state.metrics.errors.labels("unhandled").inc()
-        return error_response(ServingError("internal error; it was logged with the request id", 500), rid)
+        return error_response(ServingError("internal error; it was logged with the request id", 500))
 
 
-def _install_request_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        given = request.headers.get("x-request-id", "")
+class RequestContext:
+    """Request id (given or new) on scope state and response header, one log line and metrics per request.
+
+    Pure ASGI (no BaseHTTPMiddleware) so that streaming and disconnect detection pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        request.state.request_id = rid
-        start = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - start
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics = app.state.metrics
-        metrics.requests.labels(endpoint, f"{response.status_code // 100}xx").inc()
-        metrics.request_duration.labels(endpoint).observe(elapsed)
-        response.headers["x-request-id"] = rid
-        log.info("request %s %s %s -> %d in %.3fs", rid, request.method, request.url.path, response.status_code,
-                 elapsed)
-        return response
+        scope.setdefault("state", {})["request_id"] = rid
+        start, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, f"{status // 100}xx").inc()
+            self.metrics.request_duration.labels(endpoint).observe(elapsed)
+            log.info("request %s %s %s -> %d in %.3fs", rid, scope["method"], scope["path"], status, elapsed)

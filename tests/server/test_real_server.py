@@ -1,0 +1,129 @@
+"""A real uvicorn on 127.0.0.1, driven by the official `openai` client and plain httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.server.conftest import Gate, make_app, running_server
+
+
+@pytest.fixture()
+def live(pipeline):
+    app, engine = make_app(pipeline, api_keys=["sk-test"])
+    gate = Gate()
+    engine.fault_hook = gate
+    with running_server(app) as url:
+        yield url, engine, gate
+    gate.opened.set()
+
+
+def client_for(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, **kw)
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_openai_client_generates_with_extra_body(live):
+    url, engine, gate = live
+    client = client_for(url)
+    r = client.images.generate(model="infinity-test", prompt="a red circle", n=2, size="256x256",
+                               extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"})
+    assert len(r.data) == 2 and r.size == "64x64" and r.usage.output_tokens == 2 * 521 * 8
+    assert decode(r.data[0].b64_json).shape == (64, 64, 3)
+    again = client.images.generate(model="infinity-test", prompt="a red circle", n=1, size="256x256",
+                                   extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"})
+    assert np.array_equal(decode(again.data[0].b64_json), decode(r.data[0].b64_json))
+    assert [m.id for m in client.models.list()] == ["infinity-test"]
+
+
+def test_openai_client_url_response(live):
+    url, engine, gate = live
+    r = client_for(url).images.generate(prompt="a star", response_format="url", output_format="jpeg")
+    image = httpx.get(r.data[0].url)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+
+
+def test_openai_client_streams_partial_images(live):
+    url, engine, gate = live
+    stream = client_for(url).images.generate(prompt="a green star", stream=True, partial_images=2,
+                                             extra_body={"seed": 1})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert decode(events[-1].b64_json).shape == (64, 64, 3) and events[-1].usage.output_tokens == 521 * 8
+
+
+def test_openai_client_errors(live):
+    url, engine, gate = live
+    with pytest.raises(openai.BadRequestError) as err:
+        client_for(url).images.generate(prompt="a", n=9)
+    assert err.value.body["param"] == "n" and "between 1 and 4" in err.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="a")
+
+
+def test_client_read_timeout_is_honoured_quickly(live):
+    url, engine, gate = live
+    gate.close()
+    client = client_for(url, timeout=1.0)
+    blocker = httpx.Client(base_url=url, headers={"authorization": "Bearer sk-test"}, timeout=30)
+    import threading
+    t = threading.Thread(target=lambda: blocker.post("/generate", json={"prompt": "blocker"}))
+    t.start()
+    assert gate.entered.wait(10)
+    start = time.monotonic()
+    with pytest.raises((openai.APITimeoutError, openai.InternalServerError, openai.APIStatusError)):
+        client.images.generate(prompt="a")
+    assert time.monotonic() - start < 5
+    gate.opened.set()
+    t.join(30)
+
+
+def test_disconnect_removes_a_queued_request(live):
+    url, engine, gate = live
+    gate.close()
+    headers = {"authorization": "Bearer sk-test"}
+    import threading
+    held = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "held"}, headers=headers,
+                                                      timeout=30))
+    held.start()
+    assert gate.entered.wait(10)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/generate", json={"prompt": "impatient"}, headers=headers, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while engine.batcher.depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.batcher.depth == 0
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'infinity_cancelled_requests_total{stage="queued"} 1.0' in metrics
+    gate.opened.set()
+    held.join(30)
+
+
+def test_disconnect_mid_generation_drops_the_rows(live):
+    url, engine, gate = live
+    gate.close()
+    headers = {"authorization": "Bearer sk-test"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/generate", json={"prompt": "running", "n": 2}, headers=headers, timeout=0.5)
+    time.sleep(0.5)                                  # the server notices the disconnect
+    gate.opened.set()
+    deadline = time.monotonic() + 10
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics").text
+        if 'infinity_cancelled_requests_total{stage="running"} 1.0' in text and "infinity_running_rows 0.0" in text:
+            break
+        time.sleep(0.1)
+    assert 'infinity_cancelled_requests_total{stage="running"} 1.0' in text
+    assert "infinity_images_generated_total 0.0" in text      # dropped at the first scale boundary
