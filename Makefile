@@ -25,8 +25,8 @@ serve: install
 test: install-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: install
-	$(BIN)/python tests/bench/model_bench.py
+bench: install-dev
+	$(BIN)/python -m tests.bench.model_bench && $(BIN)/python -m tests.bench.server_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """Transformer sampling benchmark on this machine: prints tables of times and ratios from one run.
 
-    python tests/bench/model_bench.py [--device cpu] [--pn 0.06M] [--repeats 2]
+    python -m tests.bench.model_bench [--device cpu] [--pn 0.06M] [--repeats 2]
 
 Random weights (speed does not depend on values) and random text features; the VAE and T5 are
 left out so that the numbers are the sampler's. Ratios are measured within the same run.
