@@ -52,9 +52,6 @@ class T5TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def token_count(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, max_length=self.max_length, truncation=True)["input_ids"])
-
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> EncodedText:
         """Each distinct prompt is encoded alone: padding changes T5's floats slightly, and a prompt

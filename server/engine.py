@@ -126,13 +126,6 @@ class Engine:
     def pipeline(self) -> InfinityPipeline:
         return self.replicas[0].pipeline
 
-    def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
-        """(height, width) in pixels."""
-        return self.pipeline.image_size(schedule)
-
-    def count_prompt_tokens(self, prompt: str) -> int:
-        return self.pipeline.text_encoder.token_count(prompt)
-
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Ticket:
         if not self._started:
