@@ -101,6 +101,81 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-default", help="train the embedded default model from scratch (resumable)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/default-model"), help="checkpoints, caches, log")
+    p.add_argument("--out", type=Path, default=Path("weights/default"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--transformer-steps", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from model.training.recipe import Recipe
+    from model.training.run import train_default
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(args.workdir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    recipe = Recipe(seed=args.seed)
+    if args.vae_steps:
+        recipe = replace(recipe, vae_training=replace(recipe.vae_training, steps=args.vae_steps))
+    if args.transformer_steps:
+        recipe = replace(recipe, transformer_training=replace(recipe.transformer_training, steps=args.transformer_steps))
+    log.info("training the default model: %s", recipe)
+    train_default(args.workdir, args.out, recipe)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score the default model on seeded prompts (GenEval-style, shapes domain)")
+    p.add_argument("--per-category", type=int, default=50)
+    p.add_argument("--held-out", action="store_true", help="use only the templates kept out of training")
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
+    p.add_argument("--min-overall", type=float, help="exit 1 if the overall accuracy is lower")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.config import RuntimeConfig
+    from model.training.common import VALID_SEEDS, images_tensor, psnr, scene_batch
+    from model.training.evaluate import evaluate
+    from model.training.recipe import IMAGE_SIZE
+    from weights.default import DEFAULT_DIR, load_default_pipeline
+
+    pipe, default = load_default_pipeline(RuntimeConfig(), args.weights or DEFAULT_DIR)
+    if default.placeholder or default.schedule is None:
+        log.error("no trained default model in %s (train one with `infinity-serve train-default`)",
+                  args.weights or DEFAULT_DIR)
+        return 2
+    report = evaluate(pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau)
+    images = images_tensor(scene_batch(VALID_SEEDS, 32, held_out=None), IMAGE_SIZE)
+    with torch.inference_mode():
+        bits = pipe.vae.encode_bits(images, default.schedule.scales).bits
+        vae_psnr = psnr(pipe.vae.decode(pipe.vae.quantizer.bits_to_latent(bits, default.schedule.scales)), images)
+    split = "held-out templates" if args.held_out else "training templates"
+    print(f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}\n")
+    print(report.table())
+    print(f"\nVAE PSNR (held-out scenes, decoded from bits): {vae_psnr:.2f} dB")
+    if args.min_overall is not None and report.accuracy["overall"] < args.min_overall:
+        log.error("overall accuracy %.3f < required %.3f", report.accuracy["overall"], args.min_overall)
+        return 1
+    return 0
+
+
 def _schedule(args: argparse.Namespace):
     from model.schedules import ScaleSchedule, nearest_template, schedule_for_size
 
@@ -117,21 +192,35 @@ def _generate(args: argparse.Namespace) -> int:
 
     from model.config import RuntimeConfig, SamplingParams
     from weights import load_pipeline
+    from weights.default import load_default_pipeline
 
-    missing = [f"--{n.replace('_', '-')}" for n in ("transformer", "vae", "text_encoder") if getattr(args, n) is None]
-    if missing:
-        log.error("missing %s: give the transformer, VAE and text encoder paths", " ".join(missing))
+    paths = {n: getattr(args, n) for n in ("transformer", "vae", "text_encoder")}
+    given = [n for n, v in paths.items() if v is not None]
+    if given and len(given) < 3:
+        missing = " ".join(f"--{n.replace('_', '-')}" for n, v in paths.items() if v is None)
+        log.error("missing %s: give the transformer, VAE and text encoder paths (or none: the default model)", missing)
         return 2
-    schedule = _schedule(args)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    runtime = RuntimeConfig(args.device, dtype, attention=args.attention)
     params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             negative_prompt=args.negative_prompt)
-    pipe = load_pipeline(args.transformer, args.vae, args.text_encoder, RuntimeConfig(args.device, dtype, attention=args.attention))
+    if given:
+        pipe, schedule = load_pipeline(args.transformer, args.vae, args.text_encoder, runtime), _schedule(args)
+    else:
+        pipe, default = load_default_pipeline(runtime)
+        schedule = default.schedule or _schedule(args)
+        if default.schedule is not None and (args.size or args.h_div_w or args.pn):
+            log.warning("the default model makes %dx%d images only: --size/--h-div-w/--pn ignored",
+                        *pipe.image_size(schedule)[::-1])
     h, w = pipe.image_size(schedule)
     log.info("generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn,
              schedule.num_scales)
     with tqdm(total=schedule.num_scales, desc="scales", unit="scale", file=sys.stderr) as bar:
-        result = pipe.generate([args.prompt], schedule, params, on_scale=lambda e: bar.update(1))
+
+        def advance(event) -> None:         # returns None: no row is dropped
+            bar.update(1)
+
+        result = pipe.generate([args.prompt], schedule, params, on_scale=advance)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.images[0]).save(args.out)
     if args.save_bits is not None:
@@ -158,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_convert(sub)
     _add_serve(sub)
+    _add_train(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -15,7 +15,6 @@ import uvicorn
 
 from model.config import RuntimeConfig
 from model.pipeline import InfinityPipeline
-from model.schedules import ScaleSchedule
 from server.app import create_app
 from server.engine import Engine
 from server.metrics import Metrics
@@ -38,7 +37,7 @@ def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], Mod
         if settings.uses_default_model:
             pipelines[device], default = load_default_pipeline(_runtime(settings, device))
             limits = ModelLimits(default.name, settings.default_pn or default.default_pn,
-                                 settings.max_pn or default.max_pn)
+                                 settings.max_pn or default.max_pn, default.schedule)
         else:
             pipelines[device] = load_pipeline(settings.transformer, settings.vae, settings.text_encoder,
                                               _runtime(settings, device))
@@ -55,7 +54,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
     metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
     engine = Engine(pipelines, metrics, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
                     settings.memory_budget_bytes)
-    engine.start(warmup=ScaleSchedule.official(1.0, limits.default_pn) if settings.warmup else None)
+    engine.start(warmup=limits.warmup_schedule if settings.warmup else None)
     return engine, limits
 
 

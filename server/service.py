@@ -34,11 +34,21 @@ class ModelLimits:
     name: str
     default_pn: str
     max_pn: str
+    fixed_schedule: ScaleSchedule | None = None     # a model trained for one schedule only (the default model)
+
+    @property
+    def warmup_schedule(self) -> ScaleSchedule:
+        return self.fixed_schedule or ScaleSchedule.official(1.0, self.default_pn)
 
 
 def resolve_schedule(limits: ModelLimits, width: int | None, height: int | None, h_div_w: float | None,
                      pn: str | None) -> ScaleSchedule:
-    """Requested shape -> the nearest official template at an allowed pixel budget."""
+    """Requested shape -> the nearest official template at an allowed pixel budget.
+
+    A model trained for one schedule only always gets that schedule; the response says what was made.
+    """
+    if limits.fixed_schedule is not None:
+        return limits.fixed_schedule
     if pn is not None and PN_ORDER.index(pn) > PN_ORDER.index(limits.max_pn):
         raise invalid(f"pn {pn} exceeds this server's limit {limits.max_pn}", "pn")
     if width is not None and height is not None:

@@ -52,6 +52,13 @@ def test_greedy_generation_ignores_the_seed_and_sizes_snap(tmp_path, files):
     assert all(np.array_equal(bits1[k], bits2[k]) for k in bits1.files if k.startswith("scale"))
 
 
+def test_generate_without_weights_uses_the_default_model(tmp_path):
+    out = tmp_path / "default.png"
+    r = cli("generate", "--prompt", "a red circle", "--out", str(out), "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size[0] >= 64
+
+
 def test_convert_then_generate_from_safetensors(tmp_path, files, official_files, t5_dir):
     t_st, v_st = tmp_path / "t.safetensors", tmp_path / "v.safetensors"
     assert cli("convert", "transformer", str(official_files["transformer"]), str(t_st)).returncode == 0
@@ -65,8 +72,8 @@ def test_convert_then_generate_from_safetensors(tmp_path, files, official_files,
 
 
 def test_errors_are_clear_and_exit_nonzero(tmp_path, files):
-    r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"))
-    assert r.returncode == 2 and "missing --transformer --vae --text-encoder" in r.stderr
+    r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--transformer", files[1])
+    assert r.returncode == 2 and "missing --vae --text-encoder" in r.stderr
     r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--transformer", str(tmp_path / "nope.pth"),
             "--vae", "v", "--text-encoder", "t")
     assert r.returncode == 2 and "checkpoint not found" in r.stderr

@@ -7,6 +7,7 @@ says so loudly: its images are noise, not prompt-following pictures.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from model.config import TRANSFORMER_SIZES, VAE_SIZES, RuntimeConfig
 from model.pipeline import InfinityPipeline
+from model.schedules import ScaleSchedule
 from model.t5_builder import build_t5_encoder_dir
 from model.text_encoder import T5TextEncoder
 from weights.loader import build_transformer, build_vae
@@ -30,16 +32,21 @@ class DefaultModel:
     default_pn: str
     max_pn: str
     placeholder: bool                 # True: random weights, not a trained model
+    schedule: ScaleSchedule | None = None   # the only schedule the model was trained for, if any
 
 
 def default_files_present(root: Path = DEFAULT_DIR) -> bool:
-    return all((root / n).exists() for n in ("transformer.safetensors", "vae.safetensors", "text_encoder"))
+    names = ("transformer.safetensors", "vae.safetensors", "text_encoder", "schedule.json")
+    return all((root / n).exists() for n in names)
 
 
 def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> tuple[InfinityPipeline, DefaultModel]:
     if default_files_present(root):
         pipe = load_pipeline(root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime)
-        return pipe, DefaultModel("infinity-default", "0.06M", "0.06M", placeholder=False)
+        scales = tuple(tuple(s) for s in json.loads((root / "schedule.json").read_text())["scales"])
+        log.info("embedded default model from %s (trained on the shapes domain, schedule %s)", root, scales)
+        return pipe, DefaultModel("infinity-default", "0.06M", "0.06M", placeholder=False,
+                                  schedule=ScaleSchedule.custom(scales))
     log.warning("NO WEIGHTS CONFIGURED and no trained default model in %s: serving a TINY RANDOM model. "
                 "Its images are noise. Configure --transformer/--vae/--text-encoder for real images.", root)
     t5_dir = build_t5_encoder_dir(Path(tempfile.mkdtemp(prefix="infinity-t5-")), ["a"],

@@ -85,6 +85,8 @@ def map_vae_state(state: StateDict, ours: set[str], source: str = "checkpoint") 
 def _assign(module: nn.Module, state: StateDict, source: str) -> None:
     check_keys(shapes_of(module.state_dict()), shapes_of(state), source)
     module.load_state_dict(state, strict=True, assign=True)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
+        module.float()              # half-precision files: compute dtypes are chosen by the pipeline
 
 
 def build_transformer(config: TransformerConfig, state: StateDict | None = None, source: str = "checkpoint") -> Infinity:

@@ -1,0 +1,61 @@
+"""Shared pieces of the training stages: batches of rendered scenes, checkpoints, progress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.training.shapes import Scene, make_scene, render
+
+log = logging.getLogger(__name__)
+
+# Scene seeds: training, validation and evaluation draw from disjoint ranges.
+TRAIN_SEEDS, VALID_SEEDS, EVAL_SEEDS = 0, 10**9, 2 * 10**9
+
+
+def scene_batch(first_seed: int, count: int, held_out: bool | None = False) -> list[Scene]:
+    return [make_scene(first_seed + i, held_out=held_out) for i in range(count)]
+
+
+def images_tensor(scenes: list[Scene], size: int) -> torch.Tensor:
+    """Scenes -> (B, 3, size, size) float32 in [-1, 1]."""
+    pixels = np.stack([render(s, size) for s in scenes])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * np.log10(1 / max(mse, 1e-10))
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)                       # atomic: an interrupted save never leaves a broken file
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+class Progress:
+    """One log line every `every` seconds with rate and ETA."""
+
+    def __init__(self, name: str, total: int, start: int = 0, every: float = 30.0) -> None:
+        self.name, self.total, self.start, self.every = name, total, start, every
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, step: int, **values: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every and step + 1 < self.total:
+            return
+        self.last = now
+        rate = (step + 1 - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step - 1) / max(rate, 1e-9)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        log.info("%s step %d/%d %s (%.2f steps/s, eta %.0f min)", self.name, step + 1, self.total, shown, rate, eta / 60)

@@ -1,0 +1,65 @@
+"""The embedded default model's recipe: sizes, schedule and training budget, in one place.
+
+Chosen for a 2-core CPU (see the shared training note): 128x128 images through a stride-16 VAE
+give an 8x8 latent; a 6-scale schedule (1, 2, 3, 4, 6, 8) is 130 tokens, 4x fewer than the
+official 0.06M schedule, so the transformer sees ~4x more images per minute. Scale k's codes
+have magnitude 0.6^k / sqrt(d) (VAEConfig.code_decay): with the official constant magnitude a
+short CPU-trained autoencoder loses colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.config import TransformerConfig, VAEConfig
+from model.schedules import ScaleSchedule
+
+IMAGE_SIZE = 128
+SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)))
+
+
+@dataclass(frozen=True)
+class T5Size:
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int = 256
+
+
+@dataclass(frozen=True)
+class VAETraining:
+    steps: int = 700
+    batch: int = 32
+    lr: float = 2e-3
+    commitment: float = 0.25          # beta * ||f - sg(F_hat)||^2, the quantizer's loss
+    l1: float = 1.0
+    l2: float = 1.0
+
+
+@dataclass(frozen=True)
+class TransformerTraining:
+    steps: int = 2500
+    batch: int = 48
+    lr: float = 1.5e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    text_dropout: float = 0.1         # rows trained with the null prompt, so that CFG works
+    bsc_strength: float = 0.3         # bitwise self-correction: flip up to 30% of the bits per scale
+    ema: float = 0.998
+    cache_scenes: int = 30_000        # scenes rendered and VAE-encoded once, reused across epochs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    # 16 channels at full resolution keep the 128x128 convolutions affordable on 2 cores.
+    vae: VAEConfig = VAEConfig(bits=32, base_channels=16, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=1,
+                               code_decay=0.6, norm_groups=8)
+    transformer: TransformerConfig = TransformerConfig(
+        depth=6, width=256, num_heads=4, ffn_hidden=1024, token_bits=32, text_channels=128, text_maxlen=24,
+        pool_heads=2, block_chunks=2)
+    t5: T5Size = T5Size()
+    vae_training: VAETraining = VAETraining()
+    transformer_training: TransformerTraining = TransformerTraining()
+    eval_cfg: float = 3.0
+    eval_tau: float = 1.0

@@ -1,0 +1,60 @@
+"""`infinity-serve train-default`: train the embedded default model from scratch, resumably.
+
+Stages, each checkpointed in the work directory and skipped or resumed on a rerun:
+0. tokenizer over the caption vocabulary + a small T5 (random init, seeded);
+1. the bitwise VAE; 2. the transformer and T5 jointly; 3. export to weights/default/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, T5EncoderModel
+
+from model.t5_builder import build_t5_encoder_dir
+from model.training.recipe import SCHEDULE, Recipe
+from model.training.shapes import vocabulary
+from model.training.transformer_training import train_transformer
+from model.training.vae_training import train_vae, validation_psnr
+from model.transformer import Infinity
+from model.vae import BitwiseVAE
+
+log = logging.getLogger(__name__)
+
+
+def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer, psnr_db: float,
+           minutes: float) -> None:
+    """Half-precision safetensors (the loader upcasts), the T5 directory and the schedule."""
+    out.mkdir(parents=True, exist_ok=True)
+    half = lambda m: {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
+    save_file(half(model), str(out / "transformer.safetensors"), metadata={"format": "infinity-serve"})
+    vae_meta = {"format": "infinity-serve", "vae_config": json.dumps({"code_decay": vae.config.code_decay,
+                                                                      "norm_groups": vae.config.norm_groups})}
+    save_file(half(vae), str(out / "vae.safetensors"), metadata=vae_meta)
+    t5.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "text_encoder")
+    (out / "schedule.json").write_text(json.dumps({"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2),
+                                                   "training_minutes": round(minutes, 1)}, indent=1))
+    log.info("exported the default model to %s", out)
+
+
+def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkpoint=None) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    t5_dir = workdir / "t5_init"
+    if not (t5_dir / "config.json").exists():
+        s = recipe.t5
+        build_t5_encoder_dir(t5_dir, vocabulary(), d_model=s.d_model, num_layers=s.num_layers, num_heads=s.num_heads,
+                             d_ff=s.d_ff, seed=recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    t5 = T5EncoderModel.from_pretrained(t5_dir)
+    vae = train_vae(recipe, workdir).requires_grad_(False)
+    psnr_db = validation_psnr(vae)
+    model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, workdir, on_checkpoint)
+    minutes = (time.monotonic() - start) / 60
+    export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes)

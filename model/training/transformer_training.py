@@ -1,0 +1,141 @@
+"""Stage 2: the Infinity transformer and a small T5, trained jointly on the frozen VAE's bits.
+
+Teacher forcing with bitwise self-correction, 10% null-prompt rows for classifier-free
+guidance, AdamW with warm-up and cosine decay, bf16 autocast, an EMA of the weights for
+sampling. Scenes are rendered and VAE-encoded once into a latent cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+from model.attention import TextMemory
+from model.training.bsc import corrupted_teacher_batch
+from model.training.common import TRAIN_SEEDS, Progress, images_tensor, load_checkpoint, save_checkpoint, scene_batch
+from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from model.transformer import Infinity
+from model.vae import BitwiseVAE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentCache:
+    captions: list[str]
+    latents: torch.Tensor            # (N, d, 8, 8) bf16 raw encoder outputs
+
+
+@torch.no_grad()
+def build_cache(vae: BitwiseVAE, count: int, path: Path, chunk: int = 256) -> LatentCache:
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        if len(state["captions"]) >= count:
+            return LatentCache(state["captions"][:count], state["latents"][:count])
+    captions, latents = [], []
+    progress = Progress("latent cache", math.ceil(count / chunk))
+    for i, start in enumerate(range(0, count, chunk)):
+        scenes = scene_batch(TRAIN_SEEDS + 10**8 + start, min(chunk, count - start), held_out=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            latents.append(vae.encoder(images_tensor(scenes, IMAGE_SIZE)).to(torch.bfloat16))
+        captions.extend(s.caption for s in scenes)
+        progress.update(i)
+    cache = LatentCache(captions, torch.cat(latents))
+    torch.save({"captions": cache.captions, "latents": cache.latents}, path)
+    return cache
+
+
+def encode_text(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str], max_len: int) -> TextMemory:
+    """Differentiable T5 features (B, T, Ct) with padding zeroed."""
+    tokens = tokenizer(captions, max_length=max_len, padding="longest", truncation=True, return_tensors="pt")
+    mask = tokens["attention_mask"]
+    features = t5(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state.float()
+    return TextMemory(features * mask.unsqueeze(-1), mask.sum(1))
+
+
+def drop_text(model: Infinity, text: TextMemory, rate: float, generator: torch.Generator) -> TextMemory:
+    """Replace a random `rate` of the rows by the learned null prompt cut to the row's length."""
+    drop = torch.rand(len(text.lengths), generator=generator) < rate
+    if not drop.any():
+        return text
+    null = model.cfg_uncond[: text.features.shape[1]].float().unsqueeze(0)
+    features = torch.where(drop[:, None, None], null.expand_as(text.features), text.features)
+    valid = (torch.arange(features.shape[1])[None, :] < text.lengths[:, None]).unsqueeze(-1)
+    return TextMemory(features * valid, text.lengths)
+
+
+def bit_loss(model: Infinity, t5, tokenizer, captions: list[str], latents: torch.Tensor, recipe: Recipe,
+             generator: torch.Generator, quantizer) -> torch.Tensor:
+    t = recipe.transformer_training
+    teacher = corrupted_teacher_batch(quantizer, latents.float(), SCHEDULE.scales, t.bsc_strength, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        text = drop_text(model, encode_text(t5, tokenizer, captions, recipe.transformer.text_maxlen),
+                         t.text_dropout, generator)
+        logits = torch.cat(model(model.condition(text, "sdpa"), SCHEDULE, teacher.inputs), dim=1)
+    logits = logits.float().view(*teacher.labels.shape, 2)                 # (B, L, D, 2)
+    return F.cross_entropy(logits.reshape(-1, 2), teacher.labels.reshape(-1))
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    t = recipe.transformer_training
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
+                      workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
+    """Returns the EMA transformer and T5. on_checkpoint(step, model, t5) runs after each checkpoint."""
+    t = recipe.transformer_training
+    cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed + 1)
+        model = Infinity(recipe.transformer)
+    ema_model, ema_t5 = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(t5).requires_grad_(False)
+    params = list(model.parameters()) + list(t5.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+                            lr=t.lr, betas=(0.9, 0.97))
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    start = 0
+    ckpt_path = workdir / "transformer.ckpt"
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        for module, key in ((model, "model"), (t5, "t5"), (ema_model, "ema"), (ema_t5, "ema_t5"), (opt, "opt")):
+            module.load_state_dict(state[key])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        log.info("transformer: resuming at step %d", start)
+    progress = Progress("transformer", t.steps, start)
+    model.train(), t5.train()
+    order = torch.randperm(len(cache.captions), generator=torch.Generator().manual_seed(recipe.seed))
+    for step in range(start, t.steps):
+        index = order[(torch.arange(t.batch) + step * t.batch) % len(order)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, recipe)
+        loss = bit_loss(model, t5, tokenizer, [cache.captions[i] for i in index], cache.latents[index], recipe,
+                        generator, vae.quantizer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for ema, live in ((ema_model, model), (ema_t5, t5)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - t.ema)
+        progress.update(step, loss=loss.item(), lr=lr_at(step, recipe))
+        if (step + 1) % 500 == 0 or step + 1 == t.steps:
+            save_checkpoint(ckpt_path, model=model.state_dict(), t5=t5.state_dict(), ema=ema_model.state_dict(),
+                            ema_t5=ema_t5.state_dict(), opt=opt.state_dict(), generator=generator.get_state(),
+                            step=step + 1)
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1, ema_model, ema_t5)
+    return ema_model.eval(), ema_t5.eval()

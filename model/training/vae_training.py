@@ -1,0 +1,75 @@
+"""Stage 1: the bitwise VAE, trained on rendered scenes (reconstruction + commitment losses)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
+                                   save_checkpoint, scene_batch)
+from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from model.vae import BitwiseVAE
+
+log = logging.getLogger(__name__)
+
+
+def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reconstruction). The decoder sees the quantized latent; gradients pass straight through."""
+    t = recipe.vae_training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latent = vae.encoder(images)
+    latent = latent.float()
+    with torch.no_grad():
+        quantized = vae.quantizer.encode(latent, SCHEDULE.scales).quantized
+    z = latent + (quantized - latent).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon = vae.decoder(z)
+    recon = recon.float()
+    loss = t.l1 * F.l1_loss(recon, images) + t.l2 * F.mse_loss(recon, images)
+    return loss + t.commitment * F.mse_loss(latent, quantized), recon
+
+
+@torch.no_grad()
+def validation_psnr(vae: BitwiseVAE, count: int = 64) -> float:
+    """PSNR of held-out scenes decoded from their bits (exactly the inference path)."""
+    vae.eval()
+    images = images_tensor(scene_batch(VALID_SEEDS, count, held_out=None), IMAGE_SIZE)
+    bits = vae.encode_bits(images, SCHEDULE.scales).bits
+    recon = vae.decode(vae.quantizer.bits_to_latent(bits, SCHEDULE.scales))
+    vae.train()
+    return psnr(recon, images)
+
+
+def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
+    t = recipe.vae_training
+    ckpt_path = workdir / "vae.ckpt"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        vae = BitwiseVAE(recipe.vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.steps, pct_start=0.05)
+    start = 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        start = state["step"]
+        log.info("VAE: resuming at step %d", start)
+    progress = Progress("VAE", t.steps, start)
+    vae.train()
+    for step in range(start, t.steps):
+        images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
+        loss, recon = vae_loss(vae, images, recipe)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        progress.update(step, loss=loss.item(), psnr=psnr(recon.detach(), images))
+        if (step + 1) % 250 == 0 or step + 1 == t.steps:
+            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                            step=step + 1)
+    vae.eval()
+    log.info("VAE: held-out PSNR %.2f dB (decoded from bits)", validation_psnr(vae))
+    return vae

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from model.config import VAE_SIZES
+from model.quantizer import BitwiseQuantizer
+from model.training.bsc import corrupted_teacher_batch
+from model.training.detector import detect, score
+from model.training.shapes import CATEGORIES, HELD_OUT, TEMPLATES, make_scene, render, vocabulary
+
+
+def test_scenes_are_deterministic_by_seed():
+    assert make_scene(7) == make_scene(7)
+    assert np.array_equal(render(make_scene(7), 64), render(make_scene(7), 64))
+    assert make_scene(7) != make_scene(8)
+
+
+def test_held_out_templates_stay_out_of_training_scenes():
+    train = {make_scene(i, held_out=False).template for i in range(600)}
+    held = {make_scene(i, held_out=True).template for i in range(300)}
+    assert held == set(HELD_OUT.values())
+    assert not train & held
+    assert sum(len(t) for t in TEMPLATES.values()) * 0.2 == len(HELD_OUT)      # 20% of the templates
+
+
+def test_every_caption_word_is_in_the_vocabulary():
+    words = set(vocabulary())
+    for i in range(500):
+        assert set(make_scene(i, held_out=None).caption.split()) <= words
+
+
+def test_captions_say_what_is_drawn():
+    s = make_scene(3, "counting")
+    assert s.caption.split()[0] in ("two", "three", "four") or s.caption.split()[1] in ("two", "three", "four")
+    assert len({(o.colour, o.shape) for o in s.objects}) == 1
+    p = make_scene(4, "position")
+    a, b = p.objects
+    relation = next(r for r in ("left of", "right of", "above", "below") if r in p.caption)
+    assert {"left of": a.cx < b.cx, "right of": a.cx > b.cx, "above": a.cy < b.cy, "below": a.cy > b.cy}[relation]
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_detector_scores_the_generators_own_renders_near_100_percent(category):
+    scenes = [make_scene(10_000 + i, category, held_out=None) for i in range(40)]
+    accuracy = np.mean([score(s, render(s, 128))["correct"] for s in scenes])
+    assert accuracy >= 0.95, accuracy
+
+
+def test_detector_rejects_wrong_images():
+    red_circle = make_scene(1, "single")
+    blank = np.zeros((128, 128, 3), np.uint8)
+    assert detect(blank) == []
+    assert not score(red_circle, blank)["correct"]
+    other = next(make_scene(i, "single") for i in range(100)
+                 if make_scene(i, "single").objects[0].colour != red_circle.objects[0].colour)
+    assert not score(red_circle, render(other, 128))["colour"]
+
+
+def test_bitwise_self_correction_labels_correct_the_corrupted_history():
+    q = BitwiseQuantizer(VAE_SIZES["tiny"])
+    scales = ((1, 1), (2, 2), (4, 4), (8, 8))
+    latent = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    clean = corrupted_teacher_batch(q, latent, scales, 0.0, torch.Generator().manual_seed(1))
+    enc = q.encode(latent, scales)
+    expected_labels = torch.cat([b.reshape(4, -1, 8) for b in enc.bits], dim=1)
+    assert torch.equal(clean.labels, expected_labels)
+    torch.testing.assert_close(clean.inputs, q.teacher_inputs(enc.bits, scales))
+    noisy = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(noisy.labels[:, :1], clean.labels[:, :1])         # scale 0 labels are the clean bits
+    assert not torch.equal(noisy.inputs, clean.inputs)                   # the history was corrupted
+    assert not torch.equal(noisy.labels[:, 1:], clean.labels[:, 1:])     # later labels correct it

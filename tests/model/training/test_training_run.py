@@ -1,0 +1,41 @@
+"""The whole training command at toy sizes: stages run, checkpoint, resume and export a loadable model."""
+
+from dataclasses import replace
+
+import numpy as np
+
+from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
+from model.training.recipe import Recipe, T5Size
+from model.training.run import train_default
+from weights.default import load_default_pipeline
+
+TOY = Recipe(
+    vae=VAEConfig(bits=8, base_channels=8, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1, code_decay=0.6,
+                  norm_groups=8),
+    transformer=TransformerConfig(depth=2, width=64, num_heads=2, ffn_hidden=128, token_bits=8, text_channels=32,
+                                  text_maxlen=24, pool_heads=1, block_chunks=2),
+    t5=T5Size(d_model=32, num_layers=1, num_heads=2, d_ff=64),
+)
+TOY = replace(TOY, vae_training=replace(TOY.vae_training, steps=3, batch=4),
+              transformer_training=replace(TOY.transformer_training, steps=3, batch=4, warmup=1, cache_scenes=16))
+
+
+def test_train_default_end_to_end_and_resume(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    seen = []
+    train_default(work, out, TOY, on_checkpoint=lambda step, model, t5: seen.append(step))
+    assert seen == [3]
+    assert {p.name for p in out.iterdir()} == {"transformer.safetensors", "vae.safetensors", "text_encoder",
+                                               "schedule.json"}
+    pipe, default = load_default_pipeline(RuntimeConfig(), out)
+    assert not default.placeholder and default.schedule.scales[-1] == (8, 8)
+    assert pipe.vae.config.code_decay == 0.6 and pipe.vae.config.norm_groups == 8
+    result = pipe.generate(["a red circle"], default.schedule, SamplingParams(seed=0))
+    assert result.images[0].shape == (128, 128, 3)
+    # a rerun resumes from the finished checkpoints: no stage trains again
+    mtime = (work / "transformer.ckpt").stat().st_mtime
+    train_default(work, out, TOY)
+    assert (work / "transformer.ckpt").stat().st_mtime == mtime
+    again = load_default_pipeline(RuntimeConfig(), out)[0].generate(["a red circle"], default.schedule,
+                                                                    SamplingParams(seed=0))
+    assert np.array_equal(again.images[0], result.images[0])
