@@ -101,6 +101,10 @@ class VAEConfig:
     # Magnitude of the codes of scale k: (code_decay ** k) / sqrt(bits). Official checkpoints use 1.0
     # (every scale +-1/sqrt(d)); a short CPU-trained model may use < 1 (see shared notes).
     code_decay: float = 1.0
+    # Encoder output squashed to +-latent_bound (bound * tanh(x / bound)); None = official (unbounded).
+    # With decaying codes the quantizer can only reach |F_hat| <= sum_k decay^k / sqrt(d); keeping the
+    # latent inside that range keeps the straight-through gradient honest when training from scratch.
+    latent_bound: float | None = None
     norm_eps: float = 1e-6
     norm_groups: int = 32
 
@@ -126,6 +130,10 @@ class VAEConfig:
     @property
     def pixels_per_token(self) -> int:
         return self.stride * (2 if self.spatial_patchify else 1)
+
+    def reachable(self, num_scales: int) -> float:
+        """Largest |value| per channel that `num_scales` scales of codes can sum to."""
+        return sum(self.code_scale(k) for k in range(num_scales))
 
     def code_scale(self, scale_index: int) -> float:
         return self.code_decay ** scale_index / math.sqrt(self.bits)

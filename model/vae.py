@@ -95,12 +95,16 @@ class Encoder(nn.Module):
         self.mid = Mid(cin, config)
         self.norm_out = _norm(cin, config)
         self.conv_out = nn.Conv2d(cin, config.bits, 3, padding=1)
+        self.latent_bound = config.latent_bound
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        if self.latent_bound is not None:
+            h = self.latent_bound * torch.tanh(h / self.latent_bound)
+        return h
 
 
 class Decoder(nn.Module):

@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from model.training.recipe import Recipe
-    from model.training.run import train_default
+    from weights.train_default import train_default
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,6 +144,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
     p.add_argument("--min-overall", type=float, help="exit 1 if the overall accuracy is lower")
+    p.add_argument("--card", type=Path, help="also write the scores into this model card (markdown)")
     p.set_defaults(func=_eval)
 
 
@@ -170,6 +171,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}\n")
     print(report.table())
     print(f"\nVAE PSNR (held-out scenes, decoded from bits): {vae_psnr:.2f} dB")
+    if args.card is not None:
+        from model.training.card import write_card
+
+        write_card(args.card, args.weights or DEFAULT_DIR, report, split, vae_psnr)
     if args.min_overall is not None and report.accuracy["overall"] < args.min_overall:
         log.error("overall accuracy %.3f < required %.3f", report.accuracy["overall"], args.min_overall)
         return 1

@@ -69,10 +69,10 @@ def _conv_weight(shapes: Shapes, name: str) -> tuple[int, ...]:
 
 
 def infer_vae_config(shapes: Shapes, token_bits: int | None = None, code_decay: float = 1.0,
-                     norm_groups: int = 32) -> VAEConfig:
+                     norm_groups: int = 32, latent_bound: float | None = None) -> VAEConfig:
     """token_bits: bits per transformer token; 4x the VAE's bits means 2x2 spatial patchify (8B).
 
-    code_decay and norm_groups leave no trace in shapes: official files use the defaults, our
+    code_decay, norm_groups and latent_bound leave no trace in shapes: official files use the defaults, our
     safetensors carry them in their metadata.
     """
     levels = _level_count(shapes, "decoder.up")
@@ -86,4 +86,5 @@ def infer_vae_config(shapes: Shapes, token_bits: int | None = None, code_decay: 
         raise CheckpointError(f"VAE has {bits} bits per latent pixel but the transformer's tokens have "
                               f"{token_bits}: expected {bits} (no patchify) or {4 * bits} (2x2 patchify)")
     return VAEConfig(bits=bits, base_channels=base, channel_mult=mult, num_res_blocks=dec_blocks - 1,
-                     spatial_patchify=token_bits == 4 * bits, code_decay=code_decay, norm_groups=norm_groups)
+                     spatial_patchify=token_bits == 4 * bits, code_decay=code_decay, norm_groups=norm_groups,
+                     latent_bound=latent_bound)

@@ -123,7 +123,7 @@ def load_vae(path: str | Path, token_bits: int | None = None) -> BitwiseVAE:
     state = read_state_dict(path, nested_key="vae")
     extra = json.loads(read_metadata(path).get("vae_config", "{}"))
     config = infer_vae_config(shapes_of(state), token_bits, code_decay=float(extra.get("code_decay", 1.0)),
-                              norm_groups=int(extra.get("norm_groups", 32)))
+                              norm_groups=int(extra.get("norm_groups", 32)), latent_bound=extra.get("latent_bound"))
     log.info("VAE %s: %d bits, stride %d, channels %dx%s, patchify=%s", path, config.bits, config.stride,
              config.base_channels, list(config.channel_mult), config.spatial_patchify)
     return build_vae(config, state, str(path))
@@ -131,5 +131,5 @@ def load_vae(path: str | Path, token_bits: int | None = None) -> BitwiseVAE:
 
 def vae_metadata(config: VAEConfig) -> dict[str, str]:
     """Safetensors metadata for the fields that shapes cannot tell."""
-    fields = {k: v for k, v in asdict(config).items() if k in ("code_decay", "norm_groups")}
+    fields = {k: v for k, v in asdict(config).items() if k in ("code_decay", "norm_groups", "latent_bound")}
     return {"vae_config": json.dumps(fields)}

@@ -11,12 +11,21 @@ import torch.nn.functional as F
 from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
                                    save_checkpoint, scene_batch)
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from model.training.shapes import BACKGROUNDS
 from model.vae import BitwiseVAE
 
 log = logging.getLogger(__name__)
 
 
-def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+def object_mask(images: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """(B, 1, H, W) 1 where a pixel is far from every background colour. images in [-1, 1]."""
+    backgrounds = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1       # (K, 3)
+    distance = (images[:, None] - backgrounds[None, :, :, None, None]).abs().amax(dim=2)           # (B, K, H, W)
+    return (distance.amin(dim=1, keepdim=True) > threshold).float()
+
+
+def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe,
+             object_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reconstruction). The decoder sees the quantized latent; gradients pass straight through."""
     t = recipe.vae_training
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -28,7 +37,9 @@ def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe) -> tuple[tor
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon = vae.decoder(z)
     recon = recon.float()
-    loss = t.l1 * F.l1_loss(recon, images) + t.l2 * F.mse_loss(recon, images)
+    weight = 1 + (object_weight - 1) * object_mask(images) if object_weight != 1 else torch.ones(())
+    error = recon - images
+    loss = (t.l1 * error.abs() + t.l2 * error.pow(2)).mul(weight).mean()
     return loss + t.commitment * F.mse_loss(latent, quantized), recon
 
 
@@ -60,7 +71,7 @@ def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
     vae.train()
     for step in range(start, t.steps):
         images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
-        loss, recon = vae_loss(vae, images, recipe)
+        loss, recon = vae_loss(vae, images, recipe, t.object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

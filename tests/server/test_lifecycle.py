@@ -89,11 +89,24 @@ def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
                 pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.2)
-        r = httpx.post(f"{url}/generate", json={"prompt": "a", "seed": 1}, timeout=60)
-        assert r.status_code == 200 and r.json()["model"] == "infinity-tiny-random"
+        r = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1, "width": 1024, "height": 1024},
+                       timeout=60)
+        body = r.json()
+        assert r.status_code == 200 and body["model"] == "infinity-default"       # the shipped default model
+        assert (body["width"], body["height"], body["pn"]) == (64, 64, "custom")  # the size it was trained for
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode in (0, -signal.SIGTERM), output   # uvicorn re-raises the signal once drained
-    assert "TINY RANDOM model" in output                    # the placeholder is clearly logged
+    assert "embedded default model" in output
     assert "draining" in output
+
+
+def test_without_trained_default_files_a_random_placeholder_is_loudly_logged(tmp_path, caplog):
+    from model.config import RuntimeConfig
+    from weights.default import load_default_pipeline
+
+    with caplog.at_level("WARNING"):
+        pipe, default = load_default_pipeline(RuntimeConfig(), root=tmp_path)
+    assert default.placeholder and default.name == "infinity-tiny-random"
+    assert "TINY RANDOM model" in caplog.text

@@ -6,11 +6,11 @@ import numpy as np
 
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
 from model.training.recipe import Recipe, T5Size
-from model.training.run import train_default
+from weights.train_default import train_default
 from weights.default import load_default_pipeline
 
 TOY = Recipe(
-    vae=VAEConfig(bits=8, base_channels=8, channel_mult=(1, 1, 1, 1, 1), num_res_blocks=1, code_decay=0.6,
+    vae=VAEConfig(bits=8, base_channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1, code_decay=0.6,
                   norm_groups=8),
     transformer=TransformerConfig(depth=2, width=64, num_heads=2, ffn_hidden=128, token_bits=8, text_channels=32,
                                   text_maxlen=24, pool_heads=1, block_chunks=2),
@@ -31,7 +31,7 @@ def test_train_default_end_to_end_and_resume(tmp_path):
     assert not default.placeholder and default.schedule.scales[-1] == (8, 8)
     assert pipe.vae.config.code_decay == 0.6 and pipe.vae.config.norm_groups == 8
     result = pipe.generate(["a red circle"], default.schedule, SamplingParams(seed=0))
-    assert result.images[0].shape == (128, 128, 3)
+    assert result.images[0].shape == (64, 64, 3)
     # a rerun resumes from the finished checkpoints: no stage trains again
     mtime = (work / "transformer.ckpt").stat().st_mtime
     train_default(work, out, TOY)

@@ -1,4 +1,4 @@
-"""`infinity-serve train-default`: train the embedded default model from scratch, resumably.
+"""`infinity-serve train-default`: train the embedded default model from scratch, resumably, and export it.
 
 Stages, each checkpointed in the work directory and skipped or resumed on a rerun:
 0. tokenizer over the caption vocabulary + a small T5 (random init, seeded);
@@ -23,6 +23,7 @@ from model.training.transformer_training import train_transformer
 from model.training.vae_training import train_vae, validation_psnr
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
+from weights.loader import vae_metadata
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,7 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     out.mkdir(parents=True, exist_ok=True)
     half = lambda m: {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
     save_file(half(model), str(out / "transformer.safetensors"), metadata={"format": "infinity-serve"})
-    vae_meta = {"format": "infinity-serve", "vae_config": json.dumps({"code_decay": vae.config.code_decay,
-                                                                      "norm_groups": vae.config.norm_groups})}
-    save_file(half(vae), str(out / "vae.safetensors"), metadata=vae_meta)
+    save_file(half(vae), str(out / "vae.safetensors"), metadata={"format": "infinity-serve", **vae_metadata(vae.config)})
     t5.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
     (out / "schedule.json").write_text(json.dumps({"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2),
