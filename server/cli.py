@@ -145,6 +145,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
     p.add_argument("--min-overall", type=float, help="exit 1 if the overall accuracy is lower")
     p.add_argument("--card", type=Path, help="also write the scores into this model card (markdown)")
+    p.add_argument("--grid", type=Path, help="also save a captioned grid of sample images (PNG)")
     p.set_defaults(func=_eval)
 
 
@@ -175,6 +176,10 @@ def _eval(args: argparse.Namespace) -> int:
         from model.training.card import write_card
 
         write_card(args.card, args.weights or DEFAULT_DIR, report, split, vae_psnr)
+    if args.grid is not None:
+        from model.training.card import sample_grid
+
+        sample_grid(pipe, default.schedule, args.grid)
     if args.min_overall is not None and report.accuracy["overall"] < args.min_overall:
         log.error("overall accuracy %.3f < required %.3f", report.accuracy["overall"], args.min_overall)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from model.training.evaluate import EvalReport
@@ -43,3 +44,30 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 
 """
     path.write_text(body + "".join(f"## {s}" for s in scores.values()))
+
+
+def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoom: int = 3, seed: int = 7) -> list[str]:
+    """Generate one image per prompt (one per category and more) and save a captioned grid PNG."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from model.config import SamplingParams
+    from model.training.evaluate import eval_scenes
+
+    per_category = -(-columns * rows // 6)
+    scenes = eval_scenes(per_category, held_out=False)
+    picked = [scenes[c * per_category + i] for i in range(per_category) for c in range(6)][: columns * rows]
+    prompts = [s.caption for s in picked]
+    params = [SamplingParams(cfg=3.0, tau=1.0, seed=seed + i) for i in range(len(prompts))]
+    images = pipe.generate(prompts, schedule, params).images
+    cell_w, cell_h = images[0].shape[1] * zoom, images[0].shape[0] * zoom
+    caption_h = 34
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % columns) * cell_w, (i // columns) * (cell_h + caption_h)
+        grid.paste(Image.fromarray(np.asarray(image)).resize((cell_w, cell_h), Image.NEAREST), (x, y))
+        lines = textwrap.wrap(prompt, width=cell_w // 6)[:2]
+        draw.multiline_text((x + 4, y + cell_h + 2), "\n".join(lines), fill=(0, 0, 0))
+    grid.save(path)
+    return prompts

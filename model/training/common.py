@@ -40,7 +40,7 @@ def save_checkpoint(path: Path, **state) -> None:
 
 
 def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.exists() else None
+    return torch.load(path, weights_only=True) if path.exists() else None
 
 
 class Progress:

@@ -36,7 +36,7 @@ class LatentCache:
 @torch.no_grad()
 def build_cache(vae: BitwiseVAE, count: int, path: Path, chunk: int = 256) -> LatentCache:
     if path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         if len(state["captions"]) >= count:
             return LatentCache(state["captions"][:count], state["latents"][:count])
     captions, latents = [], []
