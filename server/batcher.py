@@ -43,10 +43,13 @@ class Ticket:
 class Batcher:
     def __init__(self, max_batch_size: int, max_wait_s: float, max_queue_rows: int,
                  memory_budget: int | None = None, on_change: Callable[[int], None] | None = None,
+                 on_take: Callable[[list[Ticket]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.max_queue_rows, self.memory_budget = max_queue_rows, memory_budget
         self._on_change = on_change or (lambda depth: None)
+        # Called under the queue lock as a batch leaves, so that "queued or running" never has a gap.
+        self._on_take = on_take or (lambda batch: None)
         self._clock = clock
         self._queue: list[Ticket] = []
         self._cond = threading.Condition()
@@ -99,6 +102,7 @@ class Batcher:
                 if full or now >= leave_at or self._closed:
                     for t in batch:
                         self._queue.remove(t)
+                    self._on_take(batch)
                     self._changed()
                     return batch
                 self._cond.wait(leave_at - now)

@@ -70,7 +70,7 @@ class Engine:
         self.metrics = metrics
         self.replicas = [_Replica(d, p) for d, p in pipelines.items()]
         self.batcher = Batcher(max_batch_size, max_wait_ms / 1000, max_queue, memory_budget_bytes,
-                               on_change=metrics.queue_depth.set)
+                               on_change=metrics.queue_depth.set, on_take=self._mark_running)
         self.max_batch_size = max_batch_size
         self._running: set[Ticket] = set()
         self._lock = threading.Lock()
@@ -171,14 +171,22 @@ class Engine:
         return (batches_ahead + 1) * min(known)
 
     # ---- worker -----------------------------------------------------------------------------
+    def _mark_running(self, batch: list[Ticket]) -> None:
+        with self._lock:
+            self._running.update(batch)
+
     def _worker(self, replica: _Replica) -> None:
         while True:
             batch = self.batcher.take()
             if batch is None:
                 return
-            live = [t for t in batch if not t.cancelled]
-            if live:
-                self._run(replica, live)
+            try:
+                live = [t for t in batch if not t.cancelled]
+                if live:
+                    self._run(replica, live)
+            finally:
+                with self._lock:
+                    self._running.difference_update(batch)
 
     def _run(self, replica: _Replica, tickets: list[Ticket]) -> None:
         requests: list[GenerationRequest] = [t.payload for t in tickets]
@@ -191,8 +199,6 @@ class Engine:
             self.metrics.queue_wait.observe(start - t.enqueued)
         self.metrics.batch_size.observe(len(prompts))
         self.metrics.running_rows.inc(len(prompts))
-        with self._lock:
-            self._running.update(tickets)
         try:
             if self.fault_hook is not None:
                 self.fault_hook(requests)
@@ -206,8 +212,6 @@ class Engine:
             return
         finally:
             self.metrics.running_rows.dec(len(prompts))
-            with self._lock:
-                self._running.difference_update(tickets)
         elapsed = time.monotonic() - start
         previous = replica.batch_seconds.get(schedule.key)
         replica.batch_seconds[schedule.key] = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
