@@ -48,6 +48,10 @@ class GenerationResult:
     timings: StageTimings
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """The device ran out of memory for this batch (a smaller batch may fit)."""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -83,6 +87,15 @@ class InfinityPipeline:
         # 2. one generator per row, seeded explicitly
         seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        try:
+            return self._generate(prompts, schedule, rows, seeds, generators, on_scale)
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(f"out of memory on {self.device} for {len(rows)} images") from e
+
+    def _generate(self, prompts: Sequence[str], schedule: ScaleSchedule, rows: list[SamplingParams],
+                  seeds: list[int], generators: list[torch.Generator], on_scale: ScaleCallback | None) -> GenerationResult:
         with torch.inference_mode():
             # 3. text features of the prompts and of their unconditional counterparts
             t0 = time.perf_counter()

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.config import SamplingParams
-from model.pipeline import InfinityPipeline
+from model.pipeline import DeviceOutOfMemory, InfinityPipeline
 from model.sampler import ScaleEvent
 from model.schedules import ScaleSchedule
 from server.batcher import Batcher, Ticket
-from server.errors import ServingError, cancelled, deadline_unreachable, draining, generation_failed, invalid, not_ready
+from server.errors import (ServingError, cancelled, deadline_unreachable, draining, generation_failed, invalid,
+                           not_ready, out_of_memory)
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -189,21 +190,29 @@ class Engine:
                     self._running.difference_update(batch)
 
     def _run(self, replica: _Replica, tickets: list[Ticket]) -> None:
+        start = time.monotonic()
+        for t in tickets:
+            self.metrics.queue_wait.observe(start - t.enqueued)
+        self._attempt(replica, tickets, start)
+
+    def _attempt(self, replica: _Replica, tickets: list[Ticket], start: float) -> None:
+        """Run one batch; out of device memory, retry it as two smaller batches."""
         requests: list[GenerationRequest] = [t.payload for t in tickets]
         schedule = requests[0].schedule
         owners = [i for i, r in enumerate(requests) for _ in r.params]         # ticket index of each row
         prompts = [requests[i].prompt for i in owners]
         params = [p for r in requests for p in r.params]
-        start = time.monotonic()
-        for t in tickets:
-            self.metrics.queue_wait.observe(start - t.enqueued)
         self.metrics.batch_size.observe(len(prompts))
         self.metrics.running_rows.inc(len(prompts))
+        result = None
         try:
             if self.fault_hook is not None:
                 self.fault_hook(requests)
             result = replica.pipeline.generate(prompts, schedule, params,
                                                on_scale=lambda e: self._on_scale(replica, tickets, owners, e))
+        except DeviceOutOfMemory:
+            log.warning("out of device memory for %d images (requests %s)", len(prompts),
+                        [r.request_id for r in requests])
         except Exception:
             log.exception("batch failed: requests %s", [r.request_id for r in requests])
             self.metrics.errors.labels("generation").inc()
@@ -212,11 +221,24 @@ class Engine:
             return
         finally:
             self.metrics.running_rows.dec(len(prompts))
+        if result is None:
+            self._split_after_oom(replica, tickets, start)
+            return
         elapsed = time.monotonic() - start
         previous = replica.batch_seconds.get(schedule.key)
         replica.batch_seconds[schedule.key] = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
         self._observe(result, replica)
         self._deliver(tickets, owners, result, start)
+
+    def _split_after_oom(self, replica: _Replica, tickets: list[Ticket], start: float) -> None:
+        if len(tickets) == 1:
+            self.metrics.errors.labels("out_of_memory").inc()
+            tickets[0].fail(out_of_memory())
+            return
+        self.metrics.oom_splits.inc()
+        half = len(tickets) // 2
+        self._attempt(replica, tickets[:half], start)
+        self._attempt(replica, tickets[half:], start)
 
     def _on_scale(self, replica: _Replica, tickets: list[Ticket], owners: list[int], event: ScaleEvent):
         self.metrics.scale_step.labels(str(event.scale_index)).observe(event.seconds)

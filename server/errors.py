@@ -61,5 +61,10 @@ def generation_failed() -> ServingError:
                         "server_error", "generation_failed", retryable=True)
 
 
+def out_of_memory() -> ServingError:
+    return ServingError("the device ran out of memory for this request; ask for fewer or smaller images", 503,
+                        "server_error", "out_of_memory", retry_after=10, retryable=True)
+
+
 def cancelled() -> ServingError:
     return ServingError("the request was cancelled", 499, "server_error", "cancelled", retryable=False)

@@ -28,6 +28,8 @@ class Metrics:
         self.cancelled = Counter("infinity_cancelled_requests_total", "Requests cancelled, by stage",
                                  ["stage"], registry=r)
         self.errors = Counter("infinity_errors_total", "Server-side failures, by reason", ["reason"], registry=r)
+        self.oom_splits = Counter("infinity_oom_splits_total", "Batches split in two after running out of device memory",
+                                  registry=r)
         self.queue_depth = Gauge("infinity_queue_depth", "Images waiting in the queue", registry=r)
         self.running_rows = Gauge("infinity_running_rows", "Images being generated now", registry=r)
         self.batch_size = Histogram("infinity_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS,

@@ -258,3 +258,32 @@ def test_metrics_expose_every_documented_metric(client):
     # declared even before they first happen
     for name in ("infinity_rejected_requests_total", "infinity_cancelled_requests_total", "infinity_errors_total"):
         assert f"# TYPE {name[:-6]} counter" in text or f"# TYPE {name} counter" in text, name
+
+
+def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, client):
+    from model.pipeline import DeviceOutOfMemory
+
+    app, engine, gate = app_and_engine
+    gate.close()
+    results = []
+    blocker = _post_in_thread(client, results, {"prompt": "blocker"})
+    assert gate.entered.wait(10)
+    threads = [_post_in_thread(client, results, {"prompt": "a", "seed": s}) for s in range(3)]
+    deadline = time.monotonic() + 10
+    while engine.batcher.depth < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def too_big(requests):
+        if len(requests) > 1:
+            raise DeviceOutOfMemory("injected: only one request fits")
+
+    engine.fault_hook = too_big
+    gate.opened.set()
+    for t in [blocker, *threads]:
+        t.join(30)
+    assert sorted(r.status_code for r in results) == [200] * 4
+    metrics = client.get("/metrics").text
+    assert "infinity_oom_splits_total 2.0" in metrics                  # 3 requests -> 1 + 2 -> 1 + 1 + 1
+    engine.fault_hook = lambda requests: (_ for _ in ()).throw(DeviceOutOfMemory("injected"))
+    r = client.post("/generate", json={"prompt": "a"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
