@@ -143,7 +143,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
-    p.add_argument("--min-overall", type=float, help="exit 1 if the overall accuracy is lower")
+    p.add_argument("--min", dest="minimums", action="append", default=[], metavar="CATEGORY=VALUE",
+                   help='exit 1 if a score is lower, e.g. --min overall=0.6 --min "single colour=0.9"')
     p.add_argument("--card", type=Path, help="also write the scores into this model card (markdown)")
     p.add_argument("--grid", type=Path, help="also save a captioned grid of sample images (PNG)")
     p.set_defaults(func=_eval)
@@ -180,10 +181,16 @@ def _eval(args: argparse.Namespace) -> int:
         from model.training.card import sample_grid
 
         sample_grid(pipe, default.schedule, args.grid)
-    if args.min_overall is not None and report.accuracy["overall"] < args.min_overall:
-        log.error("overall accuracy %.3f < required %.3f", report.accuracy["overall"], args.min_overall)
-        return 1
-    return 0
+    failed = 0
+    for item in args.minimums:
+        name, _, value = item.rpartition("=")
+        if name not in report.accuracy:
+            log.error("--min %s: unknown score; known: %s", item, ", ".join(report.accuracy))
+            return 2
+        if report.accuracy[name] < float(value):
+            log.error("%s accuracy %.3f < required %s", name, report.accuracy[name], value)
+            failed = 1
+    return failed
 
 
 def _schedule(args: argparse.Namespace):

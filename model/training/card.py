@@ -42,6 +42,12 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 - Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).
 - Sampling for the scores: cfg 3, tau 1, top-p 0.97, one seed per prompt; `infinity-serve eval`.
 
+Known limits: the issue's targets (single-object colour >= 0.95, colour and shape >= 0.80, two objects
+>= 0.50, overall >= 0.60) are **not met** yet. Colours are mostly right, shapes are blobby (the VAE's
+reconstructions from bits already score only ~0.57 on single objects), and multi-object prompts
+usually draw one or two blobs. The training budget allows ~100 more CPU minutes: a longer VAE
+stage and a longer transformer stage are the next steps.
+
 """
     path.write_text(body + "".join(f"## {s}" for s in scores.values()))
 
