@@ -44,7 +44,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     out = await wait_for_output(request, app.engine, ticket, deadline)
     if body.n == 1 and _wants_image(request):
         data = await asyncio.to_thread(encode_image, out.images[0], body.output_format)
-        return Response(data, media_type=CONTENT_TYPES[body.output_format], headers=_image_headers(out, body))
+        return Response(data, media_type=CONTENT_TYPES[body.output_format], headers=_image_headers(out))
     return Response((await _response(request, body, out)).model_dump_json(), media_type="application/json")
 
 
@@ -53,7 +53,7 @@ def _wants_image(request: Request) -> bool:
     return "image/" in accept and "application/json" not in accept
 
 
-def _image_headers(out: GenerationOutput, body: GenerateRequest) -> dict[str, str]:
+def _image_headers(out: GenerationOutput) -> dict[str, str]:
     return {"x-seed": str(out.seeds[0]), "x-image-width": str(out.width), "x-image-height": str(out.height)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 import time
 
 import httpx
@@ -27,6 +28,19 @@ def live(pipeline):
 
 def client_for(url: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, **kw)
+
+
+AUTH = {"authorization": "Bearer sk-test"}
+
+
+def hold_worker(url: str, gate) -> threading.Thread:
+    """Close the gate and park one request in the worker, so that the next ones must queue."""
+    gate.close()
+    held = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "held"}, headers=AUTH,
+                                                      timeout=30))
+    held.start()
+    assert gate.entered.wait(10)
+    return held
 
 
 def decode(b64: str) -> np.ndarray:
@@ -74,32 +88,20 @@ def test_openai_client_errors(live):
 
 def test_client_read_timeout_is_honoured_quickly(live):
     url, engine, gate = live
-    gate.close()
-    client = client_for(url, timeout=1.0)
-    blocker = httpx.Client(base_url=url, headers={"authorization": "Bearer sk-test"}, timeout=30)
-    import threading
-    t = threading.Thread(target=lambda: blocker.post("/generate", json={"prompt": "blocker"}))
-    t.start()
-    assert gate.entered.wait(10)
+    held = hold_worker(url, gate)
     start = time.monotonic()
     with pytest.raises((openai.APITimeoutError, openai.InternalServerError, openai.APIStatusError)):
-        client.images.generate(prompt="a")
+        client_for(url, timeout=1.0).images.generate(prompt="a")
     assert time.monotonic() - start < 5
     gate.opened.set()
-    t.join(30)
+    held.join(30)
 
 
 def test_disconnect_removes_a_queued_request(live):
     url, engine, gate = live
-    gate.close()
-    headers = {"authorization": "Bearer sk-test"}
-    import threading
-    held = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "held"}, headers=headers,
-                                                      timeout=30))
-    held.start()
-    assert gate.entered.wait(10)
+    held = hold_worker(url, gate)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/generate", json={"prompt": "impatient"}, headers=headers, timeout=0.5)
+        httpx.post(f"{url}/generate", json={"prompt": "impatient"}, headers=AUTH, timeout=0.5)
     deadline = time.monotonic() + 5
     while engine.batcher.depth and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -113,9 +115,8 @@ def test_disconnect_removes_a_queued_request(live):
 def test_disconnect_mid_generation_drops_the_rows(live):
     url, engine, gate = live
     gate.close()
-    headers = {"authorization": "Bearer sk-test"}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/generate", json={"prompt": "running", "n": 2}, headers=headers, timeout=0.5)
+        httpx.post(f"{url}/generate", json={"prompt": "running", "n": 2}, headers=AUTH, timeout=0.5)
     time.sleep(0.5)                                  # the server notices the disconnect
     gate.opened.set()
     deadline = time.monotonic() + 10
