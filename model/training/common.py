@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -31,6 +33,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Images in [-1, 1]."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
     return 10 * np.log10(1 / max(mse, 1e-10))
+
+
+def warmup_cosine(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor * peak`. A pure function of the step, so a run can
+    be extended (more steps on resume) without an optimiser-scheduler state that fixes the total."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A digest of a module's weights: caches derived from them are rebuilt when they change."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, **state) -> None:

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
 from model.training.bsc import corrupted_teacher_batch
-from model.training.common import TRAIN_SEEDS, Progress, images_tensor, load_checkpoint, save_checkpoint, scene_batch
+from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
+                                   save_checkpoint, scene_batch, warmup_cosine)
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
@@ -35,10 +36,13 @@ class LatentCache:
 
 @torch.no_grad()
 def build_cache(vae: BitwiseVAE, count: int, path: Path, chunk: int = 256) -> LatentCache:
+    """Reused while the encoder is unchanged; a VAE trained further (a resumed run) rebuilds it."""
+    encoder = fingerprint(vae.encoder)
     if path.exists():
         state = torch.load(path, weights_only=True)
-        if len(state["captions"]) >= count:
+        if len(state["captions"]) >= count and state.get("encoder") == encoder:
             return LatentCache(state["captions"][:count], state["latents"][:count])
+        log.info("latent cache: stale or too small, rebuilding")
     captions, latents = [], []
     progress = Progress("latent cache", math.ceil(count / chunk))
     for i, start in enumerate(range(0, count, chunk)):
@@ -48,7 +52,7 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, chunk: int = 256) -> La
         captions.extend(s.caption for s in scenes)
         progress.update(i)
     cache = LatentCache(captions, torch.cat(latents))
-    torch.save({"captions": cache.captions, "latents": cache.latents}, path)
+    torch.save({"captions": cache.captions, "latents": cache.latents, "encoder": encoder}, path)
     return cache
 
 
@@ -85,10 +89,7 @@ def bit_loss(model: Infinity, t5, tokenizer, captions: list[str], latents: torch
 
 def lr_at(step: int, recipe: Recipe) -> float:
     t = recipe.transformer_training
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, t.steps, t.lr, t.warmup)
 
 
 def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,

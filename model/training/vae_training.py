@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
-                                   save_checkpoint, scene_batch)
+                                   save_checkpoint, scene_batch, warmup_cosine)
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
 from model.training.shapes import BACKGROUNDS
 from model.vae import BitwiseVAE
@@ -61,26 +61,25 @@ def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
         torch.manual_seed(recipe.seed)
         vae = BitwiseVAE(recipe.vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.steps, pct_start=0.05)
     start = 0
     if (state := load_checkpoint(ckpt_path)) is not None:
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         start = state["step"]
         log.info("VAE: resuming at step %d", start)
     progress = Progress("VAE", t.steps, start)
     vae.train()
     for step in range(start, t.steps):
         images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, t.steps, t.lr, warmup=max(1, t.steps // 20))
         loss, recon = vae_loss(vae, images, recipe, t.object_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        sched.step()
         progress.update(step, loss=loss.item(), psnr=psnr(recon.detach(), images))
         if (step + 1) % 250 == 0 or step + 1 == t.steps:
-            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                            step=step + 1)
+            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
     vae.eval()
     log.info("VAE: held-out PSNR %.2f dB (decoded from bits)", validation_psnr(vae))
     return vae
