@@ -22,6 +22,7 @@ from server.auth import check_api_key
 from server.engine import Engine
 from server.errors import ServingError, invalid
 from server.images import ImageStore
+from server.ratelimit import RateLimiter
 from server.service import ModelLimits
 from server.settings import Settings
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     app.state.metrics = engine.metrics
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
     app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    app.state.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=engine.metrics)      # outermost: sees every response

@@ -1,12 +1,16 @@
-"""Optional API keys: `Authorization: Bearer <key>`, compared in constant time, never logged."""
+"""Optional API keys: `Authorization: Bearer <key>`, compared in constant time, never logged.
+
+`GENERATION_GUARDS` are the dependencies of every generation endpoint: the key, then the rate limit.
+"""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from server.errors import ServingError
+from server.ratelimit import check_rate_limit
 
 
 def unauthorized(message: str) -> ServingError:
@@ -30,3 +34,6 @@ def check_api_key(request: Request) -> None:
         matched |= hmac.compare_digest(given, key)
     if not matched:
         raise unauthorized("invalid API key")
+
+
+GENERATION_GUARDS = [Depends(check_api_key), Depends(check_rate_limit)]

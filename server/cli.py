@@ -78,6 +78,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
     p.add_argument("--max-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
     p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
+    p.add_argument("--rate-limit", help='requests per API key (or client address), e.g. "30/minute"')
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.set_defaults(func=_serve)
 
@@ -89,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import Settings
 
     fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
-              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "warmup")
+              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "rate_limit", "warmup")
     given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:
         settings = Settings(**given)

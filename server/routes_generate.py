@@ -7,10 +7,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.auth import check_api_key
+from server.auth import GENERATION_GUARDS
 from server.engine import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError
 from server.images import CONTENT_TYPES, encode_image
@@ -22,7 +22,7 @@ router = APIRouter(tags=["generate"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
 
 
-@router.post("/generate", dependencies=[Depends(check_api_key)], response_model=GenerateResponse,
+@router.post("/generate", dependencies=GENERATION_GUARDS, response_model=GenerateResponse,
              responses={**ERRORS, 200: {"content": {"image/png": {}, "text/event-stream": {}}}})
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""

@@ -7,10 +7,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.auth import check_api_key
+from server.auth import GENERATION_GUARDS
 from server.engine import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError
 from server.images import CONTENT_TYPES, encode_image
@@ -23,7 +23,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 5
 QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # others: the server default
 
 
-@router.post("/v1/images/generations", dependencies=[Depends(check_api_key)], response_model=OpenAIImagesResponse,
+@router.post("/v1/images/generations", dependencies=GENERATION_GUARDS, response_model=OpenAIImagesResponse,
              responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
     app = request.app.state

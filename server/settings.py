@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     # --- security ---
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty = no authentication
+    rate_limit: str | None = None                   # per API key (or client address), e.g. "30/minute"
 
     # --- http ---
     host: str = "127.0.0.1"
@@ -72,8 +73,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"unsupported device {d!r} (use cpu or cuda)")
         return devices
 
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse
+
+            parse(value)                            # ValueError names what is wrong
+        return value
+
     @model_validator(mode="after")
-    def _weights_all_or_none(self) -> "Settings":
+    def _weights_all_or_none(self) -> Settings:
         given = {n: getattr(self, n) for n in ("transformer", "vae", "text_encoder")}
         if any(v is not None for v in given.values()):
             missing = [n for n, v in given.items() if v is None]
