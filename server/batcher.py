@@ -61,6 +61,14 @@ class Batcher:
         with self._cond:
             return sum(t.rows for t in self._queue)
 
+    def images_ahead(self, ticket: Ticket) -> int | None:
+        """Images queued before this ticket (its place in line); None once it has left the queue."""
+        with self._cond:
+            for i, t in enumerate(self._queue):
+                if t is ticket:
+                    return sum(q.rows for q in self._queue[:i])
+            return None
+
     def put(self, ticket: Ticket, retry_after: float = 1.0) -> None:
         with self._cond:
             if sum(t.rows for t in self._queue) + ticket.rows > self.max_queue_rows:
@@ -81,6 +89,16 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def fail_all(self, error: ServingError) -> int:
+        """Close and fail every queued ticket (no worker is left to run them); returns how many."""
+        with self._cond:
+            self._closed = True
+            queued, self._queue = self._queue, []
+            for t in queued:
+                t.fail(error)
+            self._changed()
+            return len(queued)
 
     def take(self, idle_timeout: float | None = None) -> list[Ticket] | None:
         """Block until a batch is ready. None when closed and empty, [] after `idle_timeout`."""

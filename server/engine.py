@@ -63,11 +63,17 @@ class _Replica:
     pipeline: InfinityPipeline
     thread: threading.Thread | None = None
     batch_seconds: dict[str, float] = field(default_factory=dict)   # EMA per schedule key
+    deaths: list[float] = field(default_factory=list)                # monotonic times, recent only
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
 
 
 class Engine:
     def __init__(self, pipelines: dict[str, InfinityPipeline], metrics: Metrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 10.0, max_queue: int = 64, memory_budget_bytes: int | None = None) -> None:
+                 max_wait_ms: float = 10.0, max_queue: int = 64, memory_budget_bytes: int | None = None,
+                 worker_restarts: int = 3, restart_window_s: float = 600.0) -> None:
         self.metrics = metrics
         self.replicas = [_Replica(d, p) for d, p in pipelines.items()]
         self.batcher = Batcher(max_batch_size, max_wait_ms / 1000, max_queue, memory_budget_bytes,
@@ -77,6 +83,8 @@ class Engine:
         self._lock = threading.Lock()
         self._accepting = False
         self._started = False
+        self._broken = False                   # every worker died past its restart budget
+        self.worker_restarts, self.restart_window_s = worker_restarts, restart_window_s
         self.fault_hook: Callable[[list[GenerationRequest]], None] | None = None   # tests inject failures here
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -87,15 +95,18 @@ class Engine:
                 r.pipeline.generate(["warm-up"], warmup, SamplingParams(seed=0))
                 log.info("replica %s warmed up on %s in %.2fs", r.device, warmup.key, time.perf_counter() - t0)
         for r in self.replicas:
-            r.thread = threading.Thread(target=self._worker, args=(r,), name=f"replica-{r.device}", daemon=True)
-            r.thread.start()
+            self._start_worker(r)
         self._accepting = self._started = True
         self.metrics.ready.set(1)
 
+    def _start_worker(self, replica: _Replica) -> None:
+        replica.thread = threading.Thread(target=self._worker, args=(replica,), name=f"replica-{replica.device}",
+                                          daemon=True)
+        replica.thread.start()
+
     @property
     def ready(self) -> bool:
-        alive = all(r.thread is not None and r.thread.is_alive() for r in self.replicas)
-        return self._accepting and alive
+        return self._accepting and all(r.alive for r in self.replicas)
 
     def stop_admitting(self) -> None:
         """New requests get 503 and /readyz turns false; queued and running work continues."""
@@ -129,7 +140,7 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Ticket:
-        if not self._started:
+        if not self._started or self._broken:
             raise not_ready()
         if not self._accepting:
             raise draining()
@@ -177,6 +188,12 @@ class Engine:
             self._running.update(batch)
 
     def _worker(self, replica: _Replica) -> None:
+        try:
+            self._serve(replica)
+        except BaseException as exc:      # noqa: BLE001 - a worker must never vanish unnoticed
+            self._on_worker_death(replica, exc)
+
+    def _serve(self, replica: _Replica) -> None:
         while True:
             batch = self.batcher.take()
             if batch is None:
@@ -185,9 +202,32 @@ class Engine:
                 live = [t for t in batch if not t.cancelled]
                 if live:
                     self._run(replica, live)
+            except BaseException:
+                for t in batch:                # the thread is going down: nobody else would answer them
+                    t.fail(generation_failed())
+                raise
             finally:
                 with self._lock:
                     self._running.difference_update(batch)
+
+    def _on_worker_death(self, replica: _Replica, exc: BaseException) -> None:
+        """Restart the worker within its budget; past it, report not-ready and fail what is queued."""
+        log.critical("replica %s: worker thread died", replica.device, exc_info=exc)
+        self.metrics.worker_deaths.labels(replica.device).inc()
+        now = time.monotonic()
+        replica.deaths = [t for t in replica.deaths if now - t < self.restart_window_s] + [now]
+        if self._accepting and len(replica.deaths) <= self.worker_restarts:
+            self.metrics.worker_restarts.labels(replica.device).inc()
+            log.warning("replica %s: restarting its worker (%d of %d allowed in %.0fs)", replica.device,
+                        len(replica.deaths), self.worker_restarts, self.restart_window_s)
+            self._start_worker(replica)
+            return
+        self.metrics.ready.set(0)
+        log.critical("replica %s: not restarted; the server reports not-ready", replica.device)
+        if not any(r.alive for r in self.replicas if r is not replica):
+            self._broken = True
+            failed = self.batcher.fail_all(not_ready())
+            log.critical("no worker left: %d queued requests failed with 503", failed)
 
     def _run(self, replica: _Replica, tickets: list[Ticket]) -> None:
         start = time.monotonic()

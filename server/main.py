@@ -53,7 +53,7 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
         package_version = "dev"
     metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
     engine = Engine(pipelines, metrics, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                    settings.memory_budget_bytes)
+                    settings.memory_budget_bytes, settings.worker_restarts)
     engine.start(warmup=limits.warmup_schedule if settings.warmup else None)
     return engine, limits
 

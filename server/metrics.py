@@ -28,6 +28,10 @@ class Metrics:
         self.cancelled = Counter("infinity_cancelled_requests_total", "Requests cancelled, by stage",
                                  ["stage"], registry=r)
         self.errors = Counter("infinity_errors_total", "Server-side failures, by reason", ["reason"], registry=r)
+        self.worker_deaths = Counter("infinity_worker_deaths_total", "Replica worker threads that died", ["device"],
+                                     registry=r)
+        self.worker_restarts = Counter("infinity_worker_restarts_total", "Replica worker threads restarted",
+                                       ["device"], registry=r)
         self.oom_splits = Counter("infinity_oom_splits_total", "Batches split in two after running out of device memory",
                                   registry=r)
         self.queue_depth = Gauge("infinity_queue_depth", "Images waiting in the queue", registry=r)

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)                # queued images before 429
     memory_budget_bytes: int | None = Field(None, ge=1)  # KV cache bytes per batch; None = no cap
     request_timeout_s: float = Field(600.0, gt=0)   # server-side deadline of a request
+    worker_restarts: int = Field(3, ge=0)           # restarts of a dead worker per 10 minutes, then not-ready
 
     # --- limits ---
     default_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] | None = None   # None: the model's own default

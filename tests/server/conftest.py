@@ -50,7 +50,7 @@ def make_app(pipeline, **overrides):
     values.update(overrides)
     settings = Settings(**values)
     engine = Engine({"cpu": pipeline}, Metrics(), settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                    settings.memory_budget_bytes)
+                    settings.memory_budget_bytes, settings.worker_restarts)
     engine.start()
     return create_app(settings, engine, LIMITS), engine
 
