@@ -79,7 +79,8 @@ async def _events(request: Request, body: GenerateRequest, ticket, previews: asy
                   deadline: float) -> AsyncIterator[bytes]:
     engine = request.app.state.engine
     start = time.monotonic()
-    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth})
+    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth,
+                          "images_ahead": engine.batcher.images_ahead(ticket)})
     async for item in progress(request, engine, ticket, previews, deadline):
         if isinstance(item, Preview):
             images = [await encode_b64(img, "png") for img in item.images]
