@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import routes_generate, routes_openai
+from server import routes_generate, routes_openai, routes_playground
 from server.auth import check_api_key
 from server.engine import Engine
 from server.errors import ServingError, invalid
@@ -127,6 +127,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
 
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_playground.router)
     return app
 
 
