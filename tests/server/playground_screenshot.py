@@ -55,8 +55,11 @@ def screenshot(out: Path) -> None:
             WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "model-line").text.startswith("Model"))
             for prompt, seed, n in RUNS:
                 generate(driver, prompt, seed, n)
+            # The whole page in one shot: the window's frame takes some height off the viewport.
             height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(1200, height + 40)
+            driver.set_window_size(1200, height)
+            frame = height - driver.execute_script("return window.innerHeight")
+            driver.set_window_size(1200, height + frame)
             driver.execute_script("window.scrollTo(0, 0)")
             png = driver.get_screenshot_as_png()
         finally:
