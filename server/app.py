@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import routes_generate, routes_openai, routes_playground
@@ -140,14 +141,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(_validation_error(exc))
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False))
-
-    @app.exception_handler(405)
-    async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(ServingError(f"method {request.method} not allowed", 405, "invalid_request_error",
-                                           "method_not_allowed", retryable=False))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Raised by the framework itself: unknown route, wrong method, a body it cannot even decode.
+        status = exc.status_code
+        message = {404: "not found", 405: f"method {request.method} not allowed"}.get(status, str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_body"}.get(status, "invalid_request")
+        return error_response(ServingError(message, status, "invalid_request_error", code,
+                                           "body" if status == 400 else None, retryable=False,
+                                           headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
