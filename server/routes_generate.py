@@ -27,7 +27,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 5
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""
     app = request.app.state
-    check_common(app.settings, body.prompt, body.n)
+    check_common(request, body, body.n)
     h_div_w = parse_aspect_ratio(body.aspect_ratio) if body.aspect_ratio else None
     schedule = resolve_schedule(app.limits, body.width, body.height, h_div_w, body.pn)
     rows = sampling_rows(body, body.n, schedule)

@@ -28,7 +28,7 @@ QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # oth
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
     app = request.app.state
     n = body.n or 1
-    check_common(app.settings, body.prompt, n)
+    check_common(request, body, n)
     size = parse_size(body.size) if body.size and body.size != "auto" else None
     pn = None if size else _pn_for_quality(body.quality, app.limits)
     schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, None, pn)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from model.config import SamplingParams
 from model.schedules import PN_SCALES, ScaleSchedule, nearest_template, schedule_for_size
@@ -22,6 +24,8 @@ from server.errors import ServingError, cancelled, deadline_exceeded, invalid
 from server.images import OutputFormat, encode_image
 from server.protocol import SamplingFields
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PN_ORDER = list(PN_SCALES)
 DISCONNECT_POLL_S = 0.2
@@ -87,7 +91,12 @@ def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tu
     return tuple(rows)
 
 
-def check_common(settings: Settings, prompt: str, n: int) -> None:
+def check_common(request: Request, body: BaseModel, n: int) -> None:
+    """Limits both endpoints share. Bodies (prompts) are logged only when the operator opts in."""
+    settings: Settings = request.app.state.settings
+    if settings.log_requests_body:
+        log.info("request %s body %s", request.state.request_id, body.model_dump_json(exclude_none=True))
+    prompt: str = body.prompt
     if len(prompt) > settings.max_prompt_chars:
         raise invalid(f"`prompt` must be at most {settings.max_prompt_chars} characters, got {len(prompt)}", "prompt")
     if n > settings.max_n:
