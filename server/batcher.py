@@ -54,6 +54,7 @@ class Batcher:
         self._queue: list[Ticket] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._last_batch_requests = 2         # start patient: the first burst is batched
 
     @property
     def depth(self) -> int:
@@ -117,9 +118,13 @@ class Batcher:
                 batch, full = self._select()
                 leave_at = self._queue[0].enqueued + self.max_wait_s
                 now = self._clock()
-                if full or now >= leave_at or self._closed:
+                # Wait for a fuller batch only under concurrent load (the last batch held several
+                # requests): a lone client gets no batching delay, concurrent clients get full batches.
+                patient = self._last_batch_requests > 1
+                if full or now >= leave_at or self._closed or not patient:
                     for t in batch:
                         self._queue.remove(t)
+                    self._last_batch_requests = len(batch)
                     self._on_take(batch)
                     self._changed()
                     return batch

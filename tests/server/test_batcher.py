@@ -23,7 +23,7 @@ def test_groups_by_schedule_in_arrival_order_up_to_the_batch_size():
 
 
 def test_waits_up_to_max_wait_for_a_fuller_batch():
-    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100)
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100)     # a fresh batcher is patient
     first = ticket()
     b.put(first)
     later = ticket()
@@ -32,6 +32,19 @@ def test_waits_up_to_max_wait_for_a_fuller_batch():
     batch = b.take()
     waited = time.monotonic() - start
     assert batch == [first, later] and 0.25 <= waited < 2.0
+
+
+def test_after_a_lone_request_the_next_one_leaves_without_waiting():
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100)
+    b.put(ticket())
+    b.put(ticket())
+    assert len(b.take()) == 2                  # concurrent load: the next batch may wait for company
+    b.put(ticket())
+    start = time.monotonic()
+    assert len(b.take()) == 1 and time.monotonic() - start >= 0.25
+    b.put(ticket())                            # the last batch was a lone request: no batching delay
+    start = time.monotonic()
+    assert len(b.take()) == 1 and time.monotonic() - start < 0.1
 
 
 def test_a_full_batch_leaves_at_once():
