@@ -65,10 +65,18 @@ class SelfAttention(nn.Module):
         scale = self.scale_mul_1H11.float().clamp_max(LOG_MAX_SCALE_MUL).exp()
         q = apply_rope(F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale), rope).to(v.dtype)
         k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)                             # (B, H, L_seen, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        out = _attend(q, k, v, mask, cache, layer)
         return linear(self.proj, out.transpose(1, 2).reshape(B, L, C))
+
+
+@torch.compiler.disable
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+            layer: int) -> torch.Tensor:
+    """The KV-cache write and the attention kernel: left out of torch.compile (a compiled block would
+    otherwise specialise on the layer index and the cache offset, and recompile for every pair)."""
+    if cache is not None:
+        k, v = cache.write(layer, k, v)                                 # (B, H, L_seen, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
 class CrossAttention(nn.Module):

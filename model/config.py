@@ -223,3 +223,7 @@ class RuntimeConfig:
     dtype: Precision = "float32"                 # compute dtype of the transformer blocks and the VAE
     text_dtype: Precision | None = None          # T5 dtype; None = float16 on CUDA, float32 elsewhere
     attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"   # see model/attention.py
+    # torch.compile of each transformer block ("regional": one graph serves every block), dynamic
+    # shapes so scales and batch sizes do not recompile. "reduce-overhead" adds CUDA graphs on CUDA.
+    # Off by default: the first batch pays the compile (a warm-up at start-up does it).
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"

@@ -71,6 +71,9 @@ class InfinityPipeline:
         dtype = DTYPES[runtime.dtype]
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.transformer.blocks.to(dtype)
+        if runtime.compile != "off":
+            for block in self.transformer.blocks:
+                block.compile(mode=runtime.compile, dynamic=True)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.vae.decoder.to(dtype)
         self.text_encoder = text_encoder

@@ -79,6 +79,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
     p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
     p.add_argument("--rate-limit", help='requests per API key (or client address), e.g. "30/minute"')
+    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the transformer blocks (reduce-overhead: + CUDA graphs)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.set_defaults(func=_serve)
 
@@ -90,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.settings import Settings
 
     fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
-              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "rate_limit", "warmup")
+              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "rate_limit", "compile", "warmup")
     given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:
         settings = Settings(**given)

@@ -88,12 +88,16 @@ class Engine:
         self.fault_hook: Callable[[list[GenerationRequest]], None] | None = None   # tests inject failures here
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def start(self, warmup: ScaleSchedule | None = None) -> None:
+    def start(self, warmup: ScaleSchedule | None = None, warmup_batches: tuple[int, ...] = (1,)) -> None:
+        """Warm-up runs before the first request: kernels, allocator, and compiled graphs (batch 1
+        and the largest batch: a compiled graph specialises size 1 apart from the others)."""
         if warmup is not None:
             for r in self.replicas:
-                t0 = time.perf_counter()
-                r.pipeline.generate(["warm-up"], warmup, SamplingParams(seed=0))
-                log.info("replica %s warmed up on %s in %.2fs", r.device, warmup.key, time.perf_counter() - t0)
+                for batch in warmup_batches:
+                    t0 = time.perf_counter()
+                    r.pipeline.generate(["warm-up"] * batch, warmup, SamplingParams(seed=0))
+                    log.info("replica %s warmed up on %s, batch %d, in %.2fs", r.device, warmup.key, batch,
+                             time.perf_counter() - t0)
         for r in self.replicas:
             self._start_worker(r)
         self._accepting = self._started = True

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def _runtime(settings: Settings, device: str) -> RuntimeConfig:
-    return RuntimeConfig(device=device, dtype=settings.dtype_for(device), attention=settings.attention)
+    return RuntimeConfig(device=device, dtype=settings.dtype_for(device), attention=settings.attention,
+                         compile=settings.compile)
 
 
 def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
@@ -54,7 +55,8 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
     metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
     engine = Engine(pipelines, metrics, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
                     settings.memory_budget_bytes, settings.worker_restarts)
-    engine.start(warmup=limits.warmup_schedule if settings.warmup else None)
+    engine.start(warmup=limits.warmup_schedule if settings.warmup else None,
+                 warmup_batches=(1, settings.max_batch_size) if settings.compile != "off" else (1,))
     return engine, limits
 
 

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     devices: list[str] = Field(default_factory=lambda: ["cpu"])  # one replica per device
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bfloat16 on CUDA, float32 on CPU
     attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"   # torch.compile the blocks
     warmup: bool = True
 
     # --- batching and admission ---
