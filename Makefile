@@ -26,7 +26,7 @@ test: install-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install-dev
-	$(BIN)/python -m tests.bench.model_bench && $(BIN)/python -m tests.bench.server_bench
+	$(BIN)/python -m tests.bench.perf_bench && $(BIN)/python -m tests.bench.server_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
