@@ -171,6 +171,19 @@ def speed_table(args, device: torch.device, tmp: Path) -> list[Row]:
     return rows
 
 
+def kv_cache_table() -> None:
+    """Bytes of KV cache per image (two rows with CFG) per schedule: what admission budgets with."""
+    from model.kv_cache import KVCache
+
+    pns = ["0.06M", "0.25M", "0.60M", "1M"]
+    print("\n| KV cache per image (bf16, CFG) | " + " | ".join(pns) + " |\n|---|" + "---|" * len(pns))
+    for size in ("2b", "8b"):
+        c = TRANSFORMER_SIZES[size]
+        cells = [2 * KVCache.bytes_per_row(c.depth, c.num_heads, ScaleSchedule.official(1.0, pn).total_tokens,
+                                           c.head_dim, torch.bfloat16) / 2**20 for pn in pns]
+        print(f"| {size} | " + " | ".join(f"{mb:.0f} MiB" for mb in cells) + " |")
+
+
 # ---- 2. CPU-only comparisons ------------------------------------------------------------------
 def cache_and_dtype(device: torch.device, repeats: int) -> dict[str, float]:
     """Mid size, 0.06M: KV cache vs recomputing the prefix (batch 1), bf16 vs fp32 (batch 8)."""
@@ -260,6 +273,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = speed_table(args, device, Path(tmp))
+    kv_cache_table()
     targets: list[tuple[str, str, str, bool]] = []
     for r in rows:
         if r.batch == 8 and r.compile == "off" and not gpu:
