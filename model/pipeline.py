@@ -145,6 +145,11 @@ class InfinityPipeline:
 
         return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
+    def text_cache_stats(self) -> dict[str, int]:
+        """The text-feature cache: lookups that hit and missed since start, entries and bytes held."""
+        cache = self.text_encoder.cache
+        return {"hits": cache.hits, "misses": cache.misses, "entries": len(cache), "bytes": cache.bytes}
+
     def kv_cache_bytes_per_image(self, schedule: ScaleSchedule, guided: bool = True) -> int:
         from model.kv_cache import KVCache
 

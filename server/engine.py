@@ -64,6 +64,7 @@ class _Replica:
     thread: threading.Thread | None = None
     batch_seconds: dict[str, float] = field(default_factory=dict)   # EMA per schedule key
     deaths: list[float] = field(default_factory=list)                # monotonic times, recent only
+    text_cache_seen: dict[str, int] = field(default_factory=dict)    # last stats exported as counters
 
     @property
     def alive(self) -> bool:
@@ -76,6 +77,9 @@ class Engine:
                  worker_restarts: int = 3, restart_window_s: float = 600.0) -> None:
         self.metrics = metrics
         self.replicas = [_Replica(d, p) for d, p in pipelines.items()]
+        for r in self.replicas:                 # counters start from what the pipeline has seen so far
+            stats = r.pipeline.text_cache_stats()
+            r.text_cache_seen = {"hits": stats["hits"], "misses": stats["misses"]}
         self.batcher = Batcher(max_batch_size, max_wait_ms / 1000, max_queue, memory_budget_bytes,
                                on_change=metrics.queue_depth.set, on_take=self._mark_running)
         self.max_batch_size = max_batch_size
@@ -305,6 +309,11 @@ class Engine:
         m.prompt_tokens.inc(sum(result.prompt_tokens))
         for kind, value in replica.pipeline.memory_bytes().items():
             m.device_memory.labels(replica.device, kind).set(value)
+        cache = replica.pipeline.text_cache_stats()
+        for result, key in (("hit", "hits"), ("miss", "misses")):   # counters move by what changed since
+            m.text_cache_lookups.labels(replica.device, result).inc(cache[key] - replica.text_cache_seen[key])
+            replica.text_cache_seen[key] = cache[key]
+        m.text_cache_bytes.labels(replica.device).set(cache["bytes"])
 
     def _deliver(self, tickets: list[Ticket], owners: list[int], result, start: float) -> None:
         h, w = result.images[0].shape[:2] if result.images else (0, 0)

@@ -46,6 +46,11 @@ class Metrics:
                                     ["scale"], buckets=STEP_BUCKETS, registry=r)
         self.device_memory = Gauge("infinity_device_memory_bytes", "Memory in use by device",
                                    ["device", "kind"], registry=r)
+        self.text_cache_lookups = Counter("infinity_text_cache_lookups_total",
+                                          "Text-feature cache lookups by result (hit: T5 skipped)",
+                                          ["device", "result"], registry=r)
+        self.text_cache_bytes = Gauge("infinity_text_cache_bytes", "Bytes held by the text-feature cache",
+                                      ["device"], registry=r)
         self.ready = Gauge("infinity_ready", "1 when loaded, warmed and not draining", registry=r)
         self.build = Info("infinity_build", "Build and model information", registry=r)
 

@@ -260,6 +260,14 @@ def test_metrics_expose_every_documented_metric(client):
         assert f"# TYPE {name[:-6]} counter" in text or f"# TYPE {name} counter" in text, name
 
 
+def test_repeated_prompts_hit_the_text_feature_cache(client):
+    for seed in (1, 2):
+        assert client.post("/generate", json={"prompt": "a cached yellow star", "seed": seed}).status_code == 200
+    text = client.get("/metrics").text
+    assert 'infinity_text_cache_lookups_total{device="cpu",result="hit"} 1.0' in text
+    assert 'infinity_text_cache_lookups_total{device="cpu",result="miss"} 1.0' in text
+
+
 def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, client):
     from model.pipeline import DeviceOutOfMemory
 
