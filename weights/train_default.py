@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer, psnr_db: float,
-           minutes: float) -> None:
+           minutes: float, recipe: Recipe = Recipe()) -> None:
     """Half-precision safetensors (the loader upcasts), the T5 directory and the schedule."""
     out.mkdir(parents=True, exist_ok=True)
     half = lambda m: {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
@@ -37,8 +37,9 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     save_file(half(vae), str(out / "vae.safetensors"), metadata={"format": "infinity-serve", **vae_metadata(vae.config)})
     t5.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
-    (out / "schedule.json").write_text(json.dumps({"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2),
-                                                   "training_minutes": round(minutes, 1)}, indent=1))
+    facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
+             "vae_steps": recipe.vae_training.steps, "transformer_steps": recipe.transformer_training.steps}
+    (out / "schedule.json").write_text(json.dumps(facts, indent=1))
     log.info("exported the default model to %s", out)
 
 
@@ -56,4 +57,4 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
     psnr_db = validation_psnr(vae)
     model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, workdir, on_checkpoint)
     minutes = (time.monotonic() - start) / 60
-    export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes)
+    export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes, recipe)

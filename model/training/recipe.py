@@ -29,7 +29,7 @@ class T5Size:
 
 @dataclass(frozen=True)
 class VAETraining:
-    steps: int = 700
+    steps: int = 1200
     batch: int = 32
     lr: float = 1.5e-3
     commitment: float = 1.0           # beta * ||f - sg(F_hat)||^2, the quantizer's loss
@@ -42,7 +42,7 @@ class VAETraining:
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 2500
+    steps: int = 3500
     batch: int = 48
     lr: float = 1.5e-3
     warmup: int = 200
