@@ -48,10 +48,8 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
   {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the caption vocabulary; trained jointly with
   bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
   {r.transformer_training.text_dropout:.0%} null-prompt rows; EMA weights.
-- Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total",
-  meta.get("training_minutes", "?"))} minutes in all (VAE {meta.get("vae_steps", r.vae_training.steps)} steps of
-  {r.vae_training.batch}, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of
-  {r.transformer_training.batch}).
+- Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total", meta.get("training_minutes", "?"))}
+  minutes in all: VAE {meta.get("vae_steps", r.vae_training.steps)} steps of {r.vae_training.batch} images, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of {r.transformer_training.batch}.
 - Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).
 - Sampling for the scores: cfg 3, tau 1, top-p 0.97, one seed per prompt; `infinity-serve eval`.
 
