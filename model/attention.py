@@ -81,11 +81,31 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: T
     """
     if backend == "flash":
         return _flash_varlen(q, k, v, memory)
-    if backend == "sdpa-bf16io":
-        rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*rounded, attn_mask=memory.key_mask)
-        return out.to(torch.bfloat16).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=memory.key_mask)
+    attend = _sdpa_bf16io if backend == "sdpa-bf16io" else F.scaled_dot_product_attention
+    return _by_length(attend, q, k, v, memory)
+
+
+def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
+    rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*rounded).to(torch.bfloat16).to(q.dtype)
+
+
+def _by_length(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:
+    """Rows grouped by text length, each group over exactly its own keys (no padding, no mask).
+
+    A padded, masked key axis changes how the kernel splits its sums, so a row's result would
+    depend on the longest prompt it shares a batch with: that flipped near-tie bits. Grouping makes
+    a row's attention a function of its own text only (batch invariance), as varlen flash-attn is.
+    """
+    lengths = memory.lengths.tolist()
+    if len(set(lengths)) == 1:
+        return attend(q, k[:, :, : lengths[0]], v[:, :, : lengths[0]])
+    out = torch.empty_like(q)
+    for length in sorted(set(lengths)):
+        rows = torch.tensor([i for i, n in enumerate(lengths) if n == length], device=q.device)
+        out[rows] = attend(q[rows], k[rows, :, :length], v[rows, :, :length])
+    return out
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:

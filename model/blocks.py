@@ -7,6 +7,8 @@ arithmetic are float32; Linear layers and attention run in the dtype of the bloc
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -20,11 +22,61 @@ from model.rope import apply_rope
 LOG_MAX_SCALE_MUL = float(torch.tensor(100.0).log())
 
 
+_BATCH_INVARIANT = True                 # RuntimeConfig.batch_invariant defaults to on
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """Process-wide switch (RuntimeConfig.batch_invariant), read by `linear`.
+
+    A GEMM library picks its kernel, and so its summation order, from the matrix shapes: folded
+    into one (B*L, K) matrix, a row's result depends on how many rows share the call (measured
+    on this CPU: up to ~2e-5 in fp32 for M < 64..200), which flips near-tie bits, so a seed's image
+    would depend on its batch. Invariant mode gives each batch row a GEMM of its own shape.
+    """
+    global _BATCH_INVARIANT
+    _BATCH_INVARIANT = enabled
+
+
+def batch_invariant() -> bool:
+    return _BATCH_INVARIANT
+
+
+@contextmanager
+def batch_invariance(enabled: bool) -> Iterator[None]:
+    """The switch for a block of code (training turns it off: it wants one big GEMM per layer)."""
+    previous = _BATCH_INVARIANT
+    set_batch_invariant(enabled)
+    try:
+        yield
+    finally:
+        set_batch_invariant(previous)
+
+
 def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Apply `layer` in its weights' dtype (the caller's tensor may be float32)."""
     w = layer.weight
     b = layer.bias if bias is None else bias
-    return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype))
+    b = None if b is None else b.to(w.dtype)
+    x = x.to(w.dtype)
+    if _BATCH_INVARIANT and x.dim() >= 2:
+        return _per_row_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _per_row_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (B, ..., K): each of the B rows multiplied in a GEMM of its own shape (..., K) x (K, N)."""
+    B = x.shape[0]
+    rows = x.reshape(B, -1, x.shape[-1])
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        out = torch.stack([F.linear(r, w) for r in rows])         # CPU bf16 bmm has no fast kernel
+    else:
+        # A batched GEMM runs one kernel per matrix; a batch of one is routed to the plain GEMM
+        # (another kernel), so a lone row is paired with a copy of itself.
+        paired = rows if B > 1 else rows.expand(2, -1, -1)
+        out = torch.bmm(paired, w.t().expand(paired.shape[0], -1, -1))[:B]
+    if b is not None:
+        out = out + b
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:

@@ -227,3 +227,6 @@ class RuntimeConfig:
     # shapes so scales and batch sizes do not recompile. "reduce-overhead" adds CUDA graphs on CUDA.
     # Off by default: the first batch pays the compile (a warm-up at start-up does it).
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # A seed gives the same image whatever shares its batch: each batch row gets GEMMs of its own
+    # shape (see model/blocks.py set_batch_invariant). Off trades that for one GEMM per layer.
+    batch_invariant: bool = True

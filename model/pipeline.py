@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
+from model.blocks import set_batch_invariant
 from model.config import RuntimeConfig, SamplingParams
 from model.sampler import ScaleCallback, sample
 from model.schedules import ScaleSchedule
@@ -71,6 +72,7 @@ class InfinityPipeline:
         dtype = DTYPES[runtime.dtype]
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.transformer.blocks.to(dtype)
+        set_batch_invariant(runtime.batch_invariant)
         if runtime.compile != "off":
             for block in self.transformer.blocks:
                 block.compile(mode=runtime.compile, dynamic=True)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model.attention import Backend, TextMemory, block_causal_mask
-from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool
+from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool, batch_invariant, linear
 from model.config import TransformerConfig
 from model.kv_cache import KVCache
 from model.rope import rope_table
@@ -67,6 +68,10 @@ class Infinity(nn.Module):
     # ---- text -------------------------------------------------------------------------------
     def condition(self, text: TextMemory, backend: Backend = "sdpa") -> TextConditioning:
         """Raw T5 features (B, T, Ct) -> the conditioning of each row."""
+        if batch_invariant() and len(text.lengths) > 1:
+            # Each row from its own prompt alone, unpadded: the GEMM shapes depend only on it.
+            rows = [self.condition(_row(text, i), backend) for i in range(len(text.lengths))]
+            return _stack_conditionings(rows)
         normed = self.text_norm(text.features)
         pooled = self.text_proj_for_sos(TextMemory(normed, text.lengths), backend).float()
         projected = self.text_proj_for_ca(normed.to(self.text_proj_for_ca[0].weight.dtype))
@@ -82,7 +87,16 @@ class Infinity(nn.Module):
 
     def cross_kv(self, cond: TextConditioning) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block text K/V, computed once per request instead of once per scale."""
-        return [block.ca.project_memory(cond.memory.features) for block in self.blocks]
+        memory = cond.memory
+        if not batch_invariant() or len(memory.lengths) == 1:
+            return [block.ca.project_memory(memory.features) for block in self.blocks]
+        T = memory.features.shape[1]
+        out = []
+        for block in self.blocks:        # each row's own tokens only, zero-padded back to T
+            pairs = [block.ca.project_memory(_row(memory, i).features) for i in range(len(memory.lengths))]
+            out.append(tuple(torch.cat([F.pad(p[j], (0, 0, 0, T - p[j].shape[2])) for p in pairs])
+                             for j in range(2)))
+        return out
 
     # ---- tokens -----------------------------------------------------------------------------
     def start_tokens(self, cond: TextConditioning) -> torch.Tensor:
@@ -91,7 +105,7 @@ class Infinity(nn.Module):
 
     def embed_bits(self, codes: torch.Tensor) -> torch.Tensor:
         """Next-scale inputs (B, l, token_bits) float32 -> (B, l, C) float32."""
-        return self.word_embed(codes.to(self.word_embed.weight.dtype)).float()
+        return linear(self.word_embed, codes).float()
 
     def add_level(self, x: torch.Tensor, scale_index: int) -> torch.Tensor:
         return x + self.lvl_embed.weight[scale_index].float()
@@ -99,7 +113,7 @@ class Infinity(nn.Module):
     def logits(self, hidden: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         """(B, l, C) -> (B, l, 2 * token_bits) float32; columns (2j, 2j+1) = logits of bit j = 0, 1."""
         h = self.head_nm(hidden, cond.head_ada)
-        return self.head(h.to(self.head.weight.dtype)).float()
+        return linear(self.head, h).float()
 
     # ---- stack ------------------------------------------------------------------------------
     def run_blocks(self, x: torch.Tensor, cond: TextConditioning, ca_kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -138,3 +152,17 @@ class Infinity(nn.Module):
         rope = rope_table(schedule, self.config.head_dim, x.device)
         h = self.run_blocks(x, cond, self.cross_kv(cond), rope, backend, mask=mask)
         return list(self.logits(h, cond).split(list(schedule.lengths), dim=1))
+
+
+def _row(text: TextMemory, i: int) -> TextMemory:
+    """Row i alone, cut to its own length."""
+    n = int(text.lengths[i])
+    return TextMemory(text.features[i:i + 1, :n], text.lengths[i:i + 1])
+
+
+def _stack_conditionings(rows: list[TextConditioning]) -> TextConditioning:
+    T = max(r.memory.features.shape[1] for r in rows)
+    features = torch.cat([F.pad(r.memory.features, (0, 0, 0, T - r.memory.features.shape[1])) for r in rows])
+    return TextConditioning(torch.cat([r.pooled for r in rows]), torch.cat([r.ada for r in rows]),
+                            torch.cat([r.head_ada for r in rows]),
+                            TextMemory(features, torch.cat([r.memory.lengths for r in rows])))

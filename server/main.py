@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def _runtime(settings: Settings, device: str) -> RuntimeConfig:
     return RuntimeConfig(device=device, dtype=settings.dtype_for(device), attention=settings.attention,
-                         compile=settings.compile)
+                         compile=settings.compile, batch_invariant=settings.batch_invariant)
 
 
 def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:

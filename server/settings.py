@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bfloat16 on CUDA, float32 on CPU
     attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"   # torch.compile the blocks
+    batch_invariant: bool = True                    # a seed's image never depends on its batch (see README)
     warmup: bool = True
 
     # --- batching and admission ---

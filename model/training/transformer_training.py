@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
+from model.blocks import batch_invariance
 from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine)
@@ -95,6 +96,12 @@ def lr_at(step: int, recipe: Recipe) -> float:
 def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
                       workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     """Returns the EMA transformer and T5. on_checkpoint(step, model, t5) runs after each checkpoint."""
+    with batch_invariance(False):          # one GEMM per layer for the whole batch: training speed
+        return _train_transformer(recipe, vae, t5, tokenizer, workdir, on_checkpoint)
+
+
+def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
+                       workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     t = recipe.transformer_training
     cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt")
     with torch.random.fork_rng(devices=[]):

@@ -177,3 +177,35 @@ def test_bf16io_backend_rounds_like_flash_attn():
     torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
     # row 1 sees only its 3 text tokens
     torch.testing.assert_close(exact[1], torch.nn.functional.scaled_dot_product_attention(q[1], k[1, :, :3], v[1, :, :3]))
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invariant):
+    # Width 256 / FFN 1024 / text 64: large enough for the GEMM library to choose kernels by the
+    # number of rows. Each cached step's logits of the shared row must be bit-identical.
+    from model.blocks import set_batch_invariant
+
+    config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024, text_channels=64)
+    recording = RecordingInfinity(config)
+    recording.load_state_dict(make_transformer(config).state_dict())
+    recording.eval().recorded = []
+    target = text([4], seed=7, channels=64)
+    others = text([9, 4, 2, 6], seed=9, channels=64)
+    feats = others.features.clone()
+    feats[1] = 0
+    feats[1, :4] = target.features[0]
+    batch = TextMemory(feats, others.lengths)
+    params = [SamplingParams(seed=s) for s in (5, 123, 9, 11)]
+    set_batch_invariant(invariant)
+    try:
+        run(recording, target, [SamplingParams(seed=123)])
+        alone, recording.recorded = recording.recorded, []
+        run(recording, batch, params)
+        together = recording.recorded
+    finally:
+        set_batch_invariant(True)
+    same = all(torch.equal(a[0], b[1]) for a, b in zip(alone, together))     # row 0 alone, row 1 in the batch
+    if invariant:
+        assert same
+    else:
+        assert not same, "the GEMMs are batch-invariant here even without the switch: this test lost its power"
