@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from model.blocks import batch_invariance
 from model.config import TRANSFORMER_SIZES, RuntimeConfig, SamplingParams, TransformerConfig
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
@@ -94,12 +95,13 @@ def random_transformer(config: TransformerConfig, device: torch.device) -> Infin
     return model
 
 
-def pipeline(size: str, dtype: str, device: torch.device, compile_mode: str, tmp: Path) -> InfinityPipeline:
+def pipeline(size: str, dtype: str, device: torch.device, compile_mode: str, tmp: Path,
+             invariant: bool = True) -> InfinityPipeline:
     config = TRANSFORMER_SIZES[size]
     t5 = build_t5_encoder_dir(tmp / f"t5-{config.text_channels}", " ".join(PROMPTS).split(),
                               d_model=config.text_channels, num_layers=1, num_heads=8, d_ff=config.text_channels)
     vae = BitwiseVAE(VAE_FOR_BITS[config.token_bits])
-    runtime = RuntimeConfig(device=str(device), dtype=dtype, compile=compile_mode)
+    runtime = RuntimeConfig(device=str(device), dtype=dtype, compile=compile_mode, batch_invariant=invariant)
     text = T5TextEncoder.from_dir(t5, device, max_length=config.text_maxlen)
     return InfinityPipeline(random_transformer(config, device), vae, text, runtime)
 
@@ -153,7 +155,7 @@ def speed_table(args, device: torch.device, tmp: Path) -> list[Row]:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for compile_mode in args.compile.split(","):
-            pipe = pipeline(size, args.dtype, device, compile_mode, tmp)
+            pipe = pipeline(size, args.dtype, device, compile_mode, tmp, args.batch_invariant == "on")
             for pn in args.pns.split(","):
                 for batch in (int(b) for b in args.batches.split(",")):
                     schedule = ScaleSchedule.official(1.0, pn)
@@ -198,11 +200,11 @@ def cache_and_dtype(device: torch.device, repeats: int) -> dict[str, float]:
     return out
 
 
-def default_model_batching(repeats: int) -> tuple[float, float]:
+def default_model_batching(repeats: int, invariant: bool) -> tuple[float, float]:
     """The shipped default model end to end: seconds per image at batch 1 and batch 8."""
     from weights.default import load_default_pipeline
 
-    pipe, default = load_default_pipeline(RuntimeConfig())
+    pipe, default = load_default_pipeline(RuntimeConfig(batch_invariant=invariant))
     per_image = {}
     for batch in (1, 8):
         prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" for i in range(batch)]
@@ -213,7 +215,7 @@ def default_model_batching(repeats: int) -> tuple[float, float]:
     return per_image[1], per_image[8]
 
 
-def http_overhead(requests: int) -> tuple[float, float]:
+def http_overhead(requests: int, invariant: bool) -> tuple[float, float]:
     """Seconds per image at concurrency 1: direct pipeline calls vs POST /generate on loopback."""
     import httpx
 
@@ -225,7 +227,7 @@ def http_overhead(requests: int) -> tuple[float, float]:
     from tests.server.conftest import running_server
     from weights.default import load_default_pipeline
 
-    pipe, default = load_default_pipeline(RuntimeConfig())
+    pipe, default = load_default_pipeline(RuntimeConfig(batch_invariant=invariant))
     settings = Settings(max_batch_size=8, max_n=1, warmup=False)
     engine = Engine({"cpu": pipe}, Metrics(), settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
     engine.start(warmup=default.schedule)
@@ -260,6 +262,8 @@ def main() -> None:
     p.add_argument("--max-tflop", type=float, help="skip configurations above this much work per batch "
                                                    "(default: 150 on CPU, no limit on CUDA)")
     p.add_argument("--http-requests", type=int, default=30)
+    p.add_argument("--batch-invariant", choices=["on", "off"], default="on",
+                   help="RuntimeConfig.batch_invariant for every measurement (off: one GEMM per layer)")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -269,11 +273,19 @@ def main() -> None:
     args.max_tflop = args.max_tflop if args.max_tflop is not None else (float("inf") if gpu else 150.0)
     name = torch.cuda.get_device_name(device) if gpu else (platform.processor() or platform.machine())
     print(f"# perf benchmark {time.strftime('%Y-%m-%d')}: {name}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {args.dtype}, template 1:1, CFG on (2 rows per image)\n")
+          f"{torch.get_num_threads()} CPU threads, {args.dtype}, batch_invariant {args.batch_invariant}, "
+          f"template 1:1, CFG on (2 rows per image)\n")
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, batch_invariance(args.batch_invariant == "on"):
         rows = speed_table(args, device, Path(tmp))
-    kv_cache_table()
+        kv_cache_table()
+        targets = compare(args, rows, device, gpu)
+    print("\n| target | measured | wanted | met |\n|---|---|---|---|")
+    for label, value, wanted, met in targets:
+        print(f"| {label} | {value} | {wanted} | {'yes' if met else 'NO'} |")
+
+
+def compare(args, rows: list[Row], device: torch.device, gpu: bool) -> list[tuple[str, str, str, bool]]:
     targets: list[tuple[str, str, str, bool]] = []
     for r in rows:
         if r.batch == 8 and r.compile == "off" and not gpu:
@@ -300,8 +312,9 @@ def main() -> None:
               f"{c['batch8 float32'] / c['batch8 bfloat16']:.2f}x |")
         cache_gain = c["recompute bfloat16"] / c["cached bfloat16"]
         bf16_gain = c["batch8 float32"] / c["batch8 bfloat16"]
-        one, eight = default_model_batching(args.repeats)
-        direct, http = http_overhead(args.http_requests)
+        invariant = args.batch_invariant == "on"
+        one, eight = default_model_batching(args.repeats, invariant)
+        direct, http = http_overhead(args.http_requests, invariant)
         print(f"\ndefault model (end to end): {one:.4f} s/image at batch 1, {eight:.4f} at batch 8")
         print(f"HTTP at concurrency 1 (median of {args.http_requests}): direct {direct * 1000:.1f} ms, "
               f"POST /generate {http * 1000:.1f} ms")
@@ -310,9 +323,7 @@ def main() -> None:
                     ("default model batch 8 / batch 1 throughput", f"{one / eight:.2f}x", ">= 1.5x", one / eight >= 1.5),
                     ("HTTP / direct at concurrency 1 (default model)", f"{http / direct:.3f}x", "<= 1.05x",
                      http / direct <= 1.05)]
-    print("\n| target | measured | wanted | met |\n|---|---|---|---|")
-    for label, value, wanted, met in targets:
-        print(f"| {label} | {value} | {wanted} | {'yes' if met else 'NO'} |")
+    return targets
 
 
 if __name__ == "__main__":
