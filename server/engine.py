@@ -65,6 +65,7 @@ class _Replica:
     batch_seconds: dict[str, float] = field(default_factory=dict)   # EMA per schedule key
     deaths: list[float] = field(default_factory=list)                # monotonic times, recent only
     text_cache_seen: dict[str, int] = field(default_factory=dict)    # last stats exported as counters
+    warmup_failed: bool = False
 
     @property
     def alive(self) -> bool:
@@ -93,23 +94,33 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self, warmup: ScaleSchedule | None = None, warmup_batches: tuple[int, ...] = (1,)) -> None:
-        """Warm-up runs before the first request: kernels, allocator, and compiled graphs (batch 1
-        and the largest batch: a compiled graph specialises size 1 apart from the others)."""
-        if warmup is not None:
-            for r in self.replicas:
-                for batch in warmup_batches:
-                    t0 = time.perf_counter()
-                    r.pipeline.generate(["warm-up"] * batch, warmup, SamplingParams(seed=0))
-                    log.info("replica %s warmed up on %s, batch %d, in %.2fs", r.device, warmup.key, batch,
-                             time.perf_counter() - t0)
-        for r in self.replicas:
-            self._start_worker(r)
+        """Start one worker per replica and return once each has warmed up (kernels, allocator, and
+        compiled graphs: batch 1 and the largest batch, as a compiled graph specialises size 1).
+
+        The warm-up runs in the worker thread itself: the torch work of a process should stay on
+        one thread per replica (see server/main.py, where loading runs in a short-lived thread).
+        """
+        warm = [threading.Event() for _ in self.replicas]
+        for r, event in zip(self.replicas, warm):
+            self._start_worker(r, warmup=(warmup, warmup_batches, event))
+        for event in warm:
+            event.wait()
+        failed = [r.device for r in self.replicas if r.warmup_failed]
+        if failed:
+            raise RuntimeError(f"warm-up failed on {failed}; see the log above")
         self._accepting = self._started = True
         self.metrics.ready.set(1)
 
-    def _start_worker(self, replica: _Replica) -> None:
-        replica.thread = threading.Thread(target=self._worker, args=(replica,), name=f"replica-{replica.device}",
-                                          daemon=True)
+    def _warm_up(self, replica: _Replica, schedule: ScaleSchedule | None, batches: tuple[int, ...]) -> None:
+        for batch in batches if schedule is not None else ():
+            t0 = time.perf_counter()
+            replica.pipeline.generate(["warm-up"] * batch, schedule, SamplingParams(seed=0))
+            log.info("replica %s warmed up on %s, batch %d, in %.2fs", replica.device, schedule.key, batch,
+                     time.perf_counter() - t0)
+
+    def _start_worker(self, replica: _Replica, warmup: tuple | None = None) -> None:
+        replica.thread = threading.Thread(target=self._worker, args=(replica, warmup),
+                                          name=f"replica-{replica.device}", daemon=True)
         replica.thread.start()
 
     @property
@@ -195,8 +206,17 @@ class Engine:
         with self._lock:
             self._running.update(batch)
 
-    def _worker(self, replica: _Replica) -> None:
+    def _worker(self, replica: _Replica, warmup: tuple | None = None) -> None:
         try:
+            if warmup is not None:                 # first start only; a restarted worker is warm
+                schedule, batches, done = warmup
+                try:
+                    self._warm_up(replica, schedule, batches)
+                except BaseException:
+                    replica.warmup_failed = True
+                    raise
+                finally:
+                    done.set()
             self._serve(replica)
         except BaseException as exc:      # noqa: BLE001 - a worker must never vanish unnoticed
             self._on_worker_death(replica, exc)

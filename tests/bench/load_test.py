@@ -192,8 +192,10 @@ def _queue_depth(url: str) -> float:
     return float(re.search(r"^infinity_queue_depth (\S+)$", text, re.M)[1])
 
 
-def _start_server(port: int, max_queue: int, max_batch: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_MAX_N": "1"}
+def start_server(port: int, max_queue: int, max_batch: int, log: Path,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`infinity-serve serve` (the default model) as a child process; returns once /readyz is 200."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_MAX_N": "1", **(extra_env or {})}
     command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-queue", str(max_queue),
                "--max-batch-size", str(max_batch)]
     # A file, not a pipe: a pipe nobody reads fills up with request logs and blocks the server.
@@ -219,7 +221,7 @@ def run_load(requests: int = 300, concurrency: int = 32, max_queue: int = 8, max
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="load-test-")) / "server.log"
-    proc = _start_server(port, max_queue, max_batch, log)
+    proc = start_server(port, max_queue, max_batch, log)
     report = Report(sent=requests, server_log=log)
     try:
         start = time.monotonic()

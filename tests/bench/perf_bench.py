@@ -216,29 +216,30 @@ def default_model_batching(repeats: int, invariant: bool) -> tuple[float, float]
 
 
 def http_overhead(requests: int, invariant: bool) -> tuple[float, float]:
-    """Seconds per image at concurrency 1: direct pipeline calls vs POST /generate on loopback."""
+    """Seconds per image at concurrency 1: direct pipeline calls vs POST /generate to the real `serve`
+    process on loopback (a separate process, as in production: a server thread in this process would
+    share its interpreter lock with the client and the direct runs)."""
     import httpx
 
-    from server.app import create_app
-    from server.engine import Engine
-    from server.metrics import Metrics
-    from server.service import ModelLimits
-    from server.settings import Settings
-    from tests.server.conftest import running_server
+    from tests.bench.load_test import start_server
+    from tests.server.conftest import free_port
     from weights.default import load_default_pipeline
 
     pipe, default = load_default_pipeline(RuntimeConfig(batch_invariant=invariant))
-    settings = Settings(max_batch_size=8, max_n=1, warmup=False)
-    engine = Engine({"cpu": pipe}, Metrics(), settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
-    engine.start(warmup=default.schedule)
-    app = create_app(settings, engine, ModelLimits(default.name, "0.06M", "0.06M", default.schedule))
+    port = free_port()
+    proc = start_server(port, max_queue=8, max_batch=8, log=Path(tempfile.mkdtemp()) / "server.log",
+                        extra_env={"INFINITY_BATCH_INVARIANT": str(invariant).lower()})
     direct, http = [], []
-    with running_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:
-        for i in range(requests):                 # interleaved, so that drift hits both alike
-            prompt = PROMPTS[i % len(PROMPTS)]
-            direct.append(_timed(lambda: pipe.generate([prompt], default.schedule, [SamplingParams(seed=i)])))
-            http.append(_timed(lambda: client.post("/generate", json={"prompt": prompt, "seed": i}).raise_for_status()))
-    engine.drain(10)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            for i in range(requests):                 # interleaved, so that drift hits both alike
+                prompt = PROMPTS[i % len(PROMPTS)]
+                direct.append(_timed(lambda: pipe.generate([prompt], default.schedule, [SamplingParams(seed=i)])))
+                http.append(_timed(lambda: client.post("/generate", json={"prompt": prompt, "seed": i})
+                                   .raise_for_status()))
+    finally:
+        proc.terminate()
+        proc.wait(60)
     return statistics.median(direct), statistics.median(http)
 
 
