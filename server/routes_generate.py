@@ -19,6 +19,7 @@ from server.service import (check_common, deadline_for, encode_b64, preview_scal
                             resolve_schedule, sampling_rows, wait_for_output)
 
 router = APIRouter(tags=["generate"])
+QUEUE_UPDATE_S = 0.5                      # while queued, a new `queued` event when the position changes
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
 
 
@@ -79,10 +80,16 @@ async def _events(request: Request, body: GenerateRequest, ticket, previews: asy
                   deadline: float) -> AsyncIterator[bytes]:
     engine = request.app.state.engine
     start = time.monotonic()
-    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth,
-                          "images_ahead": engine.batcher.images_ahead(ticket)})
-    async for item in progress(request, engine, ticket, previews, deadline):
-        if isinstance(item, Preview):
+    ahead = engine.batcher.images_ahead(ticket)
+    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth, "images_ahead": ahead})
+    async for item in progress(request, engine, ticket, previews, deadline, tick_s=QUEUE_UPDATE_S):
+        if item is None:                                   # no news: has the queue moved?
+            now = engine.batcher.images_ahead(ticket)
+            if now is not None and now != ahead:
+                ahead = now
+                yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth,
+                                      "images_ahead": ahead})
+        elif isinstance(item, Preview):
             images = [await encode_b64(img, "png") for img in item.images]
             yield _sse("preview", {"scale_index": item.scale_index, "num_scales": item.num_scales,
                                    "elapsed": round(time.monotonic() - start, 3), "images": images})

@@ -149,20 +149,26 @@ async def encode_b64(pixels, fmt: OutputFormat, quality: int | None = None) -> s
 
 
 async def progress(request: Request, engine: Engine, ticket, previews: "asyncio.Queue",
-                   deadline: float) -> AsyncIterator[object]:
-    """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it.
+                   deadline: float, tick_s: float | None = None) -> AsyncIterator[object]:
+    """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it;
+    with `tick_s`, also None after every `tick_s` seconds without news (to report the queue position).
 
     If the consumer stops early (client gone), the request is cancelled in the engine.
     """
     waiter = asyncio.ensure_future(wait_for_output(request, engine, ticket, deadline))
+    getter = None
     try:
         while True:
-            getter = asyncio.ensure_future(previews.get())
-            done, _ = await asyncio.wait({waiter, getter}, return_when=asyncio.FIRST_COMPLETED)
+            getter = getter if getter is not None and not getter.done() else asyncio.ensure_future(previews.get())
+            done, _ = await asyncio.wait({waiter, getter}, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                yield None
+                continue
             if getter in done:
                 yield getter.result()
                 continue
             getter.cancel()
+            getter = None
             try:
                 yield waiter.result()
             except ServingError as e:
@@ -172,6 +178,8 @@ async def progress(request: Request, engine: Engine, ticket, previews: "asyncio.
         if not ticket.future.done():
             engine.cancel(ticket, "disconnect")
         waiter.cancel()
+        if getter is not None:
+            getter.cancel()
 
 
 def preview_sink(previews: "asyncio.Queue") -> Callable[[Preview], None]:

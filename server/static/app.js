@@ -262,7 +262,8 @@ async function* serverEvents(response) {
   }
 }
 
-function onQueued(data) {
+function onQueued(data) {                  // sent on admission, then again whenever the queue moves
+  clearInterval(run.timer);
   const ahead = data.images_ahead;
   const where = ahead === null || ahead === undefined ? "Starting"
     : ahead === 0 ? "Queued: next in line" : `Queued: ${ahead} image${ahead === 1 ? "" : "s"} ahead of yours`;

@@ -243,6 +243,43 @@ def test_generate_stream_sends_queued_previews_and_completed(client):
     assert events[-1][1]["images"][0]["seed"] >= 0
 
 
+def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
+    app, engine, _ = app_and_engine
+    release = [threading.Event(), threading.Event()]          # one per batch: the blocker, then "ahead"
+    entered = [threading.Event(), threading.Event()]
+    calls = []
+
+    def hold(requests):
+        i = len(calls)
+        calls.append(i)
+        if i < 2:
+            entered[i].set()
+            assert release[i].wait(30)
+
+    engine.fault_hook = hold
+    results = []
+    threads = [_post_in_thread(client, results, {"prompt": "blocker"})]
+    assert entered[0].wait(10)
+    threads.append(_post_in_thread(client, results, {"prompt": "ahead", "aspect_ratio": "2:1"}))   # another size
+    deadline = time.monotonic() + 10
+    while engine.batcher.depth < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads.append(_post_in_thread(client, results, {"prompt": "mine", "stream": True}))
+    while engine.batcher.depth < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release[0].set()                   # the blocker finishes; "ahead" leaves the queue and is held
+    assert entered[1].wait(10)
+    time.sleep(1.2)                    # a few ticks of the stream while "mine" is next in line
+    release[1].set()
+    for t in threads:
+        t.join(30)
+    stream = next(r.text for r in results if r.headers["content-type"].startswith("text/event-stream"))
+    lines = stream.splitlines()
+    queued = [json.loads(data.split(":", 1)[1]) for event, data in zip(lines, lines[1:]) if event == "event: queued"]
+    assert [q["images_ahead"] for q in queued] == [1, 0], queued
+    assert "event: completed" in stream
+
+
 def test_metrics_expose_every_documented_metric(client):
     client.post("/generate", json={"prompt": "a"})
     text = client.get("/metrics").text
