@@ -90,12 +90,11 @@ class Infinity(nn.Module):
         memory = cond.memory
         if not batch_invariant() or len(memory.lengths) == 1:
             return [block.ca.project_memory(memory.features) for block in self.blocks]
-        T = memory.features.shape[1]
+        T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.lengths))]
         out = []
         for block in self.blocks:        # each row's own tokens only, zero-padded back to T
-            pairs = [block.ca.project_memory(_row(memory, i).features) for i in range(len(memory.lengths))]
-            out.append(tuple(torch.cat([F.pad(p[j], (0, 0, 0, T - p[j].shape[2])) for p in pairs])
-                             for j in range(2)))
+            pairs = [block.ca.project_memory(r) for r in rows]
+            out.append(tuple(_cat_padded([p[j] for p in pairs], T, dim=2) for j in range(2)))
         return out
 
     # ---- tokens -----------------------------------------------------------------------------
@@ -160,9 +159,17 @@ def _row(text: TextMemory, i: int) -> TextMemory:
     return TextMemory(text.features[i:i + 1, :n], text.lengths[i:i + 1])
 
 
+def _cat_padded(tensors: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:
+    """Concatenate along the batch axis, each zero-padded to `length` along `dim`."""
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        widths = [0, 0] * (t.dim() - 1 - dim) + [0, length - t.shape[dim]]
+        return F.pad(t, widths)
+    return torch.cat([pad(t) for t in tensors])
+
+
 def _stack_conditionings(rows: list[TextConditioning]) -> TextConditioning:
     T = max(r.memory.features.shape[1] for r in rows)
-    features = torch.cat([F.pad(r.memory.features, (0, 0, 0, T - r.memory.features.shape[1])) for r in rows])
+    features = _cat_padded([r.memory.features for r in rows], T, dim=1)
     return TextConditioning(torch.cat([r.pooled for r in rows]), torch.cat([r.ada for r in rows]),
                             torch.cat([r.head_ada for r in rows]),
                             TextMemory(features, torch.cat([r.memory.lengths for r in rows])))
