@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
 
 from model.config import VAE_SIZES
 from model.quantizer import BitwiseQuantizer
 from model.training.bsc import corrupted_teacher_batch
 from model.training.detector import detect, score
-from model.training.shapes import CATEGORIES, HELD_OUT, TEMPLATES, make_scene, render, vocabulary
+from model.training.shapes import (CATEGORIES, COLOURS, HELD_OUT, SHAPES, TEMPLATES, Obj, Scene, make_scene, render,
+                                  vocabulary)
 
 
 def test_scenes_are_deterministic_by_seed():
@@ -69,3 +71,30 @@ def test_bitwise_self_correction_labels_correct_the_corrupted_history():
     assert torch.equal(noisy.labels[:, :1], clean.labels[:, :1])         # scale 0 labels are the clean bits
     assert not torch.equal(noisy.inputs, clean.inputs)                   # the history was corrupted
     assert not torch.equal(noisy.labels[:, 1:], clean.labels[:, 1:])     # later labels correct it
+
+
+def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.6])
+def test_detector_names_every_shape_at_the_eval_resolution_sharp_or_soft(sigma):
+    """At 64x64 (the default model's size), soft edges must not turn stars into circles."""
+    rng = np.random.default_rng(0)
+    correct = 0
+    for i in range(80):
+        shape, colour = SHAPES[i % 4], list(COLOURS)[i % 12]
+        obj = Obj(shape, colour, rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.16, 0.32))
+        found = detect(_blurred(render(Scene("", "single", "", ("black", "navy")[i % 2], (obj,)), 64), sigma))
+        correct += bool(found) and (found[0].shape, found[0].colour) == (shape, colour)
+    assert correct / 80 >= 0.95, correct
+
+
+def test_detector_rejects_the_wrong_shape():
+    """Power: the same scene drawn with another shape is judged wrong, for every pair of shapes."""
+    for i, shape in enumerate(SHAPES):
+        for other in SHAPES:
+            if other != shape:
+                truth = Scene("", "single", "", "navy", (Obj(shape, "red", 0.5, 0.5, 0.26),))
+                drawn = Scene("", "single", "", "navy", (Obj(other, "red", 0.5, 0.5, 0.26),))
+                assert not score(truth, render(drawn, 64))["shape"], (shape, other)
