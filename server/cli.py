@@ -158,7 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from model.config import RuntimeConfig
     from model.training.common import VALID_SEEDS, images_tensor, psnr, scene_batch
-    from model.training.evaluate import evaluate
+    from model.training.evaluate import evaluate, reconstruction_ceiling
     from model.training.recipe import IMAGE_SIZE
     from weights.default import DEFAULT_DIR, load_default_pipeline
 
@@ -168,18 +168,20 @@ def _eval(args: argparse.Namespace) -> int:
                   args.weights or DEFAULT_DIR)
         return 2
     report = evaluate(pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau)
+    ceiling = reconstruction_ceiling(pipe.vae, default.schedule, IMAGE_SIZE, args.per_category, args.held_out)
     images = images_tensor(scene_batch(VALID_SEEDS, 32, held_out=None), IMAGE_SIZE)
     with torch.inference_mode():
         bits = pipe.vae.encode_bits(images, default.schedule.scales).bits
         vae_psnr = psnr(pipe.vae.decode(pipe.vae.quantizer.bits_to_latent(bits, default.schedule.scales)), images)
     split = "held-out templates" if args.held_out else "training templates"
     print(f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}\n")
-    print(report.table())
+    print(report.table(ceiling))
+    print("\nVAE ceiling: the same scenes' renders encoded to bits and decoded (a perfect transformer's score).")
     print(f"\nVAE PSNR (held-out scenes, decoded from bits): {vae_psnr:.2f} dB")
     if args.card is not None:
         from model.training.card import write_card
 
-        write_card(args.card, args.weights or DEFAULT_DIR, report, split, vae_psnr)
+        write_card(args.card, args.weights or DEFAULT_DIR, report, split, vae_psnr, ceiling)
     if args.grid is not None:
         from model.training.card import sample_grid
 
