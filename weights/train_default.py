@@ -2,7 +2,7 @@
 
 Stages, each checkpointed in the work directory and skipped or resumed on a rerun:
 0. tokenizer over the caption vocabulary + a small T5 (random init, seeded);
-1. the bitwise VAE; 2. the transformer and T5 jointly; 3. export to weights/default/.
+1. the bitwise VAE, then its decoder alone on the frozen encoder's bits; 2. the transformer and T5 jointly; 3. export to weights/default/.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from model.t5_builder import build_t5_encoder_dir
 from model.training.recipe import SCHEDULE, Recipe
 from model.training.shapes import vocabulary
 from model.training.transformer_training import train_transformer
-from model.training.vae_training import train_vae, validation_psnr
+from model.training.vae_training import refine_decoder, train_vae, validation_psnr
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
 from weights.loader import vae_metadata
@@ -38,7 +38,8 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     t5.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
     facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
-             "vae_steps": recipe.vae_training.steps, "transformer_steps": recipe.transformer_training.steps}
+             "vae_steps": recipe.vae_training.steps,
+             "decoder_steps": recipe.vae_training.decoder_steps, "transformer_steps": recipe.transformer_training.steps}
     (out / "schedule.json").write_text(json.dumps(facts, indent=1))
     log.info("exported the default model to %s", out)
 
@@ -53,7 +54,7 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
                              d_ff=s.d_ff, seed=recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(t5_dir)
     t5 = T5EncoderModel.from_pretrained(t5_dir)
-    vae = train_vae(recipe, workdir).requires_grad_(False)
+    vae = refine_decoder(recipe, train_vae(recipe, workdir), workdir)
     psnr_db = validation_psnr(vae)
     model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, workdir, on_checkpoint)
     minutes = (time.monotonic() - start) / 60

@@ -38,11 +38,15 @@ class VAETraining:
     # Objects cover ~5% of the pixels: unweighted, the reconstructions had the right shapes in the
     # wrong colours.
     object_weight: float = 5.0
+    # Stage 1b: the decoder alone, trained further on the frozen encoder's bits. The bits (and so the
+    # transformer's targets) do not change, only how sharply they are drawn.
+    decoder_steps: int = 400
+    decoder_lr: float = 5e-4
 
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 3500
+    steps: int = 4500
     batch: int = 48
     lr: float = 1.5e-3
     warmup: int = 200

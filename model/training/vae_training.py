@@ -54,6 +54,50 @@ def validation_psnr(vae: BitwiseVAE, count: int = 64) -> float:
     return psnr(recon, images)
 
 
+def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reconstruction) of the decoder alone, from exactly the latent the sampler builds from bits."""
+    with torch.no_grad():
+        bits = vae.encode_bits(images, SCHEDULE.scales).bits
+        latent = vae.quantizer.bits_to_latent(bits, SCHEDULE.scales)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon = vae.decoder(latent).float()
+    weight = 1 + (object_weight - 1) * object_mask(images)
+    error = recon - images
+    return (error.abs() + error.pow(2)).mul(weight).mean(), recon
+
+
+def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE:
+    """Stage 1b: train the decoder further with the encoder frozen. The encoder's bits are unchanged, so
+    the latent cache and the transformer trained on it stay valid; reconstructions get sharper."""
+    t = recipe.vae_training
+    ckpt_path = workdir / "decoder.ckpt"
+    vae.requires_grad_(False).decoder.requires_grad_(True)
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=t.decoder_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    if (state := load_checkpoint(ckpt_path)) is not None:
+        vae.decoder.load_state_dict(state["decoder"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+        log.info("decoder: resuming at step %d", start)
+    progress = Progress("decoder", t.decoder_steps, start)
+    vae.decoder.train()
+    first_seed = TRAIN_SEEDS + 10**7                 # scenes the VAE stage did not draw
+    for step in range(start, t.decoder_steps):
+        images = images_tensor(scene_batch(first_seed + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, t.decoder_steps, t.decoder_lr, warmup=max(1, t.decoder_steps // 20))
+        loss, recon = decoder_loss(vae, images, t.object_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        opt.step()
+        progress.update(step, loss=loss.item(), psnr=psnr(recon.detach(), images))
+        if (step + 1) % 100 == 0 or step + 1 == t.decoder_steps:
+            save_checkpoint(ckpt_path, decoder=vae.decoder.state_dict(), opt=opt.state_dict(), step=step + 1)
+    vae.requires_grad_(False).eval()
+    log.info("decoder: held-out PSNR %.2f dB (decoded from bits)", validation_psnr(vae))
+    return vae
+
+
 def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
     t = recipe.vae_training
     ckpt_path = workdir / "vae.ckpt"

@@ -3,9 +3,12 @@
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
 from model.training.recipe import Recipe, T5Size
+from model.training.common import fingerprint
+from model.training.vae_training import refine_decoder, train_vae
 from weights.train_default import train_default
 from weights.default import load_default_pipeline
 
@@ -16,7 +19,7 @@ TOY = Recipe(
                                   text_maxlen=24, pool_heads=1, block_chunks=2),
     t5=T5Size(d_model=32, num_layers=1, num_heads=2, d_ff=64),
 )
-TOY = replace(TOY, vae_training=replace(TOY.vae_training, steps=3, batch=4),
+TOY = replace(TOY, vae_training=replace(TOY.vae_training, steps=3, batch=4, decoder_steps=2),
               transformer_training=replace(TOY.transformer_training, steps=3, batch=4, warmup=1, cache_scenes=16))
 
 
@@ -33,9 +36,19 @@ def test_train_default_end_to_end_and_resume(tmp_path):
     result = pipe.generate(["a red circle"], default.schedule, SamplingParams(seed=0))
     assert result.images[0].shape == (64, 64, 3)
     # a rerun resumes from the finished checkpoints: no stage trains again
-    mtime = (work / "transformer.ckpt").stat().st_mtime
+    mtimes = {name: (work / name).stat().st_mtime for name in ("vae.ckpt", "decoder.ckpt", "transformer.ckpt")}
     train_default(work, out, TOY)
-    assert (work / "transformer.ckpt").stat().st_mtime == mtime
+    assert {name: (work / name).stat().st_mtime for name in mtimes} == mtimes
     again = load_default_pipeline(RuntimeConfig(), out)[0].generate(["a red circle"], default.schedule,
                                                                     SamplingParams(seed=0))
     assert np.array_equal(again.images[0], result.images[0])
+
+
+def test_decoder_refinement_keeps_the_bits(tmp_path):
+    """Stage 1b trains the decoder only: the encoder (so every bit the transformer learns) is unchanged."""
+    vae = train_vae(TOY, tmp_path)
+    encoder, decoder = fingerprint(vae.encoder), fingerprint(vae.decoder)
+    refined = refine_decoder(TOY, vae, tmp_path)
+    assert fingerprint(refined.encoder) == encoder
+    assert fingerprint(refined.decoder) != decoder
+    assert torch.load(tmp_path / "decoder.ckpt", weights_only=True)["step"] == 2
