@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from model.invariance import batch_invariant
+
 log = logging.getLogger(__name__)
 
 # "sdpa": exact float32 attention. "flash": flash-attn varlen kernels (CUDA, half precision).
@@ -82,13 +84,24 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: T
     if backend == "flash":
         return _flash_varlen(q, k, v, memory)
     attend = _sdpa_bf16io if backend == "sdpa-bf16io" else F.scaled_dot_product_attention
+    if not batch_invariant():
+        return _masked(attend, q, k, v, memory)
     return _by_length(attend, q, k, v, memory)
 
 
-def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
     rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*rounded).to(torch.bfloat16).to(q.dtype)
+    return F.scaled_dot_product_attention(*rounded, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
+
+
+def _masked(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:
+    """One call over the padded keys, padding masked out (batch invariance off: training's path,
+    ~10% faster per step than one call per text length)."""
+    T = k.shape[2]
+    visible = torch.arange(T, device=k.device)[None, :] < memory.lengths.to(k.device)[:, None]
+    return attend(q, k, v, attn_mask=visible[:, None, None, :])
 
 
 def _by_length(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:

@@ -7,14 +7,13 @@ arithmetic are float32; Linear layers and attention run in the dtype of the bloc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import Backend, TextMemory, cross_attention
+from model.invariance import batch_invariant
 from model.kv_cache import KVCache
 from model.rope import apply_rope
 
@@ -22,43 +21,16 @@ from model.rope import apply_rope
 LOG_MAX_SCALE_MUL = float(torch.tensor(100.0).log())
 
 
-_BATCH_INVARIANT = True                 # RuntimeConfig.batch_invariant defaults to on
-
-
-def set_batch_invariant(enabled: bool) -> None:
-    """Process-wide switch (RuntimeConfig.batch_invariant), read by `linear`.
-
-    A GEMM library picks its kernel, and so its summation order, from the matrix shapes: folded
-    into one (B*L, K) matrix, a row's result depends on how many rows share the call (measured
-    on this CPU: up to ~2e-5 in fp32 for M < 64..200), which flips near-tie bits, so a seed's image
-    would depend on its batch. Invariant mode gives each batch row a GEMM of its own shape.
-    """
-    global _BATCH_INVARIANT
-    _BATCH_INVARIANT = enabled
-
-
-def batch_invariant() -> bool:
-    return _BATCH_INVARIANT
-
-
-@contextmanager
-def batch_invariance(enabled: bool) -> Iterator[None]:
-    """The switch for a block of code (training turns it off: it wants one big GEMM per layer)."""
-    previous = _BATCH_INVARIANT
-    set_batch_invariant(enabled)
-    try:
-        yield
-    finally:
-        set_batch_invariant(previous)
-
-
 def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply `layer` in its weights' dtype (the caller's tensor may be float32)."""
+    """Apply `layer` in its weights' dtype (the caller's tensor may be float32), or under autocast
+    (training) in autocast's dtype: casting to float32 weights first would only make autocast cast
+    back, two copies of every activation for nothing."""
     w = layer.weight
     b = layer.bias if bias is None else bias
-    b = None if b is None else b.to(w.dtype)
-    x = x.to(w.dtype)
-    if _BATCH_INVARIANT and x.dim() >= 2:
+    if not torch.is_autocast_enabled(x.device.type):
+        b = None if b is None else b.to(w.dtype)
+        x = x.to(w.dtype)
+    if batch_invariant() and x.dim() >= 2:
         return _per_row_linear(x, w, b)
     return F.linear(x, w, b)
 

@@ -228,5 +228,5 @@ class RuntimeConfig:
     # Off by default: the first batch pays the compile (a warm-up at start-up does it).
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     # A seed gives the same image whatever shares its batch: each batch row gets GEMMs of its own
-    # shape (see model/blocks.py set_batch_invariant). Off trades that for one GEMM per layer.
+    # shape (see model/invariance.py). Off trades that for one GEMM per layer.
     batch_invariant: bool = True

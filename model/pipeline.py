@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
-from model.blocks import set_batch_invariant
+from model.invariance import set_batch_invariant
 from model.config import RuntimeConfig, SamplingParams
 from model.sampler import ScaleCallback, sample
 from model.schedules import ScaleSchedule

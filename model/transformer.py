@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import Backend, TextMemory, block_causal_mask
-from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool, batch_invariant, linear
+from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool, linear
+from model.invariance import batch_invariant
 from model.config import TransformerConfig
 from model.kv_cache import KVCache
 from model.rope import rope_table

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
-from model.blocks import batch_invariance
+from model.invariance import batch_invariance
 from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine)

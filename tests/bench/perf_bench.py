@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model.blocks import batch_invariance
+from model.invariance import batch_invariance
 from model.config import TRANSFORMER_SIZES, RuntimeConfig, SamplingParams, TransformerConfig
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule

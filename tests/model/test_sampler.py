@@ -183,7 +183,7 @@ def test_bf16io_backend_rounds_like_flash_attn():
 def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invariant):
     # Width 256 / FFN 1024 / text 64: large enough for the GEMM library to choose kernels by the
     # number of rows. Each cached step's logits of the shared row must be bit-identical.
-    from model.blocks import set_batch_invariant
+    from model.invariance import set_batch_invariant
 
     config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024, text_channels=64)
     recording = RecordingInfinity(config)
