@@ -1,45 +1,35 @@
-"""Load generator: the real server on loopback vs the same work called directly on the pipeline.
+"""Load generator: the real `serve` process on loopback vs the same work called directly on the pipeline.
 
-    python -m tests.bench.server_bench [--size small] [--requests 24] [--max-seconds 120]
+    python -m tests.bench.server_bench [--requests 48] [--max-seconds 120]
 
-Starts the app on 127.0.0.1 (random-weight model of the given size, tiny VAE and T5), sends a
-bounded number of requests at concurrency 1, 4 and 16, and prints throughput, latency
-percentiles, the batching gain and the HTTP overhead as ratios measured in the same run.
+Starts `infinity-serve serve` (the embedded default model) as a child process, sends a bounded
+number of requests at concurrency 1, 4 and 16, and prints throughput, latency percentiles, the
+batching gain and the HTTP overhead as ratios measured in the same run. The direct runs load the
+same model in this process. The server is a separate process, as in production: a server thread
+here would share the interpreter lock with the clients, and a second OpenMP pool would
+oversubscribe the cores (generation measured 1.65x slower that way).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import threading
 import time
-from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import torch
 
-from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams
+from model.config import RuntimeConfig, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
-from model.t5_builder import build_t5_encoder_dir
-from model.text_encoder import T5TextEncoder
-from server.app import create_app
-from server.engine import Engine
-from server.metrics import Metrics
-from server.service import ModelLimits
-from server.settings import Settings
-from tests.server.conftest import running_server
+from tests.bench.load_test import start_server
+from tests.server.conftest import free_port
+from weights.default import load_default_pipeline
 
 PROMPTS = ["a red circle", "two blue squares", "a green star to the left of a red circle", "three yellow triangles"]
-
-
-def build_pipeline(size: str, tmp: str) -> InfinityPipeline:
-    vae = VAE_SIZES["tiny"]
-    config = replace(TRANSFORMER_SIZES[size], token_bits=vae.token_bits, text_channels=32, text_maxlen=32, pool_heads=1)
-    t5 = build_t5_encoder_dir(tmp, " ".join(PROMPTS).split(), d_model=32)
-    from model.transformer import Infinity
-    from model.vae import BitwiseVAE
-    return InfinityPipeline(Infinity(config), BitwiseVAE(vae), T5TextEncoder.from_dir(t5))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -90,28 +80,26 @@ def direct(pipe: InfinityPipeline, schedule: ScaleSchedule, batch: int, count: i
 
 
 def main() -> None:
-    import tempfile
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "mid"])
-    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-seconds", type=float, default=120)
     args = parser.parse_args()
-    pipe = build_pipeline(args.size, tempfile.mkdtemp())
-    schedule = ScaleSchedule.official(1.0, "0.06M")
+    pipe, default = load_default_pipeline(RuntimeConfig())
+    schedule = default.schedule
     pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
-    settings = Settings(max_batch_size=16, max_n=1, max_wait_ms=10, max_queue=256, warmup=False)
-    engine = Engine({"cpu": pipe}, Metrics(), 16, 10, 256)
-    engine.start()
-    app = create_app(settings, engine, ModelLimits(f"bench-{args.size}", "0.06M", "0.06M"))
-
-    print(f"# server benchmark: transformer {args.size} (random weights), tiny VAE, template 1.0 pn 0.06M, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, loopback HTTP, max_batch_size 16\n")
+    port = free_port()
+    proc = start_server(port, max_queue=256, max_batch=16, log=Path(tempfile.mkdtemp()) / "server.log")
+    print(f"# server benchmark: the embedded default model, `serve` process on loopback, max_batch_size 16, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     rows = []
-    with running_server(app) as url:
+    try:
         for c in (1, 4, 16):
-            r = load(url, c, max(args.requests, 2 * c), args.max_seconds)
-            rows.append((c, r, direct(pipe, schedule, c, max(args.requests, 2 * c))))
+            count = max(args.requests, 2 * c)
+            r = load(f"http://127.0.0.1:{port}", c, count, args.max_seconds)
+            rows.append((c, r, direct(pipe, schedule, c, count)))
+    finally:
+        proc.terminate()
+        proc.wait(30)
     print("| concurrency | requests | errors | HTTP images/s | p50 s | p95 s | direct images/s (batch = concurrency) "
           "| HTTP / direct |")
     print("|---|---|---|---|---|---|---|---|")
@@ -122,7 +110,6 @@ def main() -> None:
     print(f"\nbatching gain (HTTP concurrency 16 / concurrency 1): {http16 / http1:.2f}x")
     print(f"HTTP overhead at concurrency 1 (HTTP time per image / direct batch-1 time per image): "
           f"{rows[0][2] / http1:.2f}x")
-    engine.drain(10)
 
 
 if __name__ == "__main__":
