@@ -83,17 +83,33 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: T
     """
     if backend == "flash":
         return _flash_varlen(q, k, v, memory)
-    attend = _sdpa_bf16io if backend == "sdpa-bf16io" else F.scaled_dot_product_attention
+    attend = _sdpa_bf16io if backend == "sdpa-bf16io" else sdpa
     if not batch_invariant():
         return _masked(attend, q, k, v, memory)
     return _by_length(attend, q, k, v, memory)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention in q's dtype. On CPU, half-precision inputs are computed in float32
+    (autocast off) and the result cast back: torch's CPU bf16 attention kernels are ~2x (self-attention,
+    130 tokens) to ~5x (cross-attention, 12 text tokens) slower than the float32 ones at this model's
+    sizes (forward + backward, measured on the 2-core CPU), and float32 accumulation is what flash-attn
+    does on the GPU anyway."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    with torch.autocast("cpu", enabled=False):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)
+    return out.to(q.dtype)
 
 
 def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
     rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*rounded, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(*rounded, attn_mask=attn_mask)
+    return out.to(torch.bfloat16).to(q.dtype)
 
 
 def _masked(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:

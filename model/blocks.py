@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import Backend, TextMemory, cross_attention
+from model.attention import Backend, TextMemory, cross_attention, sdpa
 from model.invariance import batch_invariant
 from model.kv_cache import KVCache
 from model.rope import apply_rope
@@ -100,7 +100,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     otherwise specialise on the layer index and the cache offset, and recompile for every pair)."""
     if cache is not None:
         k, v = cache.write(layer, k, v)                                 # (B, H, L_seen, hd)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return sdpa(q, k, v, attn_mask=mask, scale=1.0)
 
 
 class CrossAttention(nn.Module):

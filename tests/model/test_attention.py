@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.attention import TextMemory, cross_attention
+from model.attention import TextMemory, cross_attention, sdpa
 from model.blocks import linear
 from model.invariance import batch_invariance
 
@@ -36,3 +36,14 @@ def test_linear_under_autocast_computes_in_autocast_dtype_and_otherwise_in_the_w
     expected = torch.nn.functional.linear(x, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16))
     torch.testing.assert_close(out, expected)
     assert linear(layer, x).dtype == torch.float32            # no autocast: the weights' dtype
+
+
+def test_cpu_half_precision_attention_is_computed_in_float32_even_under_autocast():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.to(torch.bfloat16))
