@@ -96,10 +96,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     130 tokens) to ~5x (cross-attention, 12 text tokens) slower than the float32 ones at this model's
     sizes (forward + backward, measured on the 2-core CPU), and float32 accumulation is what flash-attn
     does on the GPU anyway."""
-    if q.device.type != "cpu" or q.dtype == torch.float32:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask, scale=scale)
+    compute = torch.float32 if q.device.type == "cpu" else q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), attn_mask=attn_mask,
+                                             scale=scale)
     return out.to(q.dtype)
 
 
@@ -107,9 +107,7 @@ def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
     rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-    with torch.autocast(q.device.type, enabled=False):
-        out = F.scaled_dot_product_attention(*rounded, attn_mask=attn_mask)
-    return out.to(torch.bfloat16).to(q.dtype)
+    return sdpa(*rounded, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
 
 
 def _masked(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:

@@ -153,6 +153,11 @@ class BitwiseVAE(nn.Module):
         latent = self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
         return self.quantizer.encode(latent, vae_scales)
 
+    def reconstruct(self, images: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Images -> bits -> images in [-1, 1]: the round trip a sampler's perfect bits would take."""
+        bits = self.encode_bits(images, vae_scales).bits
+        return self.decode(self.quantizer.bits_to_latent(bits, vae_scales))
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] (B, 3, H, W) -> RGB uint8 (B, H, W, 3); truncation like the official cast."""

@@ -154,12 +154,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from model.config import RuntimeConfig
-    from model.training.common import VALID_SEEDS, images_tensor, psnr, scene_batch
     from model.training.evaluate import evaluate, reconstruction_ceiling
     from model.training.recipe import IMAGE_SIZE
+    from model.training.vae_training import validation_psnr
     from weights.default import DEFAULT_DIR, load_default_pipeline
 
     pipe, default = load_default_pipeline(RuntimeConfig(), args.weights or DEFAULT_DIR)
@@ -169,10 +167,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     report = evaluate(pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau)
     ceiling = reconstruction_ceiling(pipe.vae, default.schedule, IMAGE_SIZE, args.per_category, args.held_out)
-    images = images_tensor(scene_batch(VALID_SEEDS, 32, held_out=None), IMAGE_SIZE)
-    with torch.inference_mode():
-        bits = pipe.vae.encode_bits(images, default.schedule.scales).bits
-        vae_psnr = psnr(pipe.vae.decode(pipe.vae.quantizer.bits_to_latent(bits, default.schedule.scales)), images)
+    vae_psnr = validation_psnr(pipe.vae, 32, default.schedule.scales)
     split = "held-out templates" if args.held_out else "training templates"
     print(f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}\n")
     print(report.table(ceiling))

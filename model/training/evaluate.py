@@ -65,8 +65,7 @@ def reconstruction_ceiling(vae: BitwiseVAE, schedule: ScaleSchedule, image_size:
     images: list[np.ndarray] = []
     for start in range(0, len(scenes), batch):
         pixels = images_tensor(scenes[start:start + batch], image_size)
-        bits = vae.encode_bits(pixels, schedule.scales).bits
-        images += list(to_uint8(vae.decode(vae.quantizer.bits_to_latent(bits, schedule.scales))).numpy())
+        images += list(to_uint8(vae.reconstruct(pixels, schedule.scales)).numpy())
     return judge(scenes, images, per_category)
 
 

@@ -44,13 +44,14 @@ def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe,
 
 
 @torch.no_grad()
-def validation_psnr(vae: BitwiseVAE, count: int = 64) -> float:
+def validation_psnr(vae: BitwiseVAE, count: int = 64,
+                    scales: tuple[tuple[int, int], ...] = SCHEDULE.scales) -> float:
     """PSNR of held-out scenes decoded from their bits (exactly the inference path)."""
+    was_training = vae.training
     vae.eval()
     images = images_tensor(scene_batch(VALID_SEEDS, count, held_out=None), IMAGE_SIZE)
-    bits = vae.encode_bits(images, SCHEDULE.scales).bits
-    recon = vae.decode(vae.quantizer.bits_to_latent(bits, SCHEDULE.scales))
-    vae.train()
+    recon = vae.reconstruct(images, scales)
+    vae.train(was_training)
     return psnr(recon, images)
 
 
