@@ -54,6 +54,8 @@ class TransformerTraining:
     text_dropout: float = 0.1         # rows trained with the null prompt, so that CFG works
     bsc_strength: float = 0.3         # bitwise self-correction: flip up to 30% of the bits per scale
     ema: float = 0.998
+    # "uniform" or the official reweight_loss_by_scale ("sqrt_area"): see token_weights.
+    scale_weighting: str = "uniform"
     cache_scenes: int = 30_000        # scenes rendered and VAE-encoded once, reused across epochs
 
 
