@@ -23,6 +23,10 @@ def limits_paragraph(report: EvalReport, split: str) -> str:
     return f"{head} ({split}): " + "; ".join(verdicts) + "."
 
 
+def _weighting(name: str) -> str:
+    return {"uniform": "uniform", "sqrt_area": "the official reweight_loss_by_scale (1/sqrt(h*w) at an h x w scale)"}[name]
+
+
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
                ceiling: EvalReport | None = None) -> None:
     r = Recipe()
@@ -52,7 +56,7 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 - Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens; T5 encoder
   {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the caption vocabulary; trained jointly with
   bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
-  {r.transformer_training.text_dropout:.0%} null-prompt rows; EMA weights.
+  {r.transformer_training.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(r.transformer_training.scale_weighting)}; EMA weights.
 - Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total", meta.get("training_minutes", "?"))}
   minutes in all: VAE {meta.get("vae_steps", r.vae_training.steps)} steps of {r.vae_training.batch} images, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of {r.transformer_training.batch}.
 - Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).

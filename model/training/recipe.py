@@ -42,6 +42,9 @@ class VAETraining:
     # transformer's targets) do not change, only how sharply they are drawn.
     decoder_steps: int = 400
     decoder_lr: float = 5e-4
+    # Up to this fraction of each scale's bits flipped (bitwise self-correction's corruption, last scale
+    # included) before decoding; 0 = clean bits.
+    decoder_flip: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
                                    save_checkpoint, scene_batch, warmup_cosine)
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
@@ -55,11 +56,20 @@ def validation_psnr(vae: BitwiseVAE, count: int = 64,
     return psnr(recon, images)
 
 
-def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, reconstruction) of the decoder alone, from exactly the latent the sampler builds from bits."""
+def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float, flip: float = 0.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, reconstruction) of the decoder alone, from exactly the latent the sampler builds from bits.
+
+    flip > 0: the bits are first corrupted as bitwise self-correction corrupts them (up to `flip` of
+    each scale's bits flipped, later scales re-quantized against the corrupted history) and the last
+    scale's bits flipped too, so the decoder learns to draw clean shapes from a sampler's imperfect bits.
+    """
     with torch.no_grad():
-        bits = vae.encode_bits(images, SCHEDULE.scales).bits
-        latent = vae.quantizer.bits_to_latent(bits, SCHEDULE.scales)
+        raw = vae.encoder(images.to(vae.encoder.conv_in.weight.dtype)).float()
+        if flip > 0:
+            latent = corrupted_teacher_batch(vae.quantizer, raw, SCHEDULE.scales, flip, generator, flip_last=True).latent
+        else:
+            latent = vae.quantizer.bits_to_latent(vae.quantizer.encode(raw, SCHEDULE.scales).bits, SCHEDULE.scales)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon = vae.decoder(latent).float()
     weight = 1 + (object_weight - 1) * object_mask(images)
@@ -74,9 +84,12 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
     ckpt_path = workdir / "decoder.ckpt"
     vae.requires_grad_(False).decoder.requires_grad_(True)
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=t.decoder_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(recipe.seed + 3)
     start = 0
     if (state := load_checkpoint(ckpt_path)) is not None:
         vae.decoder.load_state_dict(state["decoder"]), opt.load_state_dict(state["opt"])
+        if "generator" in state:
+            generator.set_state(state["generator"])
         start = state["step"]
         log.info("decoder: resuming at step %d", start)
     progress = Progress("decoder", t.decoder_steps, start)
@@ -86,14 +99,15 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
         images = images_tensor(scene_batch(first_seed + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, t.decoder_steps, t.decoder_lr, warmup=max(1, t.decoder_steps // 20))
-        loss, recon = decoder_loss(vae, images, t.object_weight)
+        loss, recon = decoder_loss(vae, images, t.object_weight, t.decoder_flip, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
         opt.step()
         progress.update(step, loss=loss.item(), psnr=psnr(recon.detach(), images))
         if (step + 1) % 100 == 0 or step + 1 == t.decoder_steps:
-            save_checkpoint(ckpt_path, decoder=vae.decoder.state_dict(), opt=opt.state_dict(), step=step + 1)
+            save_checkpoint(ckpt_path, decoder=vae.decoder.state_dict(), opt=opt.state_dict(),
+                            generator=generator.get_state(), step=step + 1)
     vae.requires_grad_(False).eval()
     log.info("decoder: held-out PSNR %.2f dB (decoded from bits)", validation_psnr(vae))
     return vae

@@ -71,6 +71,21 @@ def test_bitwise_self_correction_labels_correct_the_corrupted_history():
     assert torch.equal(noisy.labels[:, :1], clean.labels[:, :1])         # scale 0 labels are the clean bits
     assert not torch.equal(noisy.inputs, clean.inputs)                   # the history was corrupted
     assert not torch.equal(noisy.labels[:, 1:], clean.labels[:, 1:])     # later labels correct it
+    # Uncorrupted, the latent is exactly what the sampler decodes from these bits.
+    torch.testing.assert_close(clean.latent, q.bits_to_latent(enc.bits, scales))
+
+
+def test_flipping_the_last_scale_changes_only_what_is_decoded():
+    q = BitwiseQuantizer(VAE_SIZES["tiny"])
+    scales = ((1, 1), (2, 2), (4, 4), (8, 8))
+    latent = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    kept = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5))
+    flipped = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5), flip_last=True)
+    assert torch.equal(flipped.inputs, kept.inputs) and torch.equal(flipped.labels, kept.labels)
+    last = q.codes(q.binarize(torch.zeros(4, 8, 8, 8)), len(scales) - 1)        # one last-scale code's magnitude
+    difference = (flipped.latent - kept.latent).abs()
+    assert difference.max() > 0                                          # some last-scale bits flipped ...
+    torch.testing.assert_close(difference[difference > 0], 2 * last.abs().max().expand(int((difference > 0).sum())))
 
 
 def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
@@ -44,11 +45,14 @@ def test_train_default_end_to_end_and_resume(tmp_path):
     assert np.array_equal(again.images[0], result.images[0])
 
 
-def test_decoder_refinement_keeps_the_bits(tmp_path):
-    """Stage 1b trains the decoder only: the encoder (so every bit the transformer learns) is unchanged."""
-    vae = train_vae(TOY, tmp_path)
+@pytest.mark.parametrize("flip", [0.0, 0.15])
+def test_decoder_refinement_keeps_the_bits(tmp_path, flip):
+    """Stage 1b trains the decoder only (from clean or corrupted bits): the encoder, so every bit the
+    transformer learns, is unchanged."""
+    recipe = replace(TOY, vae_training=replace(TOY.vae_training, decoder_flip=flip))
+    vae = train_vae(recipe, tmp_path)
     encoder, decoder = fingerprint(vae.encoder), fingerprint(vae.decoder)
-    refined = refine_decoder(TOY, vae, tmp_path)
+    refined = refine_decoder(recipe, vae, tmp_path)
     assert fingerprint(refined.encoder) == encoder
     assert fingerprint(refined.decoder) != decoder
     assert torch.load(tmp_path / "decoder.ckpt", weights_only=True)["step"] == 2
