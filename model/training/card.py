@@ -27,6 +27,13 @@ def _weighting(name: str) -> str:
     return {"uniform": "uniform", "sqrt_area": "the official reweight_loss_by_scale (1/sqrt(h*w) at an h x w scale)"}[name]
 
 
+def _flips(fraction: float) -> str:
+    if not fraction:
+        return ""
+    return (f", corrupted as bitwise self-correction corrupts them (up to {fraction:.0%} of each scale's bits flipped), "
+            "so that it draws clean shapes from a sampler's imperfect bits")
+
+
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
                ceiling: EvalReport | None = None) -> None:
     r = Recipe()
@@ -52,7 +59,8 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 - Images: {IMAGE_SIZE}x{IMAGE_SIZE}; schedule {meta["scales"]} (a non-official 6-scale schedule, 130 tokens).
 - VAE: bitwise, stride {r.vae.stride}, {r.vae.bits} bits per latent pixel, channels {r.vae.base_channels}x{list(r.vae.channel_mult)},
   code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {meta.get("decoder_steps", 0)} more steps on the
-  frozen encoder's bits (sharper drawing, same bits); held-out PSNR {vae_psnr:.2f} dB (decoded from bits).
+  frozen encoder's bits{_flips(meta.get("decoder_flip", 0.0))} (same bits, so the transformer's targets do not change);
+  held-out PSNR {vae_psnr:.2f} dB (decoded from clean bits).
 - Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens; T5 encoder
   {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the caption vocabulary; trained jointly with
   bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
