@@ -150,8 +150,11 @@ class BitwiseVAE(nn.Module):
 
     def encode_bits(self, images: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]):
         """Images in [-1, 1] (B, 3, H, W) -> EncodedBits over the given latent scales."""
-        latent = self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
-        return self.quantizer.encode(latent, vae_scales)
+        return self.quantizer.encode(self.encode_latent(images), vae_scales)
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> the encoder's raw latent (B, d, h, w) float32, before bits."""
+        return self.encoder(images.to(self.encoder.conv_in.weight.dtype)).float()
 
     def reconstruct(self, images: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]) -> torch.Tensor:
         """Images -> bits -> images in [-1, 1]: the round trip a sampler's perfect bits would take."""

@@ -24,7 +24,8 @@ class TeacherBatch:
 
 
 def corrupted_teacher_batch(quantizer: BitwiseQuantizer, latent: torch.Tensor, scales: tuple[tuple[int, int], ...],
-                            strength: float, generator: torch.Generator, flip_last: bool = False) -> TeacherBatch:
+                            strength: float, generator: torch.Generator | None,
+                            flip_last: bool = False) -> TeacherBatch:
     """latent: (B, d, H, W) raw encoder output. strength 0 = plain teacher forcing.
 
     flip_last also flips the last scale's bits (into `latent` only: nothing follows to correct them,

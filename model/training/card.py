@@ -24,14 +24,15 @@ def limits_paragraph(report: EvalReport, split: str) -> str:
 
 
 def _weighting(name: str) -> str:
-    return {"uniform": "uniform", "sqrt_area": "the official reweight_loss_by_scale (1/sqrt(h*w) at an h x w scale)"}[name]
+    official = "the official reweight_loss_by_scale (1/sqrt(h*w) at an h x w scale)"
+    return {"uniform": "uniform", "sqrt_area": official}[name]
 
 
 def _flips(fraction: float) -> str:
     if not fraction:
         return ""
-    return (f", corrupted as bitwise self-correction corrupts them (up to {fraction:.0%} of each scale's bits flipped), "
-            "so that it draws clean shapes from a sampler's imperfect bits")
+    return (f", corrupted as bitwise self-correction corrupts them (up to {fraction:.0%} of each scale's bits "
+            "flipped), so that it draws clean shapes from a sampler's imperfect bits")
 
 
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,

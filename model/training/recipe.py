@@ -39,7 +39,7 @@ class VAETraining:
     # wrong colours.
     object_weight: float = 5.0
     # Stage 1b: the decoder alone, trained further on the frozen encoder's bits. The bits (and so the
-    # transformer's targets) do not change, only how sharply they are drawn.
+    # transformer's targets) do not change, only how they are drawn.
     decoder_steps: int = 400
     decoder_lr: float = 5e-4
     # Up to this fraction of each scale's bits flipped (bitwise self-correction's corruption, last scale

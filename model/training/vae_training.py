@@ -64,12 +64,9 @@ def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float, fl
     each scale's bits flipped, later scales re-quantized against the corrupted history) and the last
     scale's bits flipped too, so the decoder learns to draw clean shapes from a sampler's imperfect bits.
     """
-    with torch.no_grad():
-        raw = vae.encoder(images.to(vae.encoder.conv_in.weight.dtype)).float()
-        if flip > 0:
-            latent = corrupted_teacher_batch(vae.quantizer, raw, SCHEDULE.scales, flip, generator, flip_last=True).latent
-        else:
-            latent = vae.quantizer.bits_to_latent(vae.quantizer.encode(raw, SCHEDULE.scales).bits, SCHEDULE.scales)
+    with torch.no_grad():                   # flip 0: exactly the clean bits' latent (bsc's strength 0)
+        latent = corrupted_teacher_batch(vae.quantizer, vae.encode_latent(images), SCHEDULE.scales, flip, generator,
+                                         flip_last=True).latent
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon = vae.decoder(latent).float()
     weight = 1 + (object_weight - 1) * object_mask(images)
@@ -78,8 +75,9 @@ def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float, fl
 
 
 def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE:
-    """Stage 1b: train the decoder further with the encoder frozen. The encoder's bits are unchanged, so
-    the latent cache and the transformer trained on it stay valid; reconstructions get sharper."""
+    """Stage 1b: train the decoder further with the encoder frozen, on clean or corrupted bits
+    (decoder_flip). The encoder's bits are unchanged, so the latent cache and the transformer trained
+    on it stay valid; only how the decoder draws bits changes."""
     t = recipe.vae_training
     ckpt_path = workdir / "decoder.ckpt"
     vae.requires_grad_(False).decoder.requires_grad_(True)
