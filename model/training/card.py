@@ -8,7 +8,7 @@ from pathlib import Path
 
 from model.training.evaluate import EvalReport
 from model.training.recipe import IMAGE_SIZE, Recipe
-from model.training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, TEMPLATES
+from model.training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES
 
 
 TARGETS = {"single colour": 0.95, "single": 0.80, "two": 0.50, "overall": 0.60}     # the issue's bars
@@ -57,6 +57,7 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 
 - Data: generated on the fly, deterministic by seed (`model/training/shapes.py`); captions from
   {sum(len(v) for v in TEMPLATES.values())} templates over 6 categories, {len(HELD_OUT)} held out of training.
+  Layouts: the VAE trains on {_layout(r.vae_training.layout)}, the transformer on {_layout(r.transformer_training.layout)}.
 - Images: {IMAGE_SIZE}x{IMAGE_SIZE}; schedule {meta["scales"]} (a non-official 6-scale schedule, 130 tokens).
 - VAE: bitwise, stride {r.vae.stride}, {r.vae.bits} bits per latent pixel, channels {r.vae.base_channels}x{list(r.vae.channel_mult)},
   code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {meta.get("decoder_steps", 0)} more steps on the
@@ -75,6 +76,13 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 
 """
     path.write_text(body + "\n\n".join(f"## {s.strip()}" for s in scores.values()) + "\n")
+
+
+def _layout(layout: str) -> str:
+    if layout == "free":
+        return "free layouts (objects anywhere they fit)"
+    return (f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
+            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter)")
 
 
 def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoom: int = 3, seed: int = 7) -> list[str]:

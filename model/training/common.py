@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.training.shapes import Scene, make_scene, render
+from model.training.shapes import Layout, Scene, make_scene, render
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 TRAIN_SEEDS, VALID_SEEDS, EVAL_SEEDS = 0, 10**9, 2 * 10**9
 
 
-def scene_batch(first_seed: int, count: int, held_out: bool | None = False) -> list[Scene]:
-    return [make_scene(first_seed + i, held_out=held_out) for i in range(count)]
+def scene_batch(first_seed: int, count: int, *, held_out: bool | None, layout: Layout) -> list[Scene]:
+    return [make_scene(first_seed + i, held_out=held_out, layout=layout) for i in range(count)]
 
 
 def images_tensor(scenes: list[Scene], size: int) -> torch.Tensor:

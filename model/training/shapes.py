@@ -3,6 +3,14 @@
 Scenes are deterministic by seed. Every caption belongs to one category (single object, two
 objects, counting, colours, position, colour attribution) and one template; 20% of the
 templates are held out of training to measure generalisation.
+
+Two layouts. "free" places objects anywhere they fit. "composed" places them as a caption reads,
+with a little jitter: one object near the centre, named objects left to right, counted objects in a
+row or a 2x2 grid, related objects on either side of a point near the centre. Where the caption does
+not say where things are, a free layout makes the image's coarse scales a coin toss the text cannot
+settle; a small transformer then samples each coarse token's bits from a mixture of layouts and
+draws objects twice, merged, or not at all. The autoencoder trains on free layouts (it should
+reconstruct anything); the transformer learns to compose.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,6 +34,8 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}
 SIZES = {"small": 0.16, "medium": 0.22, "big": 0.30}          # object diameter / image side
 RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single", "colour", "two", "counting", "position", "attribution")
+Layout = Literal["free", "composed"]
+JITTER = 0.06                     # composed layouts: each centre moves up to this much along each axis
 
 
 @dataclass(frozen=True)
@@ -88,10 +99,22 @@ def _place(rng: random.Random, sizes: list[float], tries: int = 200) -> list[tup
     return centres
 
 
-def _relation_centres(rng: random.Random, relation: str, size: float, size2: float) -> tuple[tuple, tuple]:
-    """Centres of A and B such that A is `relation` B, with a clear margin."""
+def _composed(rng: random.Random, sizes: list[float]) -> list[tuple[float, float]]:
+    """Centres as the caption reads: one near the middle, two or three in a row (first named on the
+    left), four in a 2x2 grid; each jittered by up to JITTER."""
+    slots = {1: [(0.5, 0.5)], 2: [(0.27, 0.5), (0.73, 0.5)], 3: [(0.18, 0.5), (0.5, 0.5), (0.82, 0.5)],
+             4: [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]}[len(sizes)]
+    jitter = JITTER if len(sizes) != 3 else JITTER / 3          # three in a row leave a narrow gap
+    return [(x + rng.uniform(-jitter, jitter), y + rng.uniform(-jitter, jitter)) for x, y in slots]
+
+
+def _relation_centres(rng: random.Random, relation: str, size: float, size2: float,
+                      layout: Layout) -> tuple[tuple, tuple]:
+    """Centres of A and B such that A is `relation` B, with a clear margin; "composed" keeps the
+    pair's midpoint near the image centre."""
+    spread = 0.1 if layout == "free" else JITTER
     along, across = rng.uniform(0.22, 0.32), rng.uniform(-0.08, 0.08)
-    mid = (rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6))
+    mid = (rng.uniform(0.5 - spread, 0.5 + spread), rng.uniform(0.5 - spread, 0.5 + spread))
     a = {"left of": (mid[0] - along, mid[1] + across), "right of": (mid[0] + along, mid[1] + across),
          "above": (mid[0] + across, mid[1] - along), "below": (mid[0] + across, mid[1] + along)}[relation]
     b = (2 * mid[0] - a[0], 2 * mid[1] - a[1])
@@ -99,7 +122,8 @@ def _relation_centres(rng: random.Random, relation: str, size: float, size2: flo
     return clamp(a, size), clamp(b, size2)
 
 
-def make_scene(seed: int, category: str | None = None, held_out: bool | None = False) -> Scene:
+def make_scene(seed: int, category: str | None = None, held_out: bool | None = False,
+               layout: Layout = "composed") -> Scene:
     """A random scene. held_out: False = training templates only, True = held-out only, None = any."""
     rng = random.Random(seed)
     category = category or rng.choice(CATEGORIES)
@@ -107,12 +131,12 @@ def make_scene(seed: int, category: str | None = None, held_out: bool | None = F
                  if held_out is None or (t == HELD_OUT[category]) == bool(held_out)]
     template = rng.choice(templates)
     while True:
-        scene = _try_scene(rng, category, template)
+        scene = _try_scene(rng, category, template, layout)
         if scene is not None:
             return scene
 
 
-def _try_scene(rng: random.Random, category: str, template: str) -> Scene | None:
+def _try_scene(rng: random.Random, category: str, template: str, layout: Layout) -> Scene | None:
     colours, shapes = list(COLOURS), list(SHAPES)
     c, s = rng.choice(colours), rng.choice(shapes)
     c2 = rng.choice([x for x in colours if x != c])
@@ -121,24 +145,25 @@ def _try_scene(rng: random.Random, category: str, template: str) -> Scene | None
     background = rng.choice(list(BACKGROUNDS))
     size = SIZES[z] if "{z}" in template else rng.uniform(0.2, 0.32)
     fields = {"c": c, "s": s, "c2": c2, "s2": s2, "z": z}
+    place = _place if layout == "free" else _composed
     if category in ("single", "colour"):
-        centres = _place(rng, [size])
+        centres = place(rng, [size])
         objects = [Obj(s, c, *centres[0], size)] if centres else None
     elif category in ("two", "attribution"):
         sizes = [rng.uniform(0.2, 0.3), rng.uniform(0.2, 0.3)]
-        centres = _place(rng, sizes)
+        centres = place(rng, sizes)
         objects = [Obj(s, c, *centres[0], sizes[0]), Obj(s2, c2, *centres[1], sizes[1])] if centres else None
     elif category == "counting":
         n = rng.choice(list(NUMBERS))
         fields["n"] = NUMBERS[n]
         sizes = [rng.uniform(0.16, 0.22)] * n
-        centres = _place(rng, sizes)
+        centres = place(rng, sizes)
         objects = [Obj(s, c, x, y, sizes[0]) for x, y in centres] if centres else None
     else:
         relation = rng.choice(RELATIONS)
         fields["r"] = relation
         sa, sb = rng.uniform(0.2, 0.28), rng.uniform(0.2, 0.28)
-        a, b = _relation_centres(rng, relation, sa, sb)
+        a, b = _relation_centres(rng, relation, sa, sb, layout)
         objects = [Obj(s, c, *a, sa), Obj(s2, c2, *b, sb)] if math.dist(a, b) > (sa + sb) / 2 + 0.04 else None
     if objects is None:
         return None

@@ -23,6 +23,7 @@ from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine)
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from model.training.shapes import Layout
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
 
@@ -36,24 +37,25 @@ class LatentCache:
 
 
 @torch.no_grad()
-def build_cache(vae: BitwiseVAE, count: int, path: Path, chunk: int = 256) -> LatentCache:
-    """Reused while the encoder is unchanged; a VAE trained further (a resumed run) rebuilds it."""
+def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: int = 256) -> LatentCache:
+    """Reused while the encoder and the layout are unchanged; a VAE trained further (a resumed run)
+    rebuilds it."""
     encoder = fingerprint(vae.encoder)
     if path.exists():
         state = torch.load(path, weights_only=True)
-        if len(state["captions"]) >= count and state.get("encoder") == encoder:
+        if len(state["captions"]) >= count and state.get("encoder") == encoder and state.get("layout") == layout:
             return LatentCache(state["captions"][:count], state["latents"][:count])
         log.info("latent cache: stale or too small, rebuilding")
     captions, latents = [], []
     progress = Progress("latent cache", math.ceil(count / chunk))
     for i, start in enumerate(range(0, count, chunk)):
-        scenes = scene_batch(TRAIN_SEEDS + 10**8 + start, min(chunk, count - start), held_out=False)
+        scenes = scene_batch(TRAIN_SEEDS + 10**8 + start, min(chunk, count - start), held_out=False, layout=layout)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             latents.append(vae.encoder(images_tensor(scenes, IMAGE_SIZE)).to(torch.bfloat16))
         captions.extend(s.caption for s in scenes)
         progress.update(i)
     cache = LatentCache(captions, torch.cat(latents))
-    torch.save({"captions": cache.captions, "latents": cache.latents, "encoder": encoder}, path)
+    torch.save({"captions": cache.captions, "latents": cache.latents, "encoder": encoder, "layout": layout}, path)
     return cache
 
 
@@ -120,7 +122,7 @@ def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, token
 def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
                        workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     t = recipe.transformer_training
-    cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt")
+    cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt", t.layout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed + 1)
         model = Infinity(recipe.transformer)

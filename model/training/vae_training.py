@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
                                    save_checkpoint, scene_batch, warmup_cosine)
-from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe, VAETraining
 from model.training.shapes import BACKGROUNDS
 from model.vae import BitwiseVAE
 
@@ -50,7 +50,7 @@ def validation_psnr(vae: BitwiseVAE, count: int = 64,
     """PSNR of held-out scenes decoded from their bits (exactly the inference path)."""
     was_training = vae.training
     vae.eval()
-    images = images_tensor(scene_batch(VALID_SEEDS, count, held_out=None), IMAGE_SIZE)
+    images = images_tensor(scene_batch(VALID_SEEDS, count, held_out=None, layout=VAETraining.layout), IMAGE_SIZE)
     recon = vae.reconstruct(images, scales)
     vae.train(was_training)
     return psnr(recon, images)
@@ -94,7 +94,7 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
     vae.decoder.train()
     first_seed = TRAIN_SEEDS + 10**7                 # scenes the VAE stage did not draw
     for step in range(start, t.decoder_steps):
-        images = images_tensor(scene_batch(first_seed + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
+        images = images_tensor(scene_batch(first_seed + step * t.batch, t.batch, held_out=None, layout=t.layout), IMAGE_SIZE)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, t.decoder_steps, t.decoder_lr, warmup=max(1, t.decoder_steps // 20))
         loss, recon = decoder_loss(vae, images, t.object_weight, t.decoder_flip, generator)
@@ -126,7 +126,7 @@ def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
     progress = Progress("VAE", t.steps, start)
     vae.train()
     for step in range(start, t.steps):
-        images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None), IMAGE_SIZE)
+        images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None, layout=t.layout), IMAGE_SIZE)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, t.steps, t.lr, warmup=max(1, t.steps // 20))
         loss, recon = vae_loss(vae, images, recipe, t.object_weight)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,8 @@ from model.config import VAE_SIZES
 from model.quantizer import BitwiseQuantizer
 from model.training.bsc import corrupted_teacher_batch
 from model.training.detector import detect, score
-from model.training.shapes import (CATEGORIES, COLOURS, HELD_OUT, SHAPES, TEMPLATES, Obj, Scene, make_scene, render,
-                                  vocabulary)
+from model.training.shapes import (CATEGORIES, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES, Obj, Scene, make_scene,
+                                  render, vocabulary)
 
 
 def test_scenes_are_deterministic_by_seed():
@@ -41,9 +43,50 @@ def test_captions_say_what_is_drawn():
     assert {"left of": a.cx < b.cx, "right of": a.cx > b.cx, "above": a.cy < b.cy, "below": a.cy > b.cy}[relation]
 
 
+def _gap(a: Obj, b: Obj) -> float:
+    """Distance between two objects' bounding circles, as a fraction of the image side."""
+    return math.dist((a.cx, a.cy), (b.cx, b.cy)) - (a.size + b.size) / 2
+
+
+@pytest.mark.parametrize("layout", ["free", "composed"])
+def test_objects_never_touch_and_stay_inside(layout):
+    for category in CATEGORIES:
+        for i in range(150):
+            objs = make_scene(i, category, held_out=None, layout=layout).objects
+            assert all(o.size / 2 < o.cx < 1 - o.size / 2 and o.size / 2 < o.cy < 1 - o.size / 2 for o in objs)
+            assert all(_gap(a, b) > 0.03 for j, a in enumerate(objs) for b in objs[j + 1:]), (category, i)
+
+
+def test_composed_layouts_place_objects_as_the_caption_reads():
+    for i in range(100):
+        (single,) = make_scene(i, "single", layout="composed").objects
+        assert abs(single.cx - 0.5) <= JITTER and abs(single.cy - 0.5) <= JITTER
+        for category in ("two", "attribution"):
+            first, second = make_scene(i, category, layout="composed").objects
+            assert first.cx < 0.5 - 0.1 < 0.5 + 0.1 < second.cx                 # first named on the left
+            assert abs(first.cy - 0.5) <= JITTER and abs(second.cy - 0.5) <= JITTER
+        objs = make_scene(i, "counting", layout="composed").objects
+        ys = sorted(o.cy for o in objs)
+        if len(objs) == 4:                                                  # a 2x2 grid
+            assert ys[1] < 0.5 < ys[2] and ys[1] - ys[0] <= 2 * JITTER and ys[3] - ys[2] <= 2 * JITTER
+        else:                                                               # a row
+            assert ys[-1] - ys[0] <= 2 * JITTER
+    # Free layouts do not: the first-named object is as often on the right.
+    lefts = [make_scene(i, "two", layout="free").objects for i in range(100)]
+    assert 25 < sum(a.cx < b.cx for a, b in lefts) < 75
+
+
+def test_a_layout_moves_objects_not_captions():
+    for i in range(60):
+        free, composed = make_scene(i, held_out=None, layout="free"), make_scene(i, held_out=None, layout="composed")
+        assert [(o.shape, o.colour) for o in free.objects] == [(o.shape, o.colour) for o in composed.objects]
+        assert free.caption == composed.caption
+
+
+@pytest.mark.parametrize("layout", ["free", "composed"])
 @pytest.mark.parametrize("category", CATEGORIES)
-def test_detector_scores_the_generators_own_renders_near_100_percent(category):
-    scenes = [make_scene(10_000 + i, category, held_out=None) for i in range(40)]
+def test_detector_scores_the_generators_own_renders_near_100_percent(category, layout):
+    scenes = [make_scene(10_000 + i, category, held_out=None, layout=layout) for i in range(40)]
     accuracy = np.mean([score(s, render(s, 128))["correct"] for s in scenes])
     assert accuracy >= 0.95, accuracy
 

@@ -9,9 +9,11 @@ import torch
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
 from model.training.recipe import Recipe, T5Size
 from model.training.common import fingerprint
+from model.training.transformer_training import build_cache
 from model.training.vae_training import refine_decoder, train_vae
-from weights.train_default import train_default
+from model.vae import BitwiseVAE
 from weights.default import load_default_pipeline
+from weights.train_default import train_default
 
 TOY = Recipe(
     vae=VAEConfig(bits=8, base_channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1, code_decay=0.6,
@@ -56,3 +58,15 @@ def test_decoder_refinement_keeps_the_bits(tmp_path, flip):
     assert fingerprint(refined.encoder) == encoder
     assert fingerprint(refined.decoder) != decoder
     assert torch.load(tmp_path / "decoder.ckpt", weights_only=True)["step"] == 2
+
+
+def test_latent_cache_is_rebuilt_for_another_layout(tmp_path):
+    """The transformer's scenes are laid out as the recipe says; a cache of the other layout is stale."""
+    vae = BitwiseVAE(TOY.vae).eval()
+    path = tmp_path / "latents.pt"
+    free = build_cache(vae, 8, path, "free", chunk=8)
+    assert build_cache(vae, 8, path, "free", chunk=8).latents.equal(free.latents)        # reused
+    composed = build_cache(vae, 8, path, "composed", chunk=8)
+    assert composed.captions == free.captions                  # same scenes, objects moved
+    assert not composed.latents.equal(free.latents)
+    assert torch.load(path, weights_only=True)["layout"] == "composed"
