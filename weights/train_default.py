@@ -39,7 +39,10 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     tokenizer.save_pretrained(out / "text_encoder")
     facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
              "vae_steps": recipe.vae_training.steps,
-             "decoder_steps": recipe.vae_training.decoder_steps, "transformer_steps": recipe.transformer_training.steps}
+             "decoder_steps": recipe.vae_training.decoder_steps, "decoder_flip": recipe.vae_training.decoder_flip,
+             "transformer_steps": recipe.transformer_training.steps,
+             "scale_weighting": recipe.transformer_training.scale_weighting,
+             "vae_layout": recipe.vae_training.layout, "transformer_layout": recipe.transformer_training.layout}
     (out / "schedule.json").write_text(json.dumps(facts, indent=1))
     log.info("exported the default model to %s", out)
 

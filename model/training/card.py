@@ -57,7 +57,8 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 
 - Data: generated on the fly, deterministic by seed (`model/training/shapes.py`); captions from
   {sum(len(v) for v in TEMPLATES.values())} templates over 6 categories, {len(HELD_OUT)} held out of training.
-  Layouts: the VAE trains on {_layout(r.vae_training.layout)}, the transformer on {_layout(r.transformer_training.layout)}.
+  Layouts: the VAE trained on {_layout(meta.get("vae_layout", "free"))}, the transformer on
+  {_layout(meta.get("transformer_layout", "free"))}.
 - Images: {IMAGE_SIZE}x{IMAGE_SIZE}; schedule {meta["scales"]} (a non-official 6-scale schedule, 130 tokens).
 - VAE: bitwise, stride {r.vae.stride}, {r.vae.bits} bits per latent pixel, channels {r.vae.base_channels}x{list(r.vae.channel_mult)},
   code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {meta.get("decoder_steps", 0)} more steps on the
@@ -66,7 +67,7 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 - Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens; T5 encoder
   {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the caption vocabulary; trained jointly with
   bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
-  {r.transformer_training.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(r.transformer_training.scale_weighting)}; EMA weights.
+  {r.transformer_training.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(meta.get("scale_weighting", "uniform"))}; EMA weights.
 - Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total", meta.get("training_minutes", "?"))}
   minutes in all: VAE {meta.get("vae_steps", r.vae_training.steps)} steps of {r.vae_training.batch} images, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of {r.transformer_training.batch}.
 - Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).

@@ -1,5 +1,6 @@
 """The whole training command at toy sizes: stages run, checkpoint, resume and export a loadable model."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +34,9 @@ def test_train_default_end_to_end_and_resume(tmp_path):
     assert seen == [3]
     assert {p.name for p in out.iterdir()} == {"transformer.safetensors", "vae.safetensors", "text_encoder",
                                                "schedule.json"}
+    facts = json.loads((out / "schedule.json").read_text())
+    assert (facts["vae_layout"], facts["transformer_layout"], facts["scale_weighting"]) == ("free", "composed",
+                                                                                           "sqrt_area")
     pipe, default = load_default_pipeline(RuntimeConfig(), out)
     assert not default.placeholder and default.schedule.scales[-1] == (8, 8)
     assert pipe.vae.config.code_decay == 0.6 and pipe.vae.config.norm_groups == 8
