@@ -83,7 +83,8 @@ def _layout(layout: str) -> str:
     if layout == "free":
         return "free layouts (objects anywhere they fit)"
     return (f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
-            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter)")
+            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter), so it always draws a lone object near "
+            f"the centre and named objects left to right")
 
 
 def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoom: int = 3, seed: int = 7) -> list[str]:

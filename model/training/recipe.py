@@ -53,7 +53,7 @@ class VAETraining:
 
 @dataclass(frozen=True)
 class TransformerTraining:
-    steps: int = 4400
+    steps: int = 6000
     batch: int = 48
     lr: float = 1.5e-3
     warmup: int = 200
