@@ -124,7 +124,8 @@ def _relation_centres(rng: random.Random, relation: str, size: float, size2: flo
 
 def make_scene(seed: int, category: str | None = None, held_out: bool | None = False,
                layout: Layout = "composed") -> Scene:
-    """A random scene. held_out: False = training templates only, True = held-out only, None = any."""
+    """A random scene. held_out: False = training templates only, True = held-out only, None = any.
+    layout: "composed" (the transformer's training scenes and the eval's ceiling) or "free" (the VAE's)."""
     rng = random.Random(seed)
     category = category or rng.choice(CATEGORIES)
     templates = [t for t in TEMPLATES[category]
