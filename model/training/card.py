@@ -35,6 +35,14 @@ def _flips(fraction: float) -> str:
             "flipped), so that it draws clean shapes from a sampler's imperfect bits")
 
 
+def _layout(layout: str) -> str:
+    if layout == "free":
+        return "free layouts (objects anywhere they fit)"
+    return (f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
+            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter), so it always draws a lone object near "
+            f"the centre and named objects left to right")
+
+
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
                ceiling: EvalReport | None = None) -> None:
     r = Recipe()
@@ -77,14 +85,6 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
 
 """
     path.write_text(body + "\n\n".join(f"## {s.strip()}" for s in scores.values()) + "\n")
-
-
-def _layout(layout: str) -> str:
-    if layout == "free":
-        return "free layouts (objects anywhere they fit)"
-    return (f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
-            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter), so it always draws a lone object near "
-            f"the centre and named objects left to right")
 
 
 def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoom: int = 3, seed: int = 7) -> list[str]:

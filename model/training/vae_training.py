@@ -94,7 +94,8 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
     vae.decoder.train()
     first_seed = TRAIN_SEEDS + 10**7                 # scenes the VAE stage did not draw
     for step in range(start, t.decoder_steps):
-        images = images_tensor(scene_batch(first_seed + step * t.batch, t.batch, held_out=None, layout=t.layout), IMAGE_SIZE)
+        scenes = scene_batch(first_seed + step * t.batch, t.batch, held_out=None, layout=t.layout)
+        images = images_tensor(scenes, IMAGE_SIZE)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, t.decoder_steps, t.decoder_lr, warmup=max(1, t.decoder_steps // 20))
         loss, recon = decoder_loss(vae, images, t.object_weight, t.decoder_flip, generator)
@@ -126,7 +127,8 @@ def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
     progress = Progress("VAE", t.steps, start)
     vae.train()
     for step in range(start, t.steps):
-        images = images_tensor(scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None, layout=t.layout), IMAGE_SIZE)
+        scenes = scene_batch(TRAIN_SEEDS + step * t.batch, t.batch, held_out=None, layout=t.layout)
+        images = images_tensor(scenes, IMAGE_SIZE)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, t.steps, t.lr, warmup=max(1, t.steps // 20))
         loss, recon = vae_loss(vae, images, recipe, t.object_weight)
