@@ -2,7 +2,8 @@
 
 Stages, each checkpointed in the work directory and skipped or resumed on a rerun:
 0. tokenizer over the caption vocabulary + a small T5 (random init, seeded);
-1. the bitwise VAE, then its decoder alone on the frozen encoder's bits; 2. the transformer and T5 jointly; 3. export to weights/default/.
+1. the bitwise VAE, then its decoder alone on the frozen encoder's bits; 1c. the T5 alone, taught to parse a
+caption into its scene (grounding.py); 2. the transformer and T5 jointly; 3. export to weights/default/.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, T5EncoderModel
 
 from model.t5_builder import build_t5_encoder_dir
+from model.training.grounding import pretrain_text_encoder
 from model.training.recipe import SCHEDULE, Recipe
 from model.training.shapes import vocabulary
 from model.training.transformer_training import train_transformer
@@ -40,7 +42,7 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
              "vae_steps": recipe.vae_training.steps,
              "decoder_steps": recipe.vae_training.decoder_steps, "decoder_flip": recipe.vae_training.decoder_flip,
-             "transformer_steps": recipe.transformer_training.steps,
+             "grounding_steps": recipe.grounding.steps, "transformer_steps": recipe.transformer_training.steps,
              "scale_weighting": recipe.transformer_training.scale_weighting,
              "vae_layout": recipe.vae_training.layout, "transformer_layout": recipe.transformer_training.layout}
     (out / "schedule.json").write_text(json.dumps(facts, indent=1))
@@ -59,6 +61,8 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
     t5 = T5EncoderModel.from_pretrained(t5_dir)
     vae = refine_decoder(recipe, train_vae(recipe, workdir), workdir)
     psnr_db = validation_psnr(vae)
-    model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, workdir, on_checkpoint)
+    head = pretrain_text_encoder(t5, tokenizer, recipe.grounding, recipe.transformer.text_maxlen,
+                                 recipe.transformer_training.layout, recipe.seed, workdir)
+    model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
     minutes = (time.monotonic() - start) / 60
     export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes, recipe)

@@ -43,6 +43,15 @@ def _layout(layout: str) -> str:
             f"the centre and named objects left to right")
 
 
+def _text_encoder(meta: dict, r: Recipe) -> str:
+    words = (f"T5 encoder {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the training "
+             "captions' words (words only the held-out templates use are unknown to it)")
+    if not meta.get("grounding_steps"):
+        return words + "; trained jointly with"
+    return (words + f"; first trained alone {meta['grounding_steps']} steps to read each caption's objects in reading "
+            f"order (colour, shape, arrangement), then jointly, that loss kept at weight {r.grounding.joint_weight}, with")
+
+
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
                ceiling: EvalReport | None = None) -> None:
     r = Recipe()
@@ -72,9 +81,8 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
   code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {meta.get("decoder_steps", 0)} more steps on the
   frozen encoder's bits{_flips(meta.get("decoder_flip", 0.0))} (same bits, so the transformer's targets do not change);
   held-out PSNR {vae_psnr:.2f} dB (decoded from clean bits).
-- Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens; T5 encoder
-  {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the caption vocabulary; trained jointly with
-  bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
+- Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens;
+  {_text_encoder(meta, r)} bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
   {r.transformer_training.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(meta.get("scale_weighting", "uniform"))}; EMA weights.
 - Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total", meta.get("training_minutes", "?"))}
   minutes in all: VAE {meta.get("vae_steps", r.vae_training.steps)} steps of {r.vae_training.batch} images, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of {r.transformer_training.batch}.

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.training.shapes import Layout, Scene, make_scene, render
+from model.training.shapes import COLOURS, NUMBERS, RELATIONS, SHAPES, SIZES, Layout, Scene, make_scene, render
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,26 @@ TRAIN_SEEDS, VALID_SEEDS, EVAL_SEEDS = 0, 10**9, 2 * 10**9
 
 def scene_batch(first_seed: int, count: int, *, held_out: bool | None, layout: Layout) -> list[Scene]:
     return [make_scene(first_seed + i, held_out=held_out, layout=layout) for i in range(count)]
+
+
+UNKNOWN_WORD = "xyzzy"            # in no caption, so the tokenizer maps it to <unk>
+_NAMING = {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS.values(), *SIZES, *" ".join(RELATIONS).split()}
+
+
+def with_unknown_words(captions: list[str], rate: float, generator: torch.Generator) -> list[str]:
+    """Give a `rate` of the captions one unknown word: inserted anywhere, or in place of a word
+    that names nothing ("a", "and", "with", ...), never in place of a colour, shape, number, size or relation."""
+    out = []
+    for caption, draw in zip(captions, torch.rand(len(captions), 3, generator=generator).tolist()):
+        words = caption.split()
+        if draw[0] < rate:
+            fillers = [i for i, w in enumerate(words) if w not in _NAMING]
+            if draw[1] < 0.5 and fillers:
+                words[fillers[int(draw[2] * len(fillers))]] = UNKNOWN_WORD
+            else:
+                words.insert(int(draw[2] * (len(words) + 1)), UNKNOWN_WORD)
+        out.append(" ".join(words))
+    return out
 
 
 def images_tensor(scenes: list[Scene], size: int) -> torch.Tensor:

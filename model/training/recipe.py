@@ -52,6 +52,19 @@ class VAETraining:
 
 
 @dataclass(frozen=True)
+class GroundingTraining:
+    """Stage 1c, the text encoder's pre-training on its own (see grounding.py)."""
+    steps: int = 1500
+    batch: int = 128
+    lr: float = 2e-3
+    scenes: int = 30_000             # training-template captions, drawn apart from the latent cache's seeds
+    joint_weight: float = 0.1        # the loss's weight while the encoder then trains with the transformer
+    # Captions given an unknown word (inserted, or replacing a word that names nothing), in both
+    # stages: a user's own wording, and the held-out templates' new words, reach the model as <unk>.
+    unknown_words: float = 0.2
+
+
+@dataclass(frozen=True)
 class TransformerTraining:
     steps: int = 6000
     batch: int = 48
@@ -79,6 +92,7 @@ class Recipe:
         depth=6, width=256, num_heads=4, ffn_hidden=1024, token_bits=32, text_channels=128, text_maxlen=24,
         pool_heads=2, block_chunks=2)
     t5: T5Size = T5Size()
+    grounding: GroundingTraining = GroundingTraining()
     vae_training: VAETraining = VAETraining()
     transformer_training: TransformerTraining = TransformerTraining()
     eval_cfg: float = 3.0

@@ -27,10 +27,14 @@ def test_held_out_templates_stay_out_of_training_scenes():
     assert sum(len(t) for t in TEMPLATES.values()) * 0.2 == len(HELD_OUT)      # 20% of the templates
 
 
-def test_every_caption_word_is_in_the_vocabulary():
+def test_training_caption_words_are_the_vocabulary_and_held_out_wording_is_unknown():
     words = set(vocabulary())
     for i in range(500):
-        assert set(make_scene(i, held_out=None).caption.split()) <= words
+        assert set(make_scene(i, held_out=False).caption.split()) <= words
+    held_only = set()
+    for i in range(500):
+        held_only |= set(make_scene(i, held_out=True).caption.split()) - words
+    assert held_only == {"the", "beside", "there", "are", "sits", "also"}
 
 
 def test_captions_say_what_is_drawn():
