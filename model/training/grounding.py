@@ -16,21 +16,18 @@ The same loss, down-weighted, keeps the encoder from forgetting while it trains 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.training.common import (TRAIN_SEEDS, Progress, load_checkpoint, save_checkpoint, scene_batch,
                                    warmup_cosine, with_unknown_words)
 from model.training.recipe import GroundingTraining
 from model.training.shapes import COLOURS, SHAPES, Layout, Scene
-
-log = logging.getLogger(__name__)
 
 SLOTS = 4
 ARRANGEMENTS = ("one", "row", "column", "grid")
@@ -96,15 +93,6 @@ def grounding_loss(head: GroundingHead, features: torch.Tensor, mask: torch.Tens
     return (F.cross_entropy(colour.flatten(0, 1), targets.colours.flatten())
             + F.cross_entropy(shape.flatten(0, 1), targets.shapes.flatten())
             + F.cross_entropy(arrangement, targets.arrangement))
-
-
-@torch.no_grad()
-def grounding_accuracy(head: GroundingHead, features: torch.Tensor, mask: torch.Tensor, targets: SceneTargets) -> float:
-    """The fraction of captions whose every slot and arrangement are read right."""
-    colour, shape, arrangement = head(features.float(), mask)
-    right = ((colour.argmax(-1) == targets.colours).all(-1) & (shape.argmax(-1) == targets.shapes).all(-1)
-             & (arrangement.argmax(-1) == targets.arrangement))
-    return right.float().mean().item()
 
 
 def t5_features(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str],

@@ -51,17 +51,15 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: 
             return LatentCache(state["captions"][:count], state["latents"][:count],
                                SceneTargets(**state["targets"])[:count])
         log.info("latent cache: stale or too small, rebuilding")
-    captions, latents, targets = [], [], []
+    scenes, latents = [], []
     progress = Progress("latent cache", math.ceil(count / chunk))
     for i, start in enumerate(range(0, count, chunk)):
-        scenes = scene_batch(TRAIN_SEEDS + 10**8 + start, min(chunk, count - start), held_out=False, layout=layout)
+        batch = scene_batch(TRAIN_SEEDS + 10**8 + start, min(chunk, count - start), held_out=False, layout=layout)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            latents.append(vae.encoder(images_tensor(scenes, IMAGE_SIZE)).to(torch.bfloat16))
-        captions.extend(s.caption for s in scenes)
-        targets.append(scene_targets(scenes))
+            latents.append(vae.encoder(images_tensor(batch, IMAGE_SIZE)).to(torch.bfloat16))
+        scenes.extend(batch)
         progress.update(i)
-    cache = LatentCache(captions, torch.cat(latents), SceneTargets(*(torch.cat(t) for t in zip(
-        *((t.colours, t.shapes, t.arrangement) for t in targets)))))
+    cache = LatentCache([s.caption for s in scenes], torch.cat(latents), scene_targets(scenes))
     torch.save({"captions": cache.captions, "latents": cache.latents, "encoder": encoder, "layout": layout,
                 "targets": vars(cache.targets)}, path)
     return cache
