@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.training.shapes import COLOURS, NUMBERS, RELATIONS, SHAPES, SIZES, Layout, Scene, make_scene, render
+from model.training.shapes import NAMING_WORDS, Layout, Scene, make_scene, render
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,6 @@ def scene_batch(first_seed: int, count: int, *, held_out: bool | None, layout: L
 
 
 UNKNOWN_WORD = "xyzzy"            # in no caption, so the tokenizer maps it to <unk>
-_NAMING = {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS.values(), *SIZES, *" ".join(RELATIONS).split()}
 
 
 def with_unknown_words(captions: list[str], rate: float, generator: torch.Generator) -> list[str]:
@@ -34,7 +33,7 @@ def with_unknown_words(captions: list[str], rate: float, generator: torch.Genera
     for caption, draw in zip(captions, torch.rand(len(captions), 3, generator=generator).tolist()):
         words = caption.split()
         if draw[0] < rate:
-            fillers = [i for i, w in enumerate(words) if w not in _NAMING]
+            fillers = [i for i, w in enumerate(words) if w not in NAMING_WORDS]
             if draw[1] < 0.5 and fillers:
                 words[fillers[int(draw[2] * len(fillers))]] = UNKNOWN_WORD
             else:

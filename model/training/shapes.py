@@ -71,6 +71,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
                     "a {c} {s} and also a {c2} {s2}"),
 }
 HELD_OUT = {cat: templates[-1] for cat, templates in TEMPLATES.items()}
+# The words that say what is drawn: colours, shapes (and plurals), numbers, sizes, relations.
+NAMING_WORDS = frozenset({*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS.values(), *SIZES,
+                          *" ".join(RELATIONS).split()})
 
 
 def vocabulary() -> list[str]:
@@ -83,10 +86,7 @@ def vocabulary() -> list[str]:
         for t in templates:
             if t != HELD_OUT[category]:
                 words.update(w for w in t.replace("{", " {").split() if not w.startswith("{"))
-    words.update(COLOURS, SHAPES, (s + "s" for s in SHAPES), NUMBERS.values(), SIZES)
-    for r in RELATIONS:
-        words.update(r.split())
-    return sorted(words)
+    return sorted(words | NAMING_WORDS)
 
 
 def _place(rng: random.Random, sizes: list[float], tries: int = 200) -> list[tuple[float, float]] | None:

@@ -23,7 +23,7 @@ from model.invariance import batch_invariance
 from model.training.bsc import corrupted_teacher_batch
 from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine, with_unknown_words)
-from model.training.grounding import GroundingHead, SceneTargets, grounding_loss, scene_targets
+from model.training.grounding import GroundingHead, SceneTargets, grounding_loss, scene_targets, t5_features
 from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
 from model.training.shapes import Layout
 from model.transformer import Infinity
@@ -67,10 +67,8 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: 
 
 def encode_text(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str], max_len: int) -> TextMemory:
     """Differentiable T5 features (B, T, Ct) with padding zeroed."""
-    tokens = tokenizer(captions, max_length=max_len, padding="longest", truncation=True, return_tensors="pt")
-    mask = tokens["attention_mask"]
-    features = t5(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state.float()
-    return TextMemory(features * mask.unsqueeze(-1), mask.sum(1))
+    features, mask = t5_features(t5, tokenizer, captions, max_len)
+    return TextMemory(features.float() * mask.unsqueeze(-1), mask.sum(1))
 
 
 def drop_text(model: Infinity, text: TextMemory, rate: float, generator: torch.Generator) -> TextMemory:
