@@ -41,6 +41,7 @@ class StageTimings:
 @dataclass(frozen=True)
 class GenerationResult:
     rows: tuple[int, ...]           # prompt index of each returned image (rows dropped by on_scale are absent)
+    nonfinite: tuple[int, ...]      # prompt indices whose logits went non-finite (extreme cfg/tau): no image
     images: list[np.ndarray]        # per returned row (H, W, 3) uint8 RGB
     bits: list[np.ndarray]          # per scale (B, h, w, d) uint8, latent layout (bit c = channel c)
     seeds: list[int]
@@ -113,13 +114,15 @@ class InfinityPipeline:
                          generators, self.backend, on_scale)
             _sync(self.device)
             t2 = time.perf_counter()
-            # 5. decode the accumulated latent of the rows that ran to the end
-            images = list(self.decode_latent(out.latent)) if out.rows else []
+            # 5. decode the accumulated latent of the rows that ran to the end with finite logits
+            keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
+            images = list(self.decode_latent(out.latent[keep])) if keep else []
             t3 = time.perf_counter()
+        rows = tuple(out.rows[k] for k in keep)
         tokens = sum(schedule.lengths) * self.transformer.config.token_bits
         return GenerationResult(
-            rows=out.rows, images=images, bits=[b.cpu().numpy() for b in out.bits],
-            seeds=[seeds[i] for i in out.rows], prompt_tokens=[encoded.token_counts[i] for i in out.rows],
+            rows=rows, nonfinite=out.nonfinite, images=images, bits=[b[keep].cpu().numpy() for b in out.bits],
+            seeds=[seeds[i] for i in rows], prompt_tokens=[encoded.token_counts[i] for i in rows],
             image_tokens=tokens, timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:

@@ -40,6 +40,7 @@ ScaleCallback = Callable[[ScaleEvent], Collection[int] | None]
 @dataclass(frozen=True)
 class SampleOutput:
     rows: tuple[int, ...]           # original row index of each returned row (dropped rows are absent)
+    nonfinite: tuple[int, ...]      # those of `rows` whose logits went non-finite: their bits are noise
     bits: list[torch.Tensor]        # per scale (len(rows), h, w, d) uint8, latent layout
     latent: torch.Tensor            # (len(rows), d, H, W) float32, input of the VAE decoder
     scale_seconds: list[float]
@@ -56,6 +57,7 @@ class _RunningRows:
     ca_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cache: KVCache
     guided: bool
+    nonfinite: torch.Tensor         # (rows,) bool: a logit of this row was inf or NaN at some scale
 
     def drop(self, ids: Collection[int]) -> list[int]:
         """Remove rows by original id; returns the positions kept (for tensors held by the caller)."""
@@ -68,6 +70,7 @@ class _RunningRows:
         self.cond = self.cond.select(both)
         self.ca_kv = [(k[both], v[both]) for k, v in self.ca_kv]
         self.cache = self.cache.select(both)
+        self.nonfinite = self.nonfinite[index]
         return keep
 
 
@@ -84,6 +87,17 @@ def guide(logits: torch.Tensor, params: list[SamplingParams], scale_index: int, 
     w_cond = logits.new_tensor([p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
     w_uncond = logits.new_tensor([1 - p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
     return w_cond * (logits[:B] * inv_tau) + w_uncond * (logits[B:] * inv_tau)
+
+
+def quarantine_nonfinite(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, l, V) guided logits -> (logits with every non-finite row zeroed, (B,) bool: which rows).
+
+    Extreme sampling values (a tiny tau, a huge cfg) can overflow a row's logits; sampling such a
+    row would raise and fail every row of the batch. Zeroed, the row samples noise (its result is
+    discarded by the caller) and its batch-mates are untouched. Flags stay on the device: no sync.
+    """
+    bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
+    return logits.masked_fill(bad.view(-1, 1, 1), 0.0), bad
 
 
 def filter_bit_logits(pairs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -136,7 +150,8 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     c = model.config
     cache = KVCache.allocate(c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim,
                              model.blocks[0].sa.mat_qkv.weight.dtype, text.features.device)
-    state = _RunningRows(list(range(B)), list(params), list(generators), cond, model.cross_kv(cond), cache, guided)
+    state = _RunningRows(list(range(B)), list(params), list(generators), cond, model.cross_kv(cond), cache, guided,
+                         torch.zeros(B, dtype=torch.bool, device=text.features.device))
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
 
     x = model.start_tokens(cond)                                        # (rows, 1, C)
@@ -144,7 +159,8 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     for si, (h, w) in enumerate(schedule.scales):
         t0 = time.perf_counter()
         raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
-        logits = guide(raw, state.params, si, guided)
+        logits, bad = quarantine_nonfinite(guide(raw, state.params, si, guided))
+        state.nonfinite |= bad
         token_bits = sample_bits(logits, state.params, state.generators).view(len(state.ids), h, w, -1)
         bits = quantizer.to_latent_layout(token_bits)                   # (B, h', w', d)
         latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
@@ -159,4 +175,5 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
         if si + 1 < n:
             x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
             x = torch.cat((x, x)) if guided else x
-    return SampleOutput(tuple(state.ids), bits_out, latent, seconds)
+    nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist()) if bad)
+    return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)

@@ -41,10 +41,18 @@ def error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+def _field(error: dict) -> str:
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
+    return loc[0] if loc else "body"              # the top-level field (union members add noise below it)
+
+
 def _validation_error(exc: RequestValidationError) -> ServingError:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "path")]
-    param = loc[0] if loc else "body"              # the top-level field (union members add noise below it)
+    errors = exc.errors()
+    param = _field(errors[0])
+    # A union such as `float | list[float]` reports one error per member; the one about a list's bad
+    # element (its input is a leaf value) says more than "should be a valid number" about the list.
+    same_field = [e for e in errors if _field(e) == param]
+    first = next((e for e in same_field if not isinstance(e.get("input"), (list, dict))), errors[0])
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return invalid(f"the body is not valid JSON: {message}", "body", "invalid_json")

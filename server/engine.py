@@ -21,7 +21,7 @@ from model.sampler import ScaleEvent
 from model.schedules import ScaleSchedule
 from server.batcher import Batcher, Ticket
 from server.errors import (ServingError, cancelled, deadline_unreachable, draining, generation_failed, invalid,
-                           not_ready, out_of_memory)
+                           nonfinite_sampling, not_ready, out_of_memory)
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,9 @@ class Engine:
         self._attempt(replica, tickets, start)
 
     def _attempt(self, replica: _Replica, tickets: list[Ticket], start: float) -> None:
-        """Run one batch; out of device memory, retry it as two smaller batches."""
+        """Run one batch. Out of device memory, or failing for any other reason, retry it as two
+        smaller batches, so that a request that cannot run fails alone and its batch-mates (whose
+        images do not depend on the batch) still get them."""
         requests: list[GenerationRequest] = [t.payload for t in tickets]
         schedule = requests[0].schedule
         owners = [i for i, r in enumerate(requests) for _ in r.params]         # ticket index of each row
@@ -272,7 +274,6 @@ class Engine:
         params = [p for r in requests for p in r.params]
         self.metrics.batch_size.observe(len(prompts))
         self.metrics.running_rows.inc(len(prompts))
-        result = None
         try:
             if self.fault_hook is not None:
                 self.fault_hook(requests)
@@ -281,32 +282,33 @@ class Engine:
         except DeviceOutOfMemory:
             log.warning("out of device memory for %d images (requests %s)", len(prompts),
                         [r.request_id for r in requests])
+            return self._bisect(replica, tickets, start, "out_of_memory")
         except Exception:
             log.exception("batch failed: requests %s", [r.request_id for r in requests])
-            self.metrics.errors.labels("generation").inc()
-            for t in tickets:
-                t.fail(generation_failed())
-            return
+            return self._bisect(replica, tickets, start, "generation")
         finally:
             self.metrics.running_rows.dec(len(prompts))
-        if result is None:
-            self._split_after_oom(replica, tickets, start)
-            return
         elapsed = time.monotonic() - start
         previous = replica.batch_seconds.get(schedule.key)
         replica.batch_seconds[schedule.key] = elapsed if previous is None else 0.7 * previous + 0.3 * elapsed
         self._observe(result, replica)
         self._deliver(tickets, owners, result, start)
 
-    def _split_after_oom(self, replica: _Replica, tickets: list[Ticket], start: float) -> None:
-        if len(tickets) == 1:
-            self.metrics.errors.labels("out_of_memory").inc()
-            tickets[0].fail(out_of_memory())
+    def _bisect(self, replica: _Replica, tickets: list[Ticket], start: float, reason: str) -> None:
+        """A failed batch: one request fails with its error; more are retried in two halves."""
+        for t in tickets:
+            if t.cancelled:                                  # gone while it ran: nothing to retry for it
+                t.fail(cancelled())
+        live = [t for t in tickets if not t.cancelled]
+        if len(live) <= 1:
+            self.metrics.errors.labels(reason).inc()
+            for t in live:
+                t.fail(out_of_memory() if reason == "out_of_memory" else generation_failed())
             return
-        self.metrics.oom_splits.inc()
-        half = len(tickets) // 2
-        self._attempt(replica, tickets[:half], start)
-        self._attempt(replica, tickets[half:], start)
+        self.metrics.batch_splits.labels(reason).inc()
+        half = len(live) // 2
+        self._attempt(replica, live[:half], start)
+        self._attempt(replica, live[half:], start)
 
     def _on_scale(self, replica: _Replica, tickets: list[Ticket], owners: list[int], event: ScaleEvent):
         self.metrics.scale_step.labels(str(event.scale_index)).observe(event.seconds)
@@ -340,6 +342,11 @@ class Engine:
         for i, t in enumerate(tickets):
             rows = [k for k, row in enumerate(result.rows) if owners[row] == i]
             if t.future.done():
+                continue
+            if any(owners[row] == i for row in result.nonfinite):
+                log.warning("request %s: non-finite logits, failed alone", t.payload.request_id)
+                self.metrics.errors.labels("non_finite_logits").inc()
+                t.fail(nonfinite_sampling())
                 continue
             if not rows:                                   # every image of it was dropped (cancelled)
                 t.fail(cancelled())

@@ -61,6 +61,11 @@ def generation_failed() -> ServingError:
                         "server_error", "generation_failed", retryable=True)
 
 
+def nonfinite_sampling() -> ServingError:
+    return ServingError("the sampling parameters made this model's logits non-finite; lower `cfg` or raise `tau`",
+                        422, "invalid_request_error", "non_finite_logits", retryable=False)
+
+
 def out_of_memory() -> ServingError:
     return ServingError("the device ran out of memory for this request; ask for fewer or smaller images", 503,
                         "server_error", "out_of_memory", retry_after=10, retryable=True)

@@ -32,8 +32,12 @@ class Metrics:
                                      registry=r)
         self.worker_restarts = Counter("infinity_worker_restarts_total", "Replica worker threads restarted",
                                        ["device"], registry=r)
-        self.oom_splits = Counter("infinity_oom_splits_total", "Batches split in two after running out of device memory",
-                                  registry=r)
+        self.batch_splits = Counter("infinity_batch_splits_total",
+                                    "Failed batches retried as two halves, by reason (out_of_memory, generation)",
+                                    ["reason"], registry=r)
+        self.previews_dropped = Counter("infinity_previews_dropped_total",
+                                        "Stream previews replaced unread by a newer one (a slow or stalled reader)",
+                                        registry=r)
         self.queue_depth = Gauge("infinity_queue_depth", "Images waiting in the queue", registry=r)
         self.running_rows = Gauge("infinity_running_rows", "Images being generated now", registry=r)
         self.batch_size = Histogram("infinity_batch_size", "Images per executed batch", buckets=BATCH_BUCKETS,

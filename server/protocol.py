@@ -11,7 +11,13 @@ from server.images import OutputFormat
 
 PN = Literal["0.06M", "0.25M", "0.60M", "1M"]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-PerScale = float | Annotated[list[float], Field(min_length=1, max_length=16)]
+# Sampling bounds. Why these: official runs use cfg 3-4 and tau 0.5-1; beyond cfg 30 or below tau 0.01
+# the logits are scaled by > 3000 and the bits are all but greedy, and far enough out they overflow
+# float32 and become inf/NaN. The engine also isolates a row that still goes non-finite (422).
+CFG_MIN, CFG_MAX = 0.0, 30.0
+TAU_MIN, TAU_MAX = 0.01, 10.0
+Cfg = Annotated[float, Field(ge=CFG_MIN, le=CFG_MAX)]
+Tau = Annotated[float, Field(ge=TAU_MIN, le=TAU_MAX)]
 
 
 class SamplingFields(BaseModel):
@@ -21,18 +27,12 @@ class SamplingFields(BaseModel):
 
     negative_prompt: str | None = Field(None, max_length=10_000)
     seed: Seed | None = Field(None, description="seed of the first image; image i uses seed + i")
-    cfg: PerScale | None = Field(None, description="guidance scale, one value or one per scale")
-    tau: PerScale | None = Field(None, description="temperature (> 0), one value or one per scale")
+    cfg: Cfg | Annotated[list[Cfg], Field(min_length=1, max_length=16)] | None = Field(
+        None, description=f"guidance scale in [{CFG_MIN:g}, {CFG_MAX:g}], one value or one per scale")
+    tau: Tau | Annotated[list[Tau], Field(min_length=1, max_length=16)] | None = Field(
+        None, description=f"temperature in [{TAU_MIN:g}, {TAU_MAX:g}], one value or one per scale")
     top_k: int | None = Field(None, ge=0, le=1000, description="1 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-
-    @field_validator("tau")
-    @classmethod
-    def _positive_tau(cls, v: PerScale | None) -> PerScale | None:
-        values = v if isinstance(v, list) else [v] if v is not None else []
-        if any(t <= 0 for t in values):
-            raise ValueError("tau must be > 0")
-        return v
 
 
 class GenerateRequest(SamplingFields):

@@ -209,3 +209,15 @@ def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invarian
         assert same
     else:
         assert not same, "the GEMMs are batch-invariant here even without the switch: this test lost its power"
+
+
+def test_quarantine_zeroes_only_the_rows_with_a_non_finite_logit():
+    from model.sampler import quarantine_nonfinite
+
+    logits = torch.randn(4, 3, 8)
+    logits[1, 2, 5] = float("inf")
+    logits[3, 0, 0] = float("nan")
+    cleaned, bad = quarantine_nonfinite(logits)
+    assert bad.tolist() == [False, True, False, True]
+    assert torch.equal(cleaned[[0, 2]], logits[[0, 2]])            # healthy rows untouched, bit for bit
+    assert torch.equal(cleaned[[1, 3]], torch.zeros(2, 3, 8))       # poisoned rows sample uniform noise

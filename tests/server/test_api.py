@@ -72,6 +72,11 @@ BAD_BODIES = [
     ({}, "prompt"),
     ({"prompt": 3}, "prompt"),
     ({"prompt": "a", "tau": 0}, "tau"),
+    ({"prompt": "a", "tau": 1e-30}, "tau"),
+    ({"prompt": "a", "tau": 1e6}, "tau"),
+    ({"prompt": "a", "tau": [1.0] * 6 + [1e-300]}, "tau"),
+    ({"prompt": "a", "cfg": 1e30}, "cfg"),
+    ({"prompt": "a", "cfg": -5}, "cfg"),
     ({"prompt": "a", "top_p": 2}, "top_p"),
     ({"prompt": "a", "top_k": -1}, "top_k"),
     ({"prompt": "a", "cfg": "x"}, "cfg"),
@@ -328,7 +333,7 @@ def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, clien
         t.join(30)
     assert sorted(r.status_code for r in results) == [200] * 4
     metrics = client.get("/metrics").text
-    assert "infinity_oom_splits_total 2.0" in metrics                  # 3 requests -> 1 + 2 -> 1 + 1 + 1
+    assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in metrics                  # 3 requests -> 1 + 2 -> 1 + 1 + 1
     engine.fault_hook = lambda requests: (_ for _ in ()).throw(DeviceOutOfMemory("injected"))
     r = client.post("/generate", json={"prompt": "a"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"

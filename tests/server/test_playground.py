@@ -172,7 +172,7 @@ def test_invalid_request_and_missing_key_show_the_servers_error(live, browser):
     set_value(driver, "tau", "0")
     driver.find_element(By.ID, "generate").click()
     text = error_text(driver)
-    assert text.startswith("Invalid request (400)") and "tau" in text and "must be > 0" in text, text
+    assert text.startswith("Invalid request (400)") and "tau" in text and "greater than or equal to 0.01" in text, text
     assert driver.find_element(By.ID, "tau").get_attribute("aria-invalid") == "true"
     assert driver.find_element(By.ID, "status").text == "Not generated."
     assert not driver.find_elements(By.CSS_SELECTOR, "#images .tile")
