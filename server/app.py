@@ -117,8 +117,12 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     app.add_middleware(RequestContext, metrics=engine.metrics)      # outermost: sees every response
 
     @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        """Liveness: fails once no replica can ever serve again, so that the orchestrator restarts us."""
+        if engine.broken:
+            return JSONResponse({"status": "broken", "reason": "every replica worker died past its restart budget"},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> Response:

@@ -66,10 +66,11 @@ class _Replica:
     deaths: list[float] = field(default_factory=list)                # monotonic times, recent only
     text_cache_seen: dict[str, int] = field(default_factory=dict)    # last stats exported as counters
     warmup_failed: bool = False
+    retired: bool = False                                            # died past its restart budget
 
     @property
     def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return not self.retired and self.thread is not None and self.thread.is_alive()
 
 
 class Engine:
@@ -122,10 +123,18 @@ class Engine:
         replica.thread = threading.Thread(target=self._worker, args=(replica, warmup),
                                           name=f"replica-{replica.device}", daemon=True)
         replica.thread.start()
+        self.metrics.replica_up.labels(replica.device).set(1)
 
     @property
     def ready(self) -> bool:
-        return self._accepting and all(r.alive for r in self.replicas)
+        """Can serve: admitting, and at least one replica's worker is alive (one dead replica of
+        several must not take the whole pod out of its Service)."""
+        return self._accepting and not self._broken and any(r.alive for r in self.replicas)
+
+    @property
+    def broken(self) -> bool:
+        """Every replica's worker died past its restart budget: only a new process can serve again."""
+        return self._broken
 
     def stop_admitting(self) -> None:
         """New requests get 503 and /readyz turns false; queued and running work continues."""
@@ -239,7 +248,8 @@ class Engine:
                     self._running.difference_update(batch)
 
     def _on_worker_death(self, replica: _Replica, exc: BaseException) -> None:
-        """Restart the worker within its budget; past it, report not-ready and fail what is queued."""
+        """Restart the worker within its budget; past it, retire the replica. With no replica left, fail
+        what is queued and report broken (not ready, not live)."""
         log.critical("replica %s: worker thread died", replica.device, exc_info=exc)
         self.metrics.worker_deaths.labels(replica.device).inc()
         now = time.monotonic()
@@ -250,12 +260,17 @@ class Engine:
                         len(replica.deaths), self.worker_restarts, self.restart_window_s)
             self._start_worker(replica)
             return
-        self.metrics.ready.set(0)
-        log.critical("replica %s: not restarted; the server reports not-ready", replica.device)
-        if not any(r.alive for r in self.replicas if r is not replica):
+        replica.retired = True
+        self.metrics.replica_up.labels(replica.device).set(0)
+        log.critical("replica %s: not restarted (%d deaths in %.0fs); %d of %d replicas serve", replica.device,
+                     len(replica.deaths), self.restart_window_s, sum(r.alive for r in self.replicas),
+                     len(self.replicas))
+        if not any(r.alive for r in self.replicas):
             self._broken = True
+            self.metrics.ready.set(0)
             failed = self.batcher.fail_all(not_ready())
-            log.critical("no worker left: %d queued requests failed with 503", failed)
+            log.critical("no replica left: %d queued requests failed with 503; /healthz now fails so that the "
+                         "orchestrator restarts this process", failed)
 
     def _run(self, replica: _Replica, tickets: list[Ticket]) -> None:
         start = time.monotonic()

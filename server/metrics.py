@@ -55,6 +55,9 @@ class Metrics:
                                           ["device", "result"], registry=r)
         self.text_cache_bytes = Gauge("infinity_text_cache_bytes", "Bytes held by the text-feature cache",
                                       ["device"], registry=r)
+        self.replica_up = Gauge("infinity_replica_up",
+                                "1 while the replica's worker runs; 0 once it died past its restart budget",
+                                ["device"], registry=r)
         self.ready = Gauge("infinity_ready", "1 when loaded, warmed and not draining", registry=r)
         self.build = Info("infinity_build", "Build and model information", registry=r)
 

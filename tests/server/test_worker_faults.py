@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
 from fastapi.testclient import TestClient
 
-from tests.server.conftest import Gate, make_app
+from model.pipeline import InfinityPipeline
+from model.text_encoder import T5TextEncoder
+from server.app import create_app
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+from tests.server.conftest import LIMITS, Gate, make_app
 
 
 class ThreadKill(BaseException):
@@ -87,5 +94,27 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
         assert _metric(c, 'infinity_worker_deaths_total{device="cpu"} 1.0')
         assert not _metric(c, 'infinity_worker_restarts_total{device="cpu"}')
         assert _metric(c, "infinity_ready 0.0")
+        assert _metric(c, 'infinity_replica_up{device="cpu"} 0.0')
+        r = c.get("/healthz")                          # liveness fails: the orchestrator restarts the pod
+        assert r.status_code == 503 and r.json()["status"] == "broken"
+    finally:
+        engine.drain(2)
+
+
+def test_one_dead_replica_of_two_leaves_the_server_ready_and_serving(pipeline, t5_dir, tiny_transformer, tiny_vae):
+    second = InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))
+    settings = Settings(max_batch_size=4, max_n=4, max_queue=8, warmup=False, worker_restarts=0)
+    engine = Engine({"cpu": pipeline, "cpu-b": second}, Metrics(), 4, 0, 8, None, 0)
+    engine.start()
+    c = TestClient(create_app(settings, engine, LIMITS))
+    try:
+        engine.fault_hook = _kill_once()
+        assert c.post("/generate", json={"prompt": "a"}).status_code == 500    # its replica is retired
+        for _ in range(3):
+            assert c.post("/generate", json={"prompt": "a"}).status_code == 200  # the other one serves
+        assert c.get("/readyz").status_code == 200 and c.get("/healthz").status_code == 200
+        up = {line for line in c.get("/metrics").text.splitlines() if line.startswith("infinity_replica_up{")}
+        assert sorted(line.split()[-1] for line in up) == ["0.0", "1.0"], up
+        assert _metric(c, "infinity_ready 1.0")
     finally:
         engine.drain(2)
