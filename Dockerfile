@@ -12,6 +12,9 @@ ARG VARIANT=gpu
 ARG INSTALL_FLASH_ATTN=0
 ARG FLASH_ATTN_WHEEL=""
 
+# INFINITY_HOST=0.0.0.0: the container's own interface, so a published port reaches it. The server then
+# refuses to start without INFINITY_API_KEYS, unless INFINITY_ALLOW_UNAUTHENTICATED=true is passed on
+# purpose (`docker run -p 127.0.0.1:8000:8000 ...` for a local try-out); the image never sets it.
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,10 +1,12 @@
 """Optional API keys: `Authorization: Bearer <key>`, compared in constant time, never logged.
 
 `GENERATION_GUARDS` are the dependencies of every generation endpoint: the key, then the rate limit.
+A matched key leaves its digest on `request.state.api_key_digest`: the rate limit's identity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import Depends, Request
@@ -34,6 +36,7 @@ def check_api_key(request: Request) -> None:
         matched |= hmac.compare_digest(given, key)
     if not matched:
         raise unauthorized("invalid API key")
+    request.state.api_key_digest = hashlib.sha256(given).hexdigest()[:32]
 
 
 GENERATION_GUARDS = [Depends(check_api_key), Depends(check_rate_limit)]

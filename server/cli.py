@@ -6,6 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                                   # commands import what they use when run: --help stays fast
+    from server.settings import Settings
 
 log = logging.getLogger("infinity_serve.cli")
 
@@ -78,24 +82,34 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
     p.add_argument("--max-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
     p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
-    p.add_argument("--rate-limit", help='requests per API key (or client address), e.g. "30/minute"')
+    p.add_argument("--allow-unauthenticated", action="store_true", default=None,
+                   help="serve without --api-key on a non-loopback --host (refused otherwise)")
+    p.add_argument("--rate-limit", help='requests per authenticated key, else client address, e.g. "30/minute"')
+    p.add_argument("--trusted-proxy", dest="trusted_proxies", action="append",
+                   help="IP or CIDR whose X-Forwarded-For names the client (repeat for several)")
     p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the transformer blocks (reduce-overhead: + CUDA graphs)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.set_defaults(func=_serve)
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """The `serve` flags given, over the INFINITY_* environment; raises pydantic's ValidationError."""
+    from server.settings import Settings
+
+    fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
+              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "allow_unauthenticated", "rate_limit",
+              "trusted_proxies", "compile", "warmup")
+    return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from server.main import serve
-    from server.settings import Settings
 
-    fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
-              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "rate_limit", "compile", "warmup")
-    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:
-        settings = Settings(**given)
+        settings = serve_settings(args)
     except ValidationError as e:
         for err in e.errors():
             log.error("setting %s: %s", ".".join(str(p) for p in err["loc"]) or "-", err["msg"])

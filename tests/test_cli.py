@@ -81,3 +81,20 @@ def test_errors_are_clear_and_exit_nonzero(tmp_path, files):
     assert r.returncode == 2 and "comma-separated numbers" in r.stderr
     r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--pn", "0.06M", "--tau", "0", *files)
     assert r.returncode == 2 and "`tau` must be > 0" in r.stderr
+
+
+def test_serve_refuses_a_key_less_public_host_before_loading_anything():
+    r = cli("serve", "--host", "0.0.0.0", "--port", "1")
+    assert r.returncode == 2
+    assert "api_keys is empty: set api_keys, or allow_unauthenticated=true (--allow-unauthenticated)" in r.stderr
+
+
+def test_serve_security_flags_reach_the_settings():
+    from server.cli import build_parser, serve_settings
+
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-unauthenticated",
+                                      "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "192.0.2.7"])
+    settings = serve_settings(args)
+    assert settings.allow_unauthenticated and settings.trusted_proxies == ["10.0.0.0/8", "192.0.2.7"]
+    plain = serve_settings(build_parser().parse_args(["serve"]))
+    assert not plain.allow_unauthenticated and plain.trusted_proxies == []

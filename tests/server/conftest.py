@@ -77,11 +77,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app):
-    """The app on a real uvicorn, on 127.0.0.1, in a background thread."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
+def running_server(app, config: uvicorn.Config | None = None, send_buffer: int | None = None):
+    """The app on a real uvicorn, on 127.0.0.1, in a background thread (`config`: one that says so).
+
+    `send_buffer`: SO_SNDBUF of its connections. Small, a client that stops reading blocks the
+    server's sends after kilobytes, not after the megabytes the kernel buffers on loopback.
+    """
+    config = config or uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None)
+    port = config.port
+    server = uvicorn.Server(config)
+    sockets = None
+    if send_buffer is not None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)   # accepted sockets inherit it
+        listener.bind((config.host, port))
+        sockets = [listener]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
