@@ -18,6 +18,7 @@ import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
 from model.invariance import set_batch_invariant
+from model.memory import MemoryUsage, device_memory
 from model.config import RuntimeConfig, SamplingParams
 from model.sampler import ScaleCallback, sample
 from model.schedules import ScaleSchedule
@@ -141,14 +142,9 @@ class InfinityPipeline:
         _sync(self.device)
         return images
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Memory in use: allocated/reserved on CUDA, the process's resident set on CPU."""
-        if self.device.type == "cuda":
-            return {"allocated": torch.cuda.memory_allocated(self.device),
-                    "reserved": torch.cuda.memory_reserved(self.device)}
-        import resource
-
-        return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    def memory_bytes(self) -> MemoryUsage:
+        """Now and at the peak: allocated/reserved on CUDA, the process's resident set on CPU."""
+        return device_memory(self.device)
 
     def text_cache_stats(self) -> dict[str, int]:
         """The text-feature cache: lookups that hit and missed since start, entries and bytes held."""

@@ -7,6 +7,7 @@ true tokens are kept, so the padded length does not matter (the padding is maske
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class FeatureCache:
             return features
 
     def put(self, prompt: str, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
+        size = _entry_bytes(prompt, features)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -58,8 +59,15 @@ class FeatureCache:
             self._entries[prompt] = features
             self.bytes += size
             while self.bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
+                evicted = self._entries.popitem(last=False)
+                self.bytes -= _entry_bytes(*evicted)
+
+
+def _entry_bytes(prompt: str, features: torch.Tensor) -> int:
+    """What one entry holds. The key counts too: a long prompt can outweigh its features (T5 truncates
+    at 512 tokens, the string does not), so counting tensors alone would let long prompts pass the bound.
+    sys.getsizeof, not the UTF-8 length: it is what the str occupies in this process."""
+    return sys.getsizeof(prompt) + features.numel() * features.element_size()
 
 
 class T5TextEncoder:

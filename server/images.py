@@ -61,9 +61,14 @@ class ImageStore:
         return self._bytes
 
     def _evict(self, now: float, incoming: int = 0) -> None:
-        """Drop expired images, then the oldest until the new one fits."""
-        for key in [k for k, v in self._items.items() if v.expires <= now]:
-            self._bytes -= len(self._items.pop(key).data)
-        while self._items and self._bytes + incoming > self.max_bytes:
+        """Drop the oldest images while they are expired or the new one does not fit.
+
+        Every image gets the same TTL and time.monotonic() never goes back, so insertion order is expiry
+        order: the expired ones are a prefix, and a request costs O(expired), not O(stored), under the lock.
+        """
+        while self._items and (self._oldest().expires <= now or self._bytes + incoming > self.max_bytes):
             _, old = self._items.popitem(last=False)
             self._bytes -= len(old.data)
+
+    def _oldest(self) -> StoredImage:
+        return next(iter(self._items.values()))

@@ -95,7 +95,7 @@ def _read_folder(path: Path) -> StateDict:
         raise CheckpointError(f"{path}: folder holds no index.json and no shard files")
     out: StateDict = {}
     for name in shards:
-        shard = path / name
+        shard = _shard_path(path, name)
         if not shard.exists():
             raise CheckpointError(f"{path}: shard {name} listed in the index is missing")
         part = _read_safetensors(shard) if shard.suffix == ".safetensors" else _unwrap(_read_pickle(shard), shard, None)
@@ -105,3 +105,15 @@ def _read_folder(path: Path) -> StateDict:
         out.update(part)
     log.info("read %d tensors from %d shards in %s", len(out), len(shards), path)
     return out
+
+
+def _shard_path(folder: Path, name: object) -> Path:
+    """Where a shard named by an index lives: a relative path that stays inside the folder.
+
+    Checked on the name, not on the resolved path: a Hugging Face cache snapshot keeps its shards as
+    symlinks into a sibling `blobs/` folder, which is legitimate; an index naming "../x" is not.
+    """
+    relative = Path(name) if isinstance(name, str) else None
+    if relative is None or not relative.parts or relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{folder}: the index names shard {name!r}, which is not a file inside the folder")
+    return folder / relative

@@ -228,8 +228,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(app_and_en
     for seed, b64 in solo.items():
         assert np.array_equal(png(by_seed[seed]), png(b64))
     metrics = client.get("/metrics").text
-    assert 'infinity_batch_size_bucket{le="2.0"}' in metrics
-    sizes = [line for line in metrics.splitlines() if line.startswith("infinity_batch_size_bucket")]
+    assert 'infinity_batch_size_images_bucket{le="2.0"}' in metrics
+    sizes = [line for line in metrics.splitlines() if line.startswith("infinity_batch_size_images_bucket")]
     at_most_two = float([s for s in sizes if 'le="2.0"' in s][0].split()[-1])
     total = float([s for s in sizes if 'le="+Inf"' in s][0].split()[-1])
     assert total > at_most_two                        # one batch held 3 requests
@@ -290,7 +290,7 @@ def test_metrics_expose_every_documented_metric(client):
     text = client.get("/metrics").text
     for name in ("infinity_requests_total", "infinity_request_duration_seconds_bucket", "infinity_images_generated_total",
                  "infinity_image_tokens_generated_total", "infinity_prompt_tokens_total", "infinity_queue_depth",
-                 "infinity_running_rows", "infinity_batch_size_bucket", "infinity_queue_wait_seconds_bucket",
+                 "infinity_running_rows", "infinity_batch_size_images_bucket", "infinity_queue_wait_seconds_bucket",
                  'infinity_stage_duration_seconds_bucket{le="0.05",stage="transformer"}',
                  'infinity_stage_duration_seconds_bucket{le="0.05",stage="vae_decode"}',
                  'infinity_stage_duration_seconds_bucket{le="0.05",stage="text_encode"}',

@@ -1,12 +1,13 @@
 import json
 import os
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from model.config import VAE_SIZES
-from weights import CheckpointError, load_transformer, load_vae
+from weights import CheckpointError, load_transformer, load_vae, read_state_dict
 from weights.convert import convert
 from weights.official import official_transformer_state
 from tests.conftest import make_vae
@@ -108,6 +109,18 @@ def test_sharded_folder_with_index_loads(tmp_path, tiny_transformer):
     weight_map.update({k: "model-00002-of-00002.bin" for k in names[half:]})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert same_parameters(load_transformer(folder), tiny_transformer)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_index_shard_names_must_stay_inside_the_folder(tmp_path, escape):
+    outside = tmp_path / "outside.safetensors"                  # exists: only the name check stops it
+    save_file({"weight": torch.zeros(2)}, str(outside))
+    folder = tmp_path / "checkpoint"
+    (folder / "sub").mkdir(parents=True)
+    name = str(outside) if escape == "ABSOLUTE" else escape
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"weight": name}}))
+    with pytest.raises(CheckpointError, match=f"names shard '{re.escape(name)}', which is not a file inside"):
+        read_state_dict(folder)
 
 
 def test_convert_to_safetensors_round_trip(tmp_path, official_files, tiny_transformer, tiny_vae):
