@@ -6,17 +6,19 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from sse_starlette import ServerSentEvent
 
 from server.auth import GENERATION_GUARDS
 from server.engine import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError
 from server.images import CONTENT_TYPES, encode_image
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GeneratedImage, parse_aspect_ratio
-from server.service import (check_common, deadline_for, encode_b64, preview_scales, preview_sink, progress,
-                            resolve_schedule, sampling_rows, wait_for_output)
+from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
+                            preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
 
 router = APIRouter(tags=["generate"])
 QUEUE_UPDATE_S = 0.5                      # while queued, a new `queued` event when the position changes
@@ -35,12 +37,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     deadline = deadline_for(request, app.settings)
     rid = request.state.request_id
     if body.stream:
-        previews: asyncio.Queue[Preview] = asyncio.Queue()
+        previews = PreviewMailbox(app.metrics.previews_dropped.inc)
         gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline,
                                 preview_scales(schedule.num_scales, body.partial_images), preview_sink(previews))
         ticket = app.engine.submit(gen)
-        return StreamingResponse(_events(request, body, ticket, previews, deadline), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return event_stream(request, _events(request, body, ticket, previews, deadline))
     ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
     out = await wait_for_output(request, app.engine, ticket, deadline)
     if body.n == 1 and _wants_image(request):
@@ -72,29 +73,27 @@ async def _response(request: Request, body: GenerateRequest, out: GenerationOutp
         timings=out.timings)
 
 
-def _sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-async def _events(request: Request, body: GenerateRequest, ticket, previews: asyncio.Queue,
-                  deadline: float) -> AsyncIterator[bytes]:
+async def _events(request: Request, body: GenerateRequest, ticket, previews: PreviewMailbox,
+                  deadline: float) -> AsyncIterator[ServerSentEvent]:
     engine = request.app.state.engine
     start = time.monotonic()
     ahead = engine.batcher.images_ahead(ticket)
-    yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth, "images_ahead": ahead})
-    async for item in progress(request, engine, ticket, previews, deadline, tick_s=QUEUE_UPDATE_S):
-        if item is None:                                   # no news: has the queue moved?
-            now = engine.batcher.images_ahead(ticket)
-            if now is not None and now != ahead:
-                ahead = now
-                yield _sse("queued", {"id": request.state.request_id, "queue_depth": engine.batcher.depth,
-                                      "images_ahead": ahead})
-        elif isinstance(item, Preview):
-            images = [await encode_b64(img, "png") for img in item.images]
-            yield _sse("preview", {"scale_index": item.scale_index, "num_scales": item.num_scales,
-                                   "elapsed": round(time.monotonic() - start, 3), "images": images})
-        elif isinstance(item, ServingError):
-            yield _sse("error", {"error": {"message": item.message, "type": item.type, "code": item.code,
-                                           "param": item.param}})
-        else:
-            yield _sse("completed", json.loads((await _response(request, body, item)).model_dump_json()))
+    yield sse({"id": request.state.request_id, "queue_depth": engine.batcher.depth, "images_ahead": ahead}, "queued")
+    # aclosing: when this stream ends early, progress() cancels the request now, not at garbage collection
+    async with aclosing(progress(request, engine, ticket, previews, deadline, tick_s=QUEUE_UPDATE_S)) as items:
+        async for item in items:
+            if item is None:                                   # no news: has the queue moved?
+                now = engine.batcher.images_ahead(ticket)
+                if now is not None and now != ahead:
+                    ahead = now
+                    yield sse({"id": request.state.request_id, "queue_depth": engine.batcher.depth,
+                               "images_ahead": ahead}, "queued")
+            elif isinstance(item, Preview):
+                images = [await encode_b64(img, "png") for img in item.images]
+                yield sse({"scale_index": item.scale_index, "num_scales": item.num_scales,
+                           "elapsed": round(time.monotonic() - start, 3), "images": images}, "preview")
+            elif isinstance(item, ServingError):
+                yield sse({"error": {"message": item.message, "type": item.type, "code": item.code,
+                                     "param": item.param}}, "error")
+            else:
+                yield sse(json.loads((await _response(request, body, item)).model_dump_json()), "completed")

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from sse_starlette import ServerSentEvent
 
 from server.auth import GENERATION_GUARDS
 from server.engine import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError
 from server.images import CONTENT_TYPES, encode_image
 from server.protocol import ErrorResponse, ImageData, OpenAIImageRequest, OpenAIImagesResponse, Usage, parse_size
-from server.service import (check_common, deadline_for, encode_b64, preview_scales, preview_sink, progress,
-                            resolve_schedule, sampling_rows, wait_for_output)
+from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
+                            preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
 
 router = APIRouter(tags=["openai"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
@@ -36,13 +37,12 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Resp
     deadline = deadline_for(request, app.settings)
     rid = request.state.request_id
     if body.stream:
-        previews: asyncio.Queue[Preview] = asyncio.Queue()
+        previews = PreviewMailbox(app.metrics.previews_dropped.inc)
         count = 0 if body.partial_images is None else body.partial_images
         gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline, preview_scales(schedule.num_scales, count),
                                 preview_sink(previews))
         ticket = app.engine.submit(gen)
-        return StreamingResponse(_events(request, body, ticket, previews, deadline), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return event_stream(request, _events(request, body, ticket, previews, deadline))
     ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
     out = await wait_for_output(request, app.engine, ticket, deadline)
     response = await _response(request, body, out)
@@ -87,29 +87,31 @@ async def _response(request: Request, body: OpenAIImageRequest, out: GenerationO
                                 size=f"{out.width}x{out.height}", quality=body.quality, usage=_usage(out))
 
 
-def _event(data: dict) -> bytes:
-    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+def _event(data: dict) -> ServerSentEvent:
+    return sse(data, data["type"])
 
 
-async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: asyncio.Queue,
-                  deadline: float) -> AsyncIterator[bytes]:
+async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: PreviewMailbox,
+                  deadline: float) -> AsyncIterator[ServerSentEvent]:
     fmt = _fmt(body)
     common = {"background": "opaque", "output_format": fmt, "quality": body.quality or "auto"}
     index = 0
-    async for item in progress(request, request.app.state.engine, ticket, previews, deadline):
-        if isinstance(item, Preview):
-            for image in item.images:
-                h, w = image.shape[:2]
-                yield _event({"type": "image_generation.partial_image", "created_at": int(time.time()),
-                              "size": f"{w}x{h}", "partial_image_index": index,
-                              "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
-            index += 1
-        elif isinstance(item, ServingError):
-            error = {"message": item.message, "type": item.type, "code": item.code, "param": item.param}
-            yield f"data: {json.dumps({'error': error})}\n\n".encode()
-        else:
-            usage = _usage(item).model_dump()
-            for image in item.images:
-                yield _event({"type": "image_generation.completed", "created_at": int(time.time()),
-                              "size": f"{item.width}x{item.height}", "usage": usage,
-                              "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
+    # aclosing: when this stream ends early, progress() cancels the request now, not at garbage collection
+    async with aclosing(progress(request, request.app.state.engine, ticket, previews, deadline)) as items:
+        async for item in items:
+            if isinstance(item, Preview):
+                for image in item.images:
+                    h, w = image.shape[:2]
+                    yield _event({"type": "image_generation.partial_image", "created_at": int(time.time()),
+                                  "size": f"{w}x{h}", "partial_image_index": index,
+                                  "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
+                index += 1
+            elif isinstance(item, ServingError):         # no event name: the SDK reads a bare `error` field
+                error = {"message": item.message, "type": item.type, "code": item.code, "param": item.param}
+                yield sse({"error": error})
+            else:
+                usage = _usage(item).model_dump()
+                for image in item.images:
+                    yield _event({"type": "image_generation.completed", "created_at": int(time.time()),
+                                  "size": f"{item.width}x{item.height}", "usage": usage,
+                                  "b64_json": await encode_b64(image, fmt, body.output_compression), **common})

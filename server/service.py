@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import random
 import time
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from model.config import SamplingParams
 from model.schedules import PN_SCALES, ScaleSchedule, nearest_template, schedule_for_size
@@ -125,21 +129,29 @@ def preview_scales(num_scales: int, count: int | None) -> frozenset[int]:
 
 
 async def wait_for_output(request: Request, engine: Engine, ticket, deadline: float) -> GenerationOutput:
-    """Await the engine without blocking the loop; cancel on disconnect or deadline."""
+    """Await the engine without blocking the loop; cancel the ticket on disconnect, on deadline, and
+    when this handler itself is cancelled (uvicorn's shutdown timeout), so no orphan keeps running."""
     future = asyncio.wrap_future(ticket.future)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            engine.cancel(ticket, "deadline")
-            raise deadline_exceeded()
-        done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
-        if done:
-            if future.cancelled():
+    # When this handler is gone before the ticket ends, nobody reads its error: consume it here, or
+    # asyncio logs "Future exception was never retrieved" for every cut stream.
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                engine.cancel(ticket, "deadline")
+                raise deadline_exceeded()
+            done, _ = await asyncio.wait({future}, timeout=min(DISCONNECT_POLL_S, remaining))
+            if done:
+                if future.cancelled():
+                    raise cancelled()
+                return future.result()
+            if await request.is_disconnected():
+                engine.cancel(ticket, "disconnect")
                 raise cancelled()
-            return future.result()
-        if await request.is_disconnected():
-            engine.cancel(ticket, "disconnect")
-            raise cancelled()
+    except asyncio.CancelledError:
+        engine.cancel(ticket, "shutdown")
+        raise
 
 
 async def encode_b64(pixels, fmt: OutputFormat, quality: int | None = None) -> str:
@@ -148,41 +160,107 @@ async def encode_b64(pixels, fmt: OutputFormat, quality: int | None = None) -> s
 
 
 
-async def progress(request: Request, engine: Engine, ticket, previews: "asyncio.Queue",
+class PreviewMailbox:
+    """The newest unread Preview of one streaming request; a newer one replaces it (latest wins).
+
+    Why: a reader slower than the scales, or one that stopped reading, then pins one preview (all
+    images of one scale), not every preview of the request. Lives on the event loop; worker threads
+    reach it through `preview_sink`.
+    """
+
+    def __init__(self, on_replace: Callable[[], object] | None = None) -> None:
+        self._latest: Preview | None = None
+        self._arrived = asyncio.Event()
+        self._on_replace = on_replace
+        self.replaced = 0                                  # previews dropped unread
+
+    def put(self, preview: Preview) -> None:
+        if self._latest is not None:
+            self.replaced += 1
+            if self._on_replace is not None:
+                self._on_replace()
+        self._latest = preview
+        self._arrived.set()
+
+    async def wait(self) -> None:
+        """Until a preview is pending. It stays here (replaceable) until `take`."""
+        await self._arrived.wait()
+
+    def take(self) -> Preview | None:
+        preview, self._latest = self._latest, None
+        self._arrived.clear()
+        return preview
+
+    def __len__(self) -> int:
+        return 0 if self._latest is None else 1
+
+
+async def progress(request: Request, engine: Engine, ticket, previews: PreviewMailbox,
                    deadline: float, tick_s: float | None = None) -> AsyncIterator[object]:
     """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it;
     with `tick_s`, also None after every `tick_s` seconds without news (to report the queue position).
 
-    If the consumer stops early (client gone), the request is cancelled in the engine.
+    A preview is taken only when the consumer asks for the next item, so while the consumer is
+    stuck (a client not reading) newer previews replace it in the mailbox instead of piling up.
+    If the consumer stops early (client gone, send timed out), the request is cancelled in the engine.
     """
     waiter = asyncio.ensure_future(wait_for_output(request, engine, ticket, deadline))
-    getter = None
+    arrival: asyncio.Future | None = None
     try:
         while True:
-            getter = getter if getter is not None and not getter.done() else asyncio.ensure_future(previews.get())
-            done, _ = await asyncio.wait({waiter, getter}, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
+            if arrival is None or arrival.done():
+                arrival = asyncio.ensure_future(previews.wait())
+            done, _ = await asyncio.wait({waiter, arrival}, timeout=tick_s, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 yield None
                 continue
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            getter = None
-            try:
-                yield waiter.result()
-            except ServingError as e:
-                yield e
-            return
+            preview = previews.take()              # also the last one, when the output won the race
+            if preview is not None:
+                yield preview
+            if waiter.done():
+                try:
+                    yield waiter.result()
+                except ServingError as e:
+                    yield e
+                return
     finally:
         if not ticket.future.done():
             engine.cancel(ticket, "disconnect")
         waiter.cancel()
-        if getter is not None:
-            getter.cancel()
+        if arrival is not None:
+            arrival.cancel()
 
 
-def preview_sink(previews: "asyncio.Queue") -> Callable[[Preview], None]:
+def preview_sink(previews: PreviewMailbox) -> Callable[[Preview], None]:
     """A callback for worker threads that hands previews to this event loop."""
     loop = asyncio.get_running_loop()
-    return lambda p: loop.call_soon_threadsafe(previews.put_nowait, p)
+    return lambda p: loop.call_soon_threadsafe(previews.put, p)
+
+
+SSE_SEP = "\n"     # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it
+
+
+def sse(data: dict, event: str | None = None) -> ServerSentEvent:
+    """One event: an `event:` line (if named) and one `data:` line of JSON."""
+    return ServerSentEvent(json.dumps(data), event=event, sep=SSE_SEP)
+
+
+def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    """Serve `events` as SSE, with a `: ping` comment every `stream_ping_s` (proxies cut connections idle
+    for ~60 s, and a queued request or a long scale sends nothing) and a per-send timeout that ends the
+    stream of a client that stopped reading."""
+    settings: Settings = request.app.state.settings
+    return _EventStream(events, ping=settings.stream_ping_s, send_timeout=settings.stream_send_timeout_s,
+                        sep=SSE_SEP, ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SSE_SEP))
+
+
+class _EventStream(EventSourceResponse):
+    """A client that stops reading is an expected end, not a server error: log it, do not raise it
+    (the events generator is closed by then, which cancels its engine request)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            rid = scope.get("state", {}).get("request_id")
+            log.warning("request %s: the client read nothing for %gs; stream closed", rid, self.send_timeout)
