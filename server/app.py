@@ -15,8 +15,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from server import routes_generate, routes_openai, routes_playground
 from server.auth import check_api_key
@@ -62,7 +64,12 @@ def _validation_error(exc: RequestValidationError) -> ServingError:
 
 
 class BodyLimit:
-    """413 for bodies over the limit, with or without Content-Length (pure ASGI, streams counted)."""
+    """413 for bodies over the limit, with or without Content-Length (pure ASGI).
+
+    The body is read here, up to the limit, before the app sees it. Why not count inside the app's
+    `receive`: FastAPI turns any error raised while it reads the body into a 400, so a chunked body
+    without Content-Length got 400 instead of 413. Bodies are small (JSON), so buffering costs nothing.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -70,29 +77,29 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
         too_big = ServingError(f"request body larger than {self.max_bytes} bytes", 413, "invalid_request_error",
                                "body_too_large", retryable=False)
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":            # the client left before sending its body
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_bytes:
-                raise _BodyTooLarge()
-            return message
+                return await error_response(too_big)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await error_response(too_big)(scope, receive, send)
+        async def replay() -> Message:
+            # The whole body once, then the real channel (disconnect detection keeps working).
+            return pending.pop() if pending else await receive()
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastAPI:
@@ -112,9 +119,16 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
     app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
     app.state.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
+    # SIGTERM drains streams like any request (each ends with its work, within its deadline). Left on,
+    # sse-starlette cuts every stream at the first signal, and its process-wide flag stays set after.
+    AppStatus.disable_automatic_graceful_drain()
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=engine.metrics)      # outermost: sees every response
+    app.add_middleware(RequestContext, metrics=engine.metrics)      # sees every response
+    # Outermost, so every layer sees the real client: X-Forwarded-For is applied only when the peer is
+    # one of `trusted_proxies` (the rightmost untrusted address wins); anyone else's header is ignored.
+    # Here rather than uvicorn's own option, so in-process tests and `serve` behave the same.
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:
@@ -131,6 +145,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
 
     @app.get("/metrics", tags=["health"])
     async def metrics() -> Response:
+        engine.observe_memory()               # at scrape time too: a quiet server still reports memory now
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)], tags=["openai"])
@@ -163,16 +178,14 @@ def _install_error_handlers(app: FastAPI) -> None:
                                            "body" if status == 400 else None, retryable=False,
                                            headers=dict(exc.headers or {})))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = getattr(request.state, "request_id", None)
-        log.exception("unhandled error (request %s)", rid)
-        app.state.metrics.errors.labels("unhandled").inc()
-        return error_response(ServingError("internal error; it was logged with the request id", 500))
+    # Unexpected exceptions are answered by RequestContext, inside Starlette's ServerErrorMiddleware,
+    # so that the 500 carries x-request-id like every other response.
 
 
 class RequestContext:
-    """Request id (given or new) on scope state and response header, one log line and metrics per request.
+    """Request id (given or new) on scope state and response header, one log line and metrics per
+    request, and the one place that turns an unexpected exception into a 500 (with the id, so that
+    the body's "logged with the request id" can be followed).
 
     Pure ASGI (no BaseHTTPMiddleware) so that streaming and disconnect detection pass through untouched.
     """
@@ -186,21 +199,37 @@ class RequestContext:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        start, status = time.perf_counter(), 500
+        start, status, started = time.perf_counter(), 500, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error (request %s)", rid)
+            self.metrics.errors.labels("unhandled").inc()
+            if not started:
+                await error_response(ServingError("internal error; it was logged with the request id", 500))(
+                    scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(endpoint, f"{status // 100}xx").inc()
-            self.metrics.request_duration.labels(endpoint).observe(elapsed)
-            log.info("request %s %s %s -> %d in %.3fs", rid, scope["method"], scope["path"], status, elapsed)
+            route = getattr(scope.get("route"), "path", None)
+            self.metrics.requests.labels(route or "unmatched", f"{status // 100}xx").inc()
+            self.metrics.request_duration.labels(route or "unmatched").observe(elapsed)
+            log.info("request %s %s %s -> %d in %.3fs", rid, scope["method"], route or _loggable_path(scope),
+                     status, elapsed)
+
+
+def _loggable_path(scope: Scope) -> str:
+    """The path as sent (still percent-encoded, so `%0A` cannot start a forged log line), with any other
+    unprintable byte escaped, and cut short. Matched routes log their template instead, which keeps
+    secrets in paths (the ids of `/v1/images/{image_id}`) out of the log."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    text = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 200 else text[:200] + "..."

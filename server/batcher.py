@@ -12,10 +12,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from server.errors import ServingError, cancelled, deadline_exceeded, queue_full
+from server.errors import ServingError, cancelled, deadline_exceeded, draining, queue_full
 
 
 @dataclass(eq=False)
@@ -53,7 +53,7 @@ class Batcher:
         self._clock = clock
         self._queue: list[Ticket] = []
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed: ServingError | None = None       # once closed: what a late request is told
         self._last_batch_requests = 2         # start patient: the first burst is batched
 
     @property
@@ -72,6 +72,8 @@ class Batcher:
 
     def put(self, ticket: Ticket, retry_after: float = 1.0) -> None:
         with self._cond:
+            if self._closed is not None:               # raced a drain or the last worker's death
+                raise replace(self._closed)            # a fresh exception per request (tracebacks)
             if sum(t.rows for t in self._queue) + ticket.rows > self.max_queue_rows:
                 raise queue_full(retry_after)
             self._queue.append(ticket)
@@ -86,15 +88,16 @@ class Batcher:
                 return True
             return False
 
-    def close(self) -> None:
+    def close(self, error: ServingError | None = None) -> None:
+        """Admit nothing more (`put` raises `error`); workers take what is queued, then stop."""
         with self._cond:
-            self._closed = True
+            self._closed = self._closed or error or draining()
             self._cond.notify_all()
 
     def fail_all(self, error: ServingError) -> int:
-        """Close and fail every queued ticket (no worker is left to run them); returns how many."""
+        """Close and fail every queued ticket with `error` (also what later `put`s raise); returns how many."""
         with self._cond:
-            self._closed = True
+            self._closed = self._closed or error
             queued, self._queue = self._queue, []
             for t in queued:
                 t.fail(error)
@@ -108,7 +111,7 @@ class Batcher:
             while True:
                 self._discard_dead()
                 if not self._queue:
-                    if self._closed:
+                    if self._closed is not None:
                         return None
                     remaining = None if idle_deadline is None else idle_deadline - self._clock()
                     if remaining is not None and remaining <= 0:
@@ -121,7 +124,7 @@ class Batcher:
                 # Wait for a fuller batch only under concurrent load (the last batch held several
                 # requests): a lone client gets no batching delay, concurrent clients get full batches.
                 patient = self._last_batch_requests > 1
-                if full or now >= leave_at or self._closed or not patient:
+                if full or now >= leave_at or self._closed is not None or not patient:
                     for t in batch:
                         self._queue.remove(t)
                     self._last_batch_requests = len(batch)

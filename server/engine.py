@@ -90,6 +90,7 @@ class Engine:
         self._accepting = False
         self._started = False
         self._broken = False                   # every worker died past its restart budget
+        self._drain_deadline: float | None = None   # monotonic; set once shutdown begins
         self.worker_restarts, self.restart_window_s = worker_restarts, restart_window_s
         self.fault_hook: Callable[[list[GenerationRequest]], None] | None = None   # tests inject failures here
 
@@ -141,6 +142,14 @@ class Engine:
         self._accepting = False
         self.metrics.ready.set(0)
 
+    def begin_drain(self, deadline: float) -> int:
+        """Shutdown starts: admit nothing more, and fail what is queued with 503 (its retry lands on a
+        live pod) so that only running batches have to finish before `deadline` (monotonic), the one
+        deadline every later wait of the shutdown shares. Returns how many requests were refused."""
+        self.stop_admitting()
+        self._drain_deadline = deadline if self._drain_deadline is None else min(deadline, self._drain_deadline)
+        return self.batcher.fail_all(draining())
+
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -152,14 +161,22 @@ class Engine:
         return False
 
     def drain(self, timeout: float) -> bool:
-        """Stop admitting, let queued and running work finish, stop the workers; True if all finished."""
-        self.stop_admitting()
-        finished = self.wait_idle(timeout)
+        """Stop admitting, fail what is queued, let running work finish within `timeout` (or what is
+        left of a drain already begun), stop the workers; True if all finished."""
+        now = time.monotonic()
+        self.begin_drain(now + timeout)
+        finished = self.wait_idle(max(0.0, self._drain_deadline - now))
         self.batcher.close()
         for r in self.replicas:
             if r.thread is not None:
-                r.thread.join(timeout=1.0)
+                r.thread.join(timeout=max(0.0, min(1.0, self._drain_deadline - time.monotonic())))
         return finished
+
+    def observe_memory(self, *replicas: _Replica) -> None:
+        """Memory gauges (in use now and peak) of these replicas, or of all."""
+        for replica in replicas or self.replicas:
+            memory = replica.pipeline.memory_bytes()
+            self.metrics.set_device_memory(replica.device, memory.in_use, memory.peak)
 
     # ---- model facts for the routes ---------------------------------------------------------
     @property
@@ -192,8 +209,10 @@ class Engine:
         return ticket
 
     def cancel(self, ticket: Ticket, stage_hint: str) -> None:
-        """Client gone or deadline passed: leave the queue now, or drop out at the next scale."""
-        if ticket.future.done():
+        """Client gone or deadline passed: leave the queue now, or drop out at the next scale.
+
+        Idempotent: a stream's end and its waiter's cancellation may both report one request."""
+        if ticket.future.done() or ticket.cancelled:
             return
         ticket.cancel_reason = stage_hint
         stage = "queued" if self.batcher.remove(ticket) else "running"
@@ -344,8 +363,7 @@ class Engine:
         m.images.inc(len(result.images))
         m.image_tokens.inc(result.image_tokens * len(result.images))
         m.prompt_tokens.inc(sum(result.prompt_tokens))
-        for kind, value in replica.pipeline.memory_bytes().items():
-            m.device_memory.labels(replica.device, kind).set(value)
+        self.observe_memory(replica)
         cache = replica.pipeline.text_cache_stats()
         for result, key in (("hit", "hits"), ("miss", "misses")):   # counters move by what changed since
             m.text_cache_lookups.labels(replica.device, result).inc(cache[key] - replica.text_cache_seen[key])

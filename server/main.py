@@ -1,18 +1,20 @@
 """Start-up: settings -> pipelines on every device -> warmed engine -> app -> uvicorn.
 
 Loading and warm-up finish before the port opens, so a listening server is a ready one. On
-SIGTERM/SIGINT the engine stops admitting (503, /readyz false), in-flight work finishes within
-`drain_timeout_s`, then the process exits.
+SIGTERM/SIGINT the engine stops admitting (503, /readyz false), queued requests get 503, running work
+finishes, and the process exits, all within one `drain_timeout_s` deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 
 import uvicorn
+from fastapi import FastAPI
 
 from model.config import RuntimeConfig
 from model.pipeline import InfinityPipeline
@@ -72,7 +74,10 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
 
 
 class DrainingServer(uvicorn.Server):
-    """First signal: stop admitting and let in-flight work finish, then exit as uvicorn does."""
+    """First signal: one drain deadline (`drain_timeout`) for the whole shutdown. Queued requests get
+    503 at once, running batches finish, then uvicorn closes connections and the lifespan stops the
+    workers, each with only what is left of that deadline: the process exits within it (plus a
+    second), inside Kubernetes' grace period. A second signal exits at once."""
 
     def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
         super().__init__(config)
@@ -83,20 +88,44 @@ class DrainingServer(uvicorn.Server):
         if self._draining:                       # second signal: exit now
             return super().handle_exit(sig, frame)
         self._draining = True
-        log.info("signal %s: draining (new requests get 503) for up to %.0fs", sig, self.drain_timeout)
-        self.engine.stop_admitting()
+        deadline = time.monotonic() + self.drain_timeout
+        refused = self.engine.begin_drain(deadline)
+        log.info("signal %s: draining for up to %.0fs; %d queued requests refused with 503, new ones too",
+                 sig, self.drain_timeout, refused)
 
         def finish() -> None:
-            self.engine.wait_idle(self.drain_timeout)
+            finished = self.engine.wait_idle(max(0.0, deadline - time.monotonic()))
+            if not finished:
+                log.warning("drain deadline passed with work running: it is cancelled")
+            # uvicorn's wait for open connections gets what is left; past it, it cancels the handlers,
+            # which cancel their engine tickets (service.wait_for_output).
+            self.config.timeout_graceful_shutdown = max(0.1, deadline - time.monotonic())
             super(DrainingServer, self).handle_exit(sig, frame)
 
         threading.Thread(target=finish, name="drain", daemon=True).start()
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 (its default),
+    # letting any local client pick its rate-limit identity; create_app applies `trusted_proxies` instead.
+    # access_log=False: RequestContext logs every request once, with its id, and without the secret part
+    # of `/v1/images/{id}` paths, which uvicorn's access log would print.
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=False,
+                          access_log=False, timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
+
+
+def warn_if_open(settings: Settings) -> None:
+    """Loud, because serving without keys beyond loopback is allowed only on purpose (Settings refuses it)."""
+    if settings.open_to_network:
+        log.warning("!!! NO API KEYS on %s: anyone who can reach port %d may generate images "
+                    "(allow_unauthenticated is set; give api_keys to require a key) !!!",
+                    settings.host, settings.port)
+
+
 def serve(settings: Settings) -> None:
+    warn_if_open(settings)
     engine, limits = build_engine(settings)
     app = create_app(settings, engine, limits)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
+    config = uvicorn_config(app, settings)
     log.info("serving %s on http://%s:%d", limits.name, settings.host, settings.port)
     DrainingServer(config, engine, settings.drain_timeout_s).run()

@@ -5,6 +5,7 @@ Nothing else in the project reads environment variables.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -48,13 +49,17 @@ class Settings(BaseSettings):
 
     # --- security ---
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty = no authentication
-    rate_limit: str | None = None                   # per API key (or client address), e.g. "30/minute"
+    allow_unauthenticated: bool = False             # no keys on a non-loopback host: refused unless this
+    rate_limit: str | None = None                   # per authenticated key, else client address: "30/minute"
+    trusted_proxies: list[str] = Field(default_factory=list)  # IPs/CIDRs whose X-Forwarded-For is believed
 
     # --- http ---
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_requests_body: bool = False
     drain_timeout_s: float = Field(60.0, ge=0)
+    stream_ping_s: float = Field(15.0, gt=0)        # `: ping` comment on streams (proxies cut idle ones at ~60 s)
+    stream_send_timeout_s: float = Field(30.0, gt=0)  # a stream's client reading nothing this long: closed, cancelled
 
     @field_validator("devices")
     @classmethod
@@ -82,8 +87,21 @@ class Settings(BaseSettings):
         if value is not None:
             from limits import parse
 
-            parse(value)                            # ValueError names what is wrong
+            if parse(value).amount < 1:             # parse: a ValueError names what is wrong
+                raise ValueError(f"rate_limit must allow at least one request, got {value!r}")
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, proxies: list[str]) -> list[str]:
+        # Checked here because uvicorn's proxy middleware silently treats a malformed entry as a name.
+        for entry in proxies:
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network "
+                                 f"(such as 10.0.0.7 or 10.0.0.0/8)") from None
+        return proxies
 
     @model_validator(mode="after")
     def _weights_all_or_none(self) -> Settings:
@@ -101,7 +119,23 @@ class Settings(BaseSettings):
         if self.max_n > self.max_batch_size:
             raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "
                              f"one request's images always share a batch")
+        if self.max_n > self.max_queue:
+            raise ValueError(f"max_n {self.max_n} exceeds max_queue {self.max_queue}: such a request could never "
+                             f"be queued, and clients would retry its 429 forever")
         return self
+
+    @model_validator(mode="after")
+    def _no_open_network_by_accident(self) -> Settings:
+        if self.open_to_network and not self.allow_unauthenticated:
+            raise ValueError(f"host {self.host!r} is reachable from other machines and api_keys is empty: "
+                             f"set api_keys, or allow_unauthenticated=true (--allow-unauthenticated) "
+                             f"to serve anyone who can connect")
+        return self
+
+    @property
+    def open_to_network(self) -> bool:
+        """True when the server listens beyond loopback without API keys: anyone reaching it may generate."""
+        return not self.api_keys and not _is_loopback(self.host)
 
     @property
     def uses_default_model(self) -> bool:
@@ -109,3 +143,13 @@ class Settings(BaseSettings):
 
     def dtype_for(self, device: str) -> str:
         return self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1; any other name or address (0.0.0.0 included) counts as reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

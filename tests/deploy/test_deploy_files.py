@@ -74,6 +74,23 @@ def test_kubernetes_manifests_validate_against_the_schemas():
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
 
 
+def test_the_deployment_cannot_start_without_its_api_keys():
+    deployment = yaml.safe_load((DOCKER / "k8s" / "deployment.yaml").read_text())
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    secret = env["INFINITY_API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert secret.get("optional", False) is False, "an optional secret lets the pod serve without keys"
+    assert "INFINITY_ALLOW_UNAUTHENTICATED" not in env
+
+
+def test_images_and_stacks_are_never_open_by_default():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    instructions = [line for line in lines if not line.lstrip().startswith("#")]
+    assert not any("ALLOW_UNAUTHENTICATED" in line for line in instructions)   # the operator says so, not the image
+    server = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["server"]
+    if server["environment"].get("INFINITY_ALLOW_UNAUTHENTICATED") == "true":  # key-less: this machine only
+        assert all(str(port).startswith("127.0.0.1:") for port in server["ports"]), server["ports"]
+
+
 def test_compose_file_parses_and_references_existing_files():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     assert set(compose["services"]) == {"server", "prometheus", "grafana"}
@@ -108,7 +125,7 @@ def test_every_metric_the_dashboard_and_rules_use_exists(pipeline):
 
 
 EXPECT_DATA = ("infinity_requests_total", "request_duration_seconds_bucket", "infinity_queue_depth", "images_generated",
-               "stage_duration", "scale_step", "batch_size", "device_memory", "infinity_ready", "queue_wait")
+               "stage_duration", "scale_step", "batch_size_images", "device_memory", "infinity_ready", "queue_wait")
 
 
 def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipeline, tmp_path):
@@ -156,3 +173,14 @@ def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipel
             proc.terminate()
             proc.wait(10)
             engine.drain(5)
+
+
+def test_the_whole_shutdown_fits_in_the_grace_period():
+    """preStop sleep + the one drain deadline + a margin to exit must end before Kubernetes kills the pod."""
+    spec = yaml.safe_load((DOCKER / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    server = spec["containers"][0]
+    command = server["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    env = {e["name"]: e.get("value") for e in server["env"]}
+    drain = float(env["INFINITY_DRAIN_TIMEOUT_S"])
+    assert float(command[1]) + drain + 10 <= spec["terminationGracePeriodSeconds"]

@@ -95,3 +95,20 @@ def test_depth_reports_changes():
     b.put(t)
     assert b.remove(t) and not b.remove(t)
     assert seen == [3, 0]
+
+
+def test_a_request_that_races_the_close_fails_at_once_with_the_close_reason():
+    b = Batcher(max_batch_size=4, max_wait_s=0.0, max_queue_rows=100)
+    b.close()
+    with pytest.raises(ServingError) as caught:
+        b.put(ticket())                            # would otherwise wait, unserved, until its deadline
+    assert caught.value.status == 503 and caught.value.code == "draining"
+    broken = Batcher(max_batch_size=4, max_wait_s=0.0, max_queue_rows=100)
+    queued = ticket()
+    broken.put(queued)
+    from server.errors import not_ready
+
+    assert broken.fail_all(not_ready()) == 1 and queued.future.exception().code == "not_ready"
+    with pytest.raises(ServingError) as caught:
+        broken.put(ticket())
+    assert caught.value.code == "not_ready"

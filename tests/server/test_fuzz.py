@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import httpx
@@ -132,5 +133,41 @@ def test_image_ids_are_never_paths(url):
             return
         assert r.status_code in (404, 405) or (r.status_code == 200 and r.headers["content-type"].startswith("image/"))
         assert "root:" not in r.text
+
+    run()
+
+
+# Extreme but finite: the largest and smallest floats, subnormals, just outside each documented bound.
+extreme_float = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                          st.sampled_from([1.7976931348623157e308, -1.7976931348623157e308, 5e-324, 1e-300, 30.0,
+                                           30.000001, 0.01, 0.00999999, 10.0, 10.000001, 0.0, -0.0]))
+extreme_int = st.one_of(st.integers(), st.sampled_from([2**63 - 1, 2**63, -2**63, 2**64, 10**30]))
+extreme_fields = {
+    "cfg": st.one_of(extreme_float, st.lists(extreme_float, min_size=1, max_size=16)),
+    "tau": st.one_of(extreme_float, st.lists(extreme_float, min_size=1, max_size=16)),
+    "top_p": extreme_float, "top_k": extreme_int, "seed": extreme_int, "n": extreme_int,
+    "width": extreme_int, "height": extreme_int, "partial_images": extreme_int,
+}
+
+
+def test_extreme_finite_numbers_never_touch_a_concurrent_normal_request(url):
+    normal = {"prompt": "a red circle", "seed": 7, "tau": 1.0}
+    solo = httpx.post(f"{url}/generate", json=normal, timeout=60).json()["images"][0]["b64"]
+
+    @settings(max_examples=max(60, EXAMPLES // 3), deadline=None, derandomize=True, database=None)
+    @given(fields=st.fixed_dictionaries({}, optional=extreme_fields).filter(bool))
+    def run(fields):
+        body = {"prompt": "x", **fields}
+        if "width" in body or "height" in body:
+            body.setdefault("width", 64), body.setdefault("height", 64)
+        with ThreadPoolExecutor(2) as pool:
+            extreme = pool.submit(httpx.post, f"{url}/generate", json=body, timeout=60)
+            same = pool.submit(httpx.post, f"{url}/generate", json=normal, timeout=60)
+            extreme, same = extreme.result(), same.result()
+        check(extreme, wanted_stream=False)
+        assert extreme.status_code in (200, 400, 422, 429), extreme.text
+        assert same.status_code in (200, 429), same.text            # a 429 is the queue bound, never the body
+        if same.status_code == 200:
+            assert same.json()["images"][0]["b64"] == solo           # the same pixels as alone
 
     run()

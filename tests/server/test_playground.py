@@ -29,7 +29,7 @@ KEY = AUTH["authorization"].removeprefix("Bearer ")
 @pytest.fixture(scope="module")
 def live(pipeline):
     """A real server that needs an API key and queues at most 2 images."""
-    app, engine = make_app(pipeline, api_keys=[KEY], max_queue=2)
+    app, engine = make_app(pipeline, api_keys=[KEY], max_n=2, max_queue=2)
     gate = Gate()
     engine.fault_hook = gate
     with running_server(app) as url:
@@ -107,7 +107,7 @@ def test_config_lists_every_template_and_the_allowed_pixel_budgets(live):
     config = httpx.get(f"{url}/playground/config").json()
     assert config["model"] == "infinity-test" and config["auth_required"] is True
     assert config["pixel_budgets"] == ["0.06M", "0.25M"] and config["default_pn"] == "0.06M"
-    assert (config["max_n"], config["default_cfg"], config["default_tau"]) == (4, 3.0, 0.5)
+    assert (config["max_n"], config["default_cfg"], config["default_tau"]) == (2, 3.0, 0.5)
     assert sorted(t["h_div_w"] for t in config["templates"]) == sorted(TEMPLATES)
     for t in config["templates"]:          # the label the page sends snaps back to its own template
         assert nearest_template(parse_aspect_ratio(t["aspect_ratio"])) == t["h_div_w"]
