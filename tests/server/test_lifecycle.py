@@ -43,20 +43,26 @@ def test_environment_variables_are_read(monkeypatch):
     assert Settings().max_batch_size == 16
 
 
-def test_sigterm_drains_in_flight_work_and_refuses_new_requests(pipeline):
-    app, engine = make_app(pipeline, drain_timeout_s=20)
+def _held_draining_server(pipeline, drain_timeout_s: float):
+    """A DrainingServer on a real port whose engine holds every batch at a closed Gate."""
+    app, engine = make_app(pipeline, drain_timeout_s=drain_timeout_s)
     gate = Gate()
     engine.fault_hook = gate
     gate.close()
     port = free_port()
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None), engine, 20)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None), engine,
+                            drain_timeout_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    return server, thread, engine, gate, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_drains_in_flight_work_and_refuses_new_requests(pipeline):
+    server, thread, engine, gate, url = _held_draining_server(pipeline, 20)
     results = []
     inflight = threading.Thread(target=lambda: results.append(httpx.post(f"{url}/generate", json={"prompt": "a"},
                                                                          timeout=30)))
@@ -120,23 +126,12 @@ def test_without_trained_default_files_a_random_placeholder_is_loudly_logged(tmp
 
 
 def test_a_drain_past_its_deadline_cancels_the_running_request_and_exits_in_time(pipeline):
-    app, engine = make_app(pipeline, drain_timeout_s=1)
-    gate = Gate()
-    engine.fault_hook = gate
-    gate.close()
-    port = free_port()
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None), engine, 1.0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    server, thread, engine, gate, url = _held_draining_server(pipeline, 1.0)
     results: list = []
 
     def post() -> None:
         try:
-            results.append(httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "a"}, timeout=30))
+            results.append(httpx.post(f"{url}/generate", json={"prompt": "a"}, timeout=30))
         except httpx.TransportError as e:          # the connection is closed under it: expected
             results.append(e)
 
