@@ -38,6 +38,7 @@ COPY pyproject.toml README.md constraints-cpu.txt ./
 COPY model ./model
 COPY weights ./weights
 COPY server ./server
+COPY training ./training
 # The project itself is installed (its pyproject pins what matters); hence DL3013 is ignored here.
 # hadolint ignore=DL3013
 RUN if [ "$VARIANT" = "cpu" ]; then pip install -c constraints-cpu.txt --index-url https://download.pytorch.org/whl/cpu \

@@ -20,13 +20,15 @@ from model.attention import TextMemory, choose_backend, stack_memories
 from model.invariance import set_batch_invariant
 from model.memory import MemoryUsage, device_memory
 from model.config import RuntimeConfig, SamplingParams
-from model.sampler import ScaleCallback, sample
+from model.sampler import ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
 from model.text_encoder import T5TextEncoder
 from model.transformer import Infinity
 from model.vae import BitwiseVAE, to_uint8
 
 log = logging.getLogger(__name__)
+
+__all__ = ["DTYPES", "DeviceOutOfMemory", "GenerationResult", "InfinityPipeline", "ScaleEvent", "StageTimings"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

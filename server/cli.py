@@ -134,8 +134,8 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from model.training.recipe import Recipe
-    from weights.train_default import train_default
+    from training.recipe import Recipe
+    from training.build import train_default
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,9 +169,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from model.config import RuntimeConfig
-    from model.training.evaluate import evaluate, reconstruction_ceiling
-    from model.training.recipe import IMAGE_SIZE
-    from model.training.vae_training import validation_psnr
+    from training.evaluate import evaluate, reconstruction_ceiling
+    from training.recipe import IMAGE_SIZE
+    from training.vae_training import validation_psnr
     from weights.default import DEFAULT_DIR, load_default_pipeline
 
     pipe, default = load_default_pipeline(RuntimeConfig(), args.weights or DEFAULT_DIR)
@@ -188,11 +188,11 @@ def _eval(args: argparse.Namespace) -> int:
     print("\nVAE ceiling: the same scenes' renders encoded to bits and decoded (a perfect transformer's score).")
     print(f"\nVAE PSNR (held-out scenes, decoded from bits): {vae_psnr:.2f} dB")
     if args.card is not None:
-        from model.training.card import write_card
+        from training.card import write_card
 
         write_card(args.card, args.weights or DEFAULT_DIR, report, split, vae_psnr, ceiling)
     if args.grid is not None:
-        from model.training.card import sample_grid
+        from training.card import sample_grid
 
         sample_grid(pipe, default.schedule, args.grid)
     failed = 0

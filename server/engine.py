@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.config import SamplingParams
-from model.pipeline import DeviceOutOfMemory, InfinityPipeline
-from model.sampler import ScaleEvent
+from model.pipeline import DeviceOutOfMemory, InfinityPipeline, ScaleEvent
 from model.schedules import ScaleSchedule
 from server.batcher import Batcher, Ticket
 from server.errors import (ServingError, cancelled, deadline_unreachable, draining, generation_failed, invalid,

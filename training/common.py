@@ -6,17 +6,32 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.training.shapes import NAMING_WORDS, Layout, Scene, make_scene, render
+from training.shapes import NAMING_WORDS, Layout, Scene, make_scene, render
 
 log = logging.getLogger(__name__)
 
 # Scene seeds: training, validation and evaluation draw from disjoint ranges.
 TRAIN_SEEDS, VALID_SEEDS, EVAL_SEEDS = 0, 10**9, 2 * 10**9
+
+
+@contextmanager
+def local_rng(seed: int) -> Iterator[None]:
+    """torch's global generator seeded for this block only, and restored after it.
+
+    Module initialisation and dropout draw from the global generator and take no generator argument,
+    so a stage seeds it here, inside a fork, and leaves the caller's random state as it found it.
+    Everything else in training takes an explicit `torch.Generator`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def scene_batch(first_seed: int, count: int, *, held_out: bool | None, layout: Layout) -> list[Scene]:

@@ -1,7 +1,7 @@
 """The model card states which targets the scores meet, never more."""
 
-from model.training.card import TARGETS, limits_paragraph
-from model.training.evaluate import EvalReport
+from training.card import TARGETS, limits_paragraph
+from training.evaluate import EvalReport
 
 
 def test_the_card_says_which_targets_are_met():

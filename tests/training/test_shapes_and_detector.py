@@ -7,9 +7,9 @@ from PIL import Image, ImageFilter
 
 from model.config import VAE_SIZES
 from model.quantizer import BitwiseQuantizer
-from model.training.bsc import corrupted_teacher_batch
-from model.training.detector import detect, score
-from model.training.shapes import (CATEGORIES, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES, Obj, Scene, make_scene,
+from training.bsc import corrupted_teacher_batch
+from training.detector import detect, score
+from training.shapes import (CATEGORIES, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES, Obj, Scene, make_scene,
                                   render, vocabulary)
 
 

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from model.training.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, render
+from training.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, render
 
 PALETTE_NAMES = list(COLOURS) + [f"bg:{b}" for b in BACKGROUNDS]
 PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from model.config import TransformerConfig, VAEConfig
 from model.schedules import ScaleSchedule
-from model.training.shapes import Layout
+from training.shapes import Layout
 
 IMAGE_SIZE = 64
 SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)))

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
-from model.training.recipe import GroundingTraining, Recipe, T5Size
-from model.training.common import TRAIN_SEEDS, fingerprint, scene_batch
-from model.training.grounding import scene_targets
-from model.training.transformer_training import build_cache
-from model.training.vae_training import refine_decoder, train_vae
+from training.recipe import GroundingTraining, Recipe, T5Size
+from training.common import TRAIN_SEEDS, fingerprint, scene_batch
+from training.grounding import scene_targets
+from training.transformer_training import build_cache
+from training.vae_training import refine_decoder, train_vae
 from model.vae import BitwiseVAE
 from weights.default import load_default_pipeline
-from weights.train_default import train_default
+from training.build import train_default
 
 TOY = Recipe(
     vae=VAEConfig(bits=8, base_channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1, code_decay=0.6,
@@ -32,8 +32,10 @@ TOY = replace(TOY, vae_training=replace(TOY.vae_training, steps=3, batch=4, deco
 def test_train_default_end_to_end_and_resume(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     seen = []
+    caller_rng = torch.get_rng_state()
     train_default(work, out, TOY, on_checkpoint=lambda step, model, t5: seen.append(step))
     assert seen == [3]
+    assert torch.equal(torch.get_rng_state(), caller_rng), "training must seed local generators only"
     assert {p.name for p in out.iterdir()} == {"transformer.safetensors", "vae.safetensors", "text_encoder",
                                                "schedule.json"}
     facts = json.loads((out / "schedule.json").read_text())

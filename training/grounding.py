@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
-from model.training.common import (TRAIN_SEEDS, Progress, load_checkpoint, save_checkpoint, scene_batch,
+from training.common import (TRAIN_SEEDS, local_rng, Progress, load_checkpoint, save_checkpoint, scene_batch,
                                    warmup_cosine, with_unknown_words)
-from model.training.recipe import GroundingTraining
-from model.training.shapes import COLOURS, SHAPES, Layout, Scene
+from training.recipe import GroundingTraining
+from training.shapes import COLOURS, SHAPES, Layout, Scene
 
 SLOTS = 4
 ARRANGEMENTS = ("one", "row", "column", "grid")
@@ -105,8 +105,13 @@ def t5_features(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions
 def pretrain_text_encoder(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, settings: GroundingTraining,
                           max_len: int, layout: Layout, seed: int, workdir: Path) -> GroundingHead:
     """Trains `t5` in place and returns the head; skipped (state reloaded) when already done."""
+    with local_rng(seed + 3):              # the head's initialisation and T5's dropout
+        return _pretrain_text_encoder(t5, tokenizer, settings, max_len, layout, seed, workdir)
+
+
+def _pretrain_text_encoder(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, settings: GroundingTraining,
+                           max_len: int, layout: Layout, seed: int, workdir: Path) -> GroundingHead:
     path = workdir / "grounding.ckpt"
-    torch.manual_seed(seed + 3)
     head = GroundingHead(t5.config.d_model)
     if (state := load_checkpoint(path)) is not None and state["step"] >= settings.steps:
         t5.load_state_dict(state["t5"]), head.load_state_dict(state["head"])

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.training.bsc import corrupted_teacher_batch
-from model.training.common import (TRAIN_SEEDS, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
+from training.bsc import corrupted_teacher_batch
+from training.common import (TRAIN_SEEDS, local_rng, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
                                    save_checkpoint, scene_batch, warmup_cosine)
-from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe, VAETraining
-from model.training.shapes import BACKGROUNDS
+from training.recipe import IMAGE_SIZE, SCHEDULE, Recipe, VAETraining
+from training.shapes import BACKGROUNDS
 from model.vae import BitwiseVAE
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
 def train_vae(recipe: Recipe, workdir: Path) -> BitwiseVAE:
     t = recipe.vae_training
     ckpt_path = workdir / "vae.ckpt"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
+    with local_rng(recipe.seed):
         vae = BitwiseVAE(recipe.vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0

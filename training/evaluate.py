@@ -16,9 +16,9 @@ import torch
 from model.config import SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
-from model.training.common import EVAL_SEEDS, images_tensor
-from model.training.detector import score
-from model.training.shapes import CATEGORIES, Scene, make_scene
+from training.common import EVAL_SEEDS, images_tensor
+from training.detector import score
+from training.shapes import CATEGORIES, Scene, make_scene
 from model.vae import BitwiseVAE, to_uint8
 
 

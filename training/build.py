@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, T5EncoderModel
 
 from model.t5_builder import build_t5_encoder_dir
-from model.training.grounding import pretrain_text_encoder
-from model.training.recipe import SCHEDULE, Recipe
-from model.training.shapes import vocabulary
-from model.training.transformer_training import train_transformer
-from model.training.vae_training import refine_decoder, train_vae, validation_psnr
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
+from training.grounding import pretrain_text_encoder
+from training.recipe import SCHEDULE, Recipe
+from training.shapes import vocabulary
+from training.transformer_training import train_transformer
+from training.vae_training import refine_decoder, train_vae, validation_psnr
 from weights.loader import vae_metadata
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import json
 import textwrap
 from pathlib import Path
 
-from model.training.evaluate import EvalReport
-from model.training.recipe import IMAGE_SIZE, Recipe
-from model.training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES
+from training.evaluate import EvalReport
+from training.recipe import IMAGE_SIZE, Recipe
+from training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES
 
 
 TARGETS = {"single colour": 0.95, "single": 0.80, "two": 0.50, "overall": 0.60}     # the bars
@@ -72,7 +72,7 @@ procedural shapes dataset, so that `serve` and `generate` give real, prompt-foll
 no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}), {len(COLOURS)} colours
 ({", ".join(COLOURS)}), {len(BACKGROUNDS)} dark backgrounds, 1 to 4 objects, counts, relative positions.
 
-- Data: generated on the fly, deterministic by seed (`model/training/shapes.py`); captions from
+- Data: generated on the fly, deterministic by seed (`training/shapes.py`); captions from
   {sum(len(v) for v in TEMPLATES.values())} templates over 6 categories, {len(HELD_OUT)} held out of training.
   Layouts: the VAE trained on {_layout(meta.get("vae_layout", "free"))}, the transformer on
   {_layout(meta.get("transformer_layout", "free"))}.
@@ -101,7 +101,7 @@ def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoo
     from PIL import Image, ImageDraw
 
     from model.config import SamplingParams
-    from model.training.evaluate import eval_scenes
+    from training.evaluate import eval_scenes
 
     per_category = -(-columns * rows // 6)
     scenes = eval_scenes(per_category, held_out=False)

@@ -20,12 +20,12 @@ from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
 from model.invariance import batch_invariance
-from model.training.bsc import corrupted_teacher_batch
-from model.training.common import (TRAIN_SEEDS, Progress, fingerprint, images_tensor, load_checkpoint,
+from training.bsc import corrupted_teacher_batch
+from training.common import (TRAIN_SEEDS, local_rng, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine, with_unknown_words)
-from model.training.grounding import GroundingHead, SceneTargets, grounding_loss, scene_targets, t5_features
-from model.training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
-from model.training.shapes import Layout
+from training.grounding import GroundingHead, SceneTargets, grounding_loss, scene_targets, t5_features
+from training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
+from training.shapes import Layout
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
 
@@ -126,7 +126,8 @@ def lr_at(step: int, recipe: Recipe) -> float:
 def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
                       head: GroundingHead, workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     """Returns the EMA transformer and T5. on_checkpoint(step, model, t5) runs after each checkpoint."""
-    with batch_invariance(False):          # one GEMM per layer for the whole batch: training speed
+    # one GEMM per layer for the whole batch (training speed); dropout draws from a local seed
+    with batch_invariance(False), local_rng(recipe.seed + 5):
         return _train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
 
 
@@ -134,8 +135,7 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
                        head: GroundingHead, workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     t = recipe.transformer_training
     cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt", t.layout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed + 1)
+    with local_rng(recipe.seed + 1):
         model = Infinity(recipe.transformer)
     ema_model, ema_t5 = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(t5).requires_grad_(False)
     params = list(model.parameters()) + list(t5.parameters()) + list(head.parameters())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model.training.recipe import SCHEDULE
-from model.training.transformer_training import token_weights
+from training.recipe import SCHEDULE
+from training.transformer_training import token_weights
 
 
 def _per_scale(weights: torch.Tensor, scales) -> list[float]:

@@ -4,11 +4,11 @@ import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
 from model.t5_builder import build_t5_encoder_dir
-from model.training.common import EVAL_SEEDS, UNKNOWN_WORD, scene_batch, with_unknown_words
-from model.training.grounding import (ARRANGEMENTS, NONE_COLOUR, NONE_SHAPE, GroundingHead, pretrain_text_encoder,
+from training.common import EVAL_SEEDS, UNKNOWN_WORD, scene_batch, with_unknown_words
+from training.grounding import (ARRANGEMENTS, NONE_COLOUR, NONE_SHAPE, GroundingHead, pretrain_text_encoder,
                                       scene_targets, t5_features)
-from model.training.recipe import GroundingTraining
-from model.training.shapes import COLOURS, SHAPES, Obj, Scene, make_scene, vocabulary
+from training.recipe import GroundingTraining
+from training.shapes import COLOURS, SHAPES, Obj, Scene, make_scene, vocabulary
 
 
 def _scene(*objects: Obj) -> Scene:
