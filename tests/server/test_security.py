@@ -78,7 +78,7 @@ def test_serving_open_on_purpose_is_allowed_with_a_loud_warning(caplog):
     assert "NO API KEYS" not in caplog.text
 
 
-# Answer without a key, and why (README, "Paths that need no key"): probes for the kubelet, the scrape
+# Answer without a key, and why (docs/serving.md, "Paths that need no key"): probes for the kubelet, the scrape
 # for Prometheus, the API description, the playground page (it asks for the key itself), and stored
 # `url` images, whose random 256-bit ids are the capability.
 KEY_FREE = {("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"), ("get", "/v1/images/{image_id}"),
