@@ -144,6 +144,12 @@ class InfinityPipeline:
         _sync(self.device)
         return images
 
+    def preview_images(self, event: ScaleEvent, rows: Sequence[int]) -> np.ndarray:
+        """(N, H, W, 3) uint8 images of these rows (prompt indices, as in `generate`) as they stand at
+        `event`'s scale; rows no longer running are left out. For streamed previews, from `on_scale`."""
+        positions = [event.rows.index(r) for r in rows if r in event.rows]
+        return self.decode_latent(event.latent[positions])
+
     def memory_bytes(self) -> MemoryUsage:
         """Now and at the peak: allocated/reserved on CUDA, the process's resident set on CPU."""
         return device_memory(self.device)

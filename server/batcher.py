@@ -13,20 +13,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Generic, TypeVar
 
 from server.errors import ServingError, cancelled, deadline_exceeded, draining, queue_full
 
 
+P = TypeVar("P")
+
+
 @dataclass(eq=False)
-class Ticket:
-    """One admitted request as the batcher and the engine see it."""
+class Ticket(Generic[P]):
+    """One admitted request as the batcher sees it; the engine's request rides along as `payload`."""
 
     key: str                         # scale-schedule key: only equal keys share a batch
     rows: int                        # images
     kv_bytes: int                    # KV cache bytes of all its rows
     deadline: float                  # monotonic
-    payload: Any                     # the engine's request object
+    payload: P                       # the engine's request (server.jobs.GenerationRequest)
     enqueued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
@@ -55,6 +58,10 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed: ServingError | None = None       # once closed: what a late request is told
         self._last_batch_requests = 2         # start patient: the first burst is batched
+
+    def now(self) -> float:
+        """The batcher's clock (monotonic seconds; a test may pass its own)."""
+        return self._clock()
 
     @property
     def depth(self) -> int:

@@ -59,7 +59,7 @@ async def page() -> FileResponse:
 async def playground_config(request: Request) -> PlaygroundConfig:
     """What the playground may offer on this server: templates, pixel budgets, limits and defaults."""
     app = request.app.state
-    limits, image_size = app.limits, app.engine.pipeline.image_size
+    limits, image_size = app.limits, app.engine.image_size
     budgets = PN_ORDER[: PN_ORDER.index(limits.max_pn) + 1]
     templates = [Template(aspect_ratio=aspect_label(t), h_div_w=t,
                           sizes={pn: _width_height(image_size(ScaleSchedule.official(t, pn))) for pn in budgets})

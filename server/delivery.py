@@ -1,0 +1,77 @@
+"""Delivery: the rows of one running batch, back to the requests they came from.
+
+A batch runs one row per image; `owners` maps each row to its ticket. While the batch runs,
+previews go to the requests that asked for that scale, and rows of cancelled requests are dropped
+at the next scale. At the end each request gets its images, or the one error that stopped it
+(non-finite logits, cancelled, or every row dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from model.config import SamplingParams
+from model.pipeline import GenerationResult, InfinityPipeline, ScaleEvent
+from server.batcher import Ticket
+from server.errors import cancelled, nonfinite_sampling
+from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class BatchDelivery:
+    def __init__(self, tickets: Sequence[Ticket[GenerationRequest]], pipeline: InfinityPipeline,
+                 metrics: Metrics) -> None:
+        self.tickets, self.pipeline, self.metrics = list(tickets), pipeline, metrics
+        self.requests = [t.payload for t in self.tickets]
+        self.owners = [i for i, r in enumerate(self.requests) for _ in r.params]     # ticket index of each row
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.requests[i].prompt for i in self.owners]
+
+    @property
+    def params(self) -> list[SamplingParams]:
+        return [p for r in self.requests for p in r.params]
+
+    def rows_of(self, ticket_index: int) -> list[int]:
+        return [row for row, owner in enumerate(self.owners) if owner == ticket_index]
+
+    def on_scale(self, event: ScaleEvent) -> set[int]:
+        """Previews for the requests that asked for this scale; returns the rows to drop (cancelled)."""
+        for i, (ticket, request) in enumerate(zip(self.tickets, self.requests)):
+            if ticket.cancelled or request.on_preview is None or event.scale_index not in request.preview_scales:
+                continue
+            images = self.pipeline.preview_images(event, self.rows_of(i))
+            request.on_preview(Preview(event.scale_index, event.num_scales, list(images)))
+        return {row for row in event.rows if self.tickets[self.owners[row]].cancelled}
+
+    def deliver(self, result: GenerationResult, started: float) -> None:
+        """Each request its images, or the error that stopped it."""
+        for i, ticket in enumerate(self.tickets):
+            if ticket.future.done():
+                continue
+            if any(self.owners[row] == i for row in result.nonfinite):
+                log.warning("request %s: non-finite logits, failed alone", ticket.payload.request_id)
+                self.metrics.errors.labels("non_finite_logits").inc()
+                ticket.fail(nonfinite_sampling())
+                continue
+            kept = [k for k, row in enumerate(result.rows) if self.owners[row] == i]
+            if not kept:                                   # every image of it was dropped (cancelled)
+                ticket.fail(cancelled())
+                continue
+            ticket.future.set_result(self._output(ticket, result, kept, started))
+
+    @staticmethod
+    def _output(ticket: Ticket[GenerationRequest], result: GenerationResult, kept: list[int],
+                started: float) -> GenerationOutput:
+        height, width = result.images[kept[0]].shape[:2]
+        t = result.timings
+        timings = {"queue_wait": started - ticket.enqueued, "text_encode": t.text_encode,
+                   "transformer": t.transformer, "vae_decode": t.vae_decode}
+        return GenerationOutput(
+            schedule=ticket.payload.schedule, images=[result.images[k] for k in kept],
+            seeds=[result.seeds[k] for k in kept], width=width, height=height,
+            prompt_tokens=result.prompt_tokens[kept[0]], image_tokens=result.image_tokens, timings=timings)
