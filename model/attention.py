@@ -14,14 +14,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from model.invariance import batch_invariant
+from model.config import AttentionChoice
 
 log = logging.getLogger(__name__)
 
-# "sdpa": exact float32 attention. "flash": flash-attn varlen kernels (CUDA, half precision).
-# "sdpa-bf16io": SDPA with flash-attn's numerics: bf16-rounded q/k/v in, bf16-rounded output. The
-# official code always runs cross-attention and text pooling through flash-attn in bf16 (even
-# in an fp32 run), and the checkpoints were trained that way, so this reproduces official outputs.
+# What each backend computes, and what it does and does not match: model.config.ATTENTION_MODES.
+# "sdpa": exact attention in q's dtype (float32 inside on CPU). "flash": flash-attn varlen kernels
+# (CUDA, half precision). "sdpa-bf16io": SDPA with flash-attn's rounding, bf16 q/k/v in and output out.
 Backend = Literal["sdpa", "flash", "sdpa-bf16io"]
 
 
@@ -51,40 +50,41 @@ class TextMemory:
         return x[valid]
 
 
-def choose_backend(requested: Literal["auto", "sdpa", "flash", "sdpa-bf16io"], device: torch.device) -> Backend:
-    """Pick the cross-attention kernel and log why."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+def choose_backend(requested: AttentionChoice, device: torch.device) -> Backend:
+    """Pick the cross-attention kernel and log why (the pipeline logs what its numbers match)."""
+    backend, why = _resolve(requested, device, importlib.util.find_spec("flash_attn") is not None)
+    log.info("attention backend: %s (%s)", backend, why)
+    return backend
+
+
+def _resolve(requested: AttentionChoice, device: torch.device, has_flash: bool) -> tuple[Backend, str]:
     if requested in ("sdpa", "sdpa-bf16io"):
-        log.info("attention backend: torch %s (requested)", requested)
-        return requested
+        return requested, "requested"
     if requested == "flash":
         if device.type != "cuda" or not has_flash:
             raise ValueError(f"attention='flash' needs CUDA and the flash-attn package "
                              f"(device={device}, flash_attn installed={has_flash})")
-        log.info("attention backend: flash-attn varlen (requested)")
-        return "flash"
+        return "flash", "requested"
     if device.type != "cuda":
-        log.info("attention backend: torch SDPA with flash-attn's bf16 rounding (device %s: flash-attn is "
-                 "CUDA-only; rounding kept to match official outputs, attention='sdpa' for exact fp32)", device)
-        return "sdpa-bf16io"
+        # Exact: a float32 run on CPU gets float32 attention, as a user expects.
+        return "sdpa", f"auto on {device.type}; flash-attn is CUDA-only"
     if not has_flash:
-        log.info("attention backend: torch SDPA with flash-attn's bf16 rounding (flash-attn not installed; "
-                 "`pip install .[gpu]`)")
-        return "sdpa-bf16io"
-    log.info("attention backend: flash-attn varlen for cross-attention (installed, CUDA)")
-    return "flash"
+        # flash-attn's rounding without flash-attn: numbers close to a CUDA machine that has it.
+        return "sdpa-bf16io", "auto on CUDA, flash-attn not installed (`pip install .[gpu]`)"
+    return "flash", "auto on CUDA, flash-attn installed"
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory,
-                    backend: Backend) -> torch.Tensor:
-    """Each row's queries attend to its own text tokens only.
+                    backend: Backend, *, batch_invariant: bool) -> torch.Tensor:
+    """Each row's queries attend to its own text tokens only; batch-invariant, each row's result is a
+    function of its own text alone (see model/invariance.py).
 
     q: (B, H, Lq, hd); k, v: (B, H, T, hd) padded like `memory` -> (B, H, Lq, hd)
     """
     if backend == "flash":
         return _flash_varlen(q, k, v, memory)
     attend = _sdpa_bf16io if backend == "sdpa-bf16io" else sdpa
-    if not batch_invariant():
+    if not batch_invariant:
         return _masked(attend, q, k, v, memory)
     return _by_length(attend, q, k, v, memory)
 

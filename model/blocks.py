@@ -2,6 +2,7 @@
 
 Precision rule (as the official bf16 run): the residual stream, every norm and the AdaLN
 arithmetic are float32; Linear layers and attention run in the dtype of the block's weights.
+Modules with GEMMs or cross-attention carry the model's batch-invariance switch (model/invariance.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.attention import Backend, TextMemory, cross_attention, sdpa
-from model.invariance import batch_invariant
+from model.invariance import BatchInvariantModule, per_row_linear
 from model.kv_cache import KVCache
 from model.rope import apply_rope
 
@@ -21,34 +22,19 @@ from model.rope import apply_rope
 LOG_MAX_SCALE_MUL = float(torch.tensor(100.0).log())
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+           batch_invariant: bool) -> torch.Tensor:
     """Apply `layer` in its weights' dtype (the caller's tensor may be float32), or under autocast
     (training) in autocast's dtype: casting to float32 weights first would only make autocast cast
-    back, two copies of every activation for nothing."""
+    back, two copies of every activation for nothing. Batch-invariant: one GEMM per batch row."""
     w = layer.weight
     b = layer.bias if bias is None else bias
     if not torch.is_autocast_enabled(x.device.type):
         b = None if b is None else b.to(w.dtype)
         x = x.to(w.dtype)
-    if batch_invariant() and x.dim() >= 2:
-        return _per_row_linear(x, w, b)
+    if batch_invariant and x.dim() >= 2:
+        return per_row_linear(x, w, b)
     return F.linear(x, w, b)
-
-
-def _per_row_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x (B, ..., K): each of the B rows multiplied in a GEMM of its own shape (..., K) x (K, N)."""
-    B = x.shape[0]
-    rows = x.reshape(B, -1, x.shape[-1])
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        out = torch.stack([F.linear(r, w) for r in rows])         # CPU bf16 bmm has no fast kernel
-    else:
-        # A batched GEMM runs one kernel per matrix; a batch of one is routed to the plain GEMM
-        # (another kernel), so a lone row is paired with a copy of itself.
-        paired = rows if B > 1 else rows.expand(2, -1, -1)
-        out = torch.bmm(paired, w.t().expand(paired.shape[0], -1, -1))[:B]
-    if b is not None:
-        out = out + b
-    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,7 +53,7 @@ class RMSNorm(nn.Module):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight.float()
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(BatchInvariantModule):
     """Cosine self-attention (per-head learned scale) with RoPE-2D and an optional KV cache."""
 
     def __init__(self, width: int, num_heads: int) -> None:
@@ -84,13 +70,14 @@ class SelfAttention(nn.Module):
         """x: (B, L, C); rope: (2, L, hd/2) for these tokens -> (B, L, C)"""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = linear(self.mat_qkv, x, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear(self.mat_qkv, x, bias, batch_invariant=self.batch_invariant)
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # (B, H, L, hd)
         scale = self.scale_mul_1H11.float().clamp_max(LOG_MAX_SCALE_MUL).exp()
         q = apply_rope(F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale), rope).to(v.dtype)
         k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
         out = _attend(q, k, v, mask, cache, layer)
-        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C))
+        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C), batch_invariant=self.batch_invariant)
 
 
 @torch.compiler.disable
@@ -103,7 +90,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return sdpa(q, k, v, attn_mask=mask, scale=1.0)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(BatchInvariantModule):
     """Queries from the image tokens, keys/values from the projected text (no qk-norm)."""
 
     def __init__(self, width: int, num_heads: int) -> None:
@@ -118,26 +105,29 @@ class CrossAttention(nn.Module):
         """Text K/V, computed once per request. memory: (B, T, C) -> k, v: (B, H, T, hd)"""
         B, T, _ = memory.shape
         bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
-        kv = linear(self.mat_kv, memory, bias).view(B, T, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        kv = linear(self.mat_kv, memory, bias, batch_invariant=self.batch_invariant)
+        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], memory: TextMemory,
                 backend: Backend) -> torch.Tensor:
         B, L, C = x.shape
-        q = linear(self.mat_q, x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        out = cross_attention(q, kv[0], kv[1], memory, backend)        # (B, H, L, hd)
-        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C))
+        invariant = self.batch_invariant
+        q = linear(self.mat_q, x, batch_invariant=invariant).view(B, L, self.num_heads, self.head_dim)
+        q = q.transpose(1, 2)
+        out = cross_attention(q, kv[0], kv[1], memory, backend, batch_invariant=invariant)    # (B, H, L, hd)
+        return linear(self.proj, out.transpose(1, 2).reshape(B, L, C), batch_invariant=invariant)
 
 
-class FFN(nn.Module):
+class FFN(BatchInvariantModule):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.fc2, F.gelu(linear(self.fc1, x), approximate="tanh"))
+        hidden = F.gelu(linear(self.fc1, x, batch_invariant=self.batch_invariant), approximate="tanh")
+        return linear(self.fc2, hidden, batch_invariant=self.batch_invariant)
 
 
 class CrossAttnBlock(nn.Module):
@@ -166,7 +156,7 @@ class CrossAttnBlock(nn.Module):
         return x + self.ffn(h).float().mul(gamma2)
 
 
-class PoolingAttention(nn.Module):
+class PoolingAttention(BatchInvariantModule):
     """One learned query per head attends over a prompt's tokens: the pooled text vector."""
 
     def __init__(self, text_channels: int, width: int, num_heads: int) -> None:
@@ -182,11 +172,12 @@ class PoolingAttention(nn.Module):
         """text: normalised features (B, T, Ct) -> (B, C)"""
         B, T, _ = text.features.shape
         bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
-        kv = linear(self.mat_kv, text.features, bias).view(B, T, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, Hp, T, hdp)
+        invariant = self.batch_invariant
+        kv = linear(self.mat_kv, text.features, bias, batch_invariant=invariant)
+        k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hp, T, hdp)
         q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)   # (B, Hp, 1, hdp)
-        out = cross_attention(q, k, v, text, backend)
-        return linear(self.proj, out.reshape(B, -1))
+        out = cross_attention(q, k, v, text, backend, batch_invariant=invariant)
+        return linear(self.proj, out.reshape(B, -1), batch_invariant=invariant)
 
 
 class TextAttentivePool(nn.Module):

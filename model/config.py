@@ -157,6 +157,14 @@ def lookup(table: dict[str, TransformerConfig] | dict[str, VAEConfig], name: str
         raise KeyError(f"unknown size {name!r}; valid: {', '.join(sorted(table))}") from None
 
 
+class ScaleListError(ValueError):
+    """A per-scale `cfg` or `tau` list shorter than the schedule; `param` names the field."""
+
+    def __init__(self, param: str, given: int, num_scales: int) -> None:
+        super().__init__(f"`{param}` lists {given} values but the schedule has {num_scales} scales")
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-row sampling knobs. `cfg` and `tau` are one value or one value per scale."""
@@ -186,12 +194,9 @@ class SamplingParams:
         return value if isinstance(value, tuple) else (value,)
 
     def _at(self, name: str, scale_index: int) -> float:
+        # No length check here: `check_scales` ran where the schedule met the params (pipeline, server).
         value = getattr(self, name)
-        if not isinstance(value, tuple):
-            return float(value)
-        if scale_index >= len(value):
-            raise ValueError(f"`{name}` has {len(value)} per-scale values, scale {scale_index} needs one")
-        return float(value[scale_index])
+        return float(value[scale_index]) if isinstance(value, tuple) else float(value)
 
     def cfg_at(self, scale_index: int) -> float:
         return self._at("cfg", scale_index)
@@ -200,10 +205,15 @@ class SamplingParams:
         return self._at("tau", scale_index)
 
     def check_scales(self, num_scales: int) -> None:
+        """The one rule for per-scale lists: at least one value per scale (extra values are unused).
+
+        Applied where a schedule meets the params: `InfinityPipeline.generate` and the server's
+        request handling; raises ScaleListError naming `cfg` or `tau`.
+        """
         for name in ("cfg", "tau"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) < num_scales:
-                raise ValueError(f"`{name}` lists {len(value)} values but the schedule has {num_scales} scales")
+                raise ScaleListError(name, len(value), num_scales)
 
     def uses_guidance(self, num_scales: int) -> bool:
         return any(self.cfg_at(i) != 1.0 for i in range(num_scales))
@@ -212,7 +222,37 @@ class SamplingParams:
         return replace(self, seed=seed)
 
 
-Precision = Literal["float32", "bfloat16", "float16"]
+# The choices of a run, each written once: the server's settings and the CLI take theirs from here.
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+Precision = Literal[PRECISIONS]                  # one of PRECISIONS, as a type (pydantic fields validate it)
+
+# Kernel of cross-attention and of the text pooling (model/attention.py) -> what its numbers match.
+# Self-attention is exact SDPA in every mode. The official code sends cross-attention and the pooling
+# through flash-attn, which rounds q, k, v and the output to bf16 even in a float32 run; bf16 rounding
+# is chaotic (a 1e-7 difference can move a value by one bf16 step), so rounding "as the official code
+# does" does not give its bits either (measured on tiny official-format models, float32).
+ATTENTION_MODES: dict[str, str] = {
+    "auto": "sdpa on CPU; on CUDA, flash when flash-attn is installed, else sdpa-bf16io",
+    "sdpa": ("exact torch SDPA. In float32 (and batch-invariant, the default) it reproduces the official model's "
+             "float32 math bit for bit (the official code without its bf16 casts), not the official code as "
+             "written, which rounds to bf16"),
+    "sdpa-bf16io": ("torch SDPA with q, k, v and the output rounded to bf16, as the official code as written "
+                    "rounds them. Still not its bits: the first bits differ at scale 2 to 6 (99.4-99.99% equal). "
+                    "Never faster than sdpa: it rounds, then computes in float32"),
+    "flash": ("flash-attn varlen kernels (CUDA, flash-attn installed; bf16/fp16 in and out), the kernel the "
+              "official code calls. Not compared bit for bit with it"),
+}
+ATTENTION_CHOICES: tuple[str, ...] = tuple(ATTENTION_MODES)
+AttentionChoice = Literal[ATTENTION_CHOICES]
+
+# torch.compile modes of the transformer blocks; "reduce-overhead" adds CUDA graphs on CUDA.
+COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
+CompileMode = Literal[COMPILE_MODES]
+
+
+def default_precision(device: str) -> str:
+    """The dtype of a run that names none: bfloat16 on CUDA (as the official run), float32 elsewhere."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 @dataclass(frozen=True)
@@ -222,11 +262,12 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: Precision = "float32"                 # compute dtype of the transformer blocks and the VAE
     text_dtype: Precision | None = None          # T5 dtype; None = float16 on CUDA, float32 elsewhere
-    attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"   # see model/attention.py
+    attention: AttentionChoice = "auto"          # cross-attention kernel; what each matches: ATTENTION_MODES
     # torch.compile of each transformer block ("regional": one graph serves every block), dynamic
     # shapes so scales and batch sizes do not recompile. "reduce-overhead" adds CUDA graphs on CUDA.
     # Off by default: the first batch pays the compile (a warm-up at start-up does it).
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    compile: CompileMode = "off"
     # A seed gives the same image whatever shares its batch: each batch row gets GEMMs of its own
-    # shape (see model/invariance.py). Off trades that for one GEMM per layer.
+    # shape (see model/invariance.py). Off trades that for one GEMM per layer. The pipeline sets it on
+    # its own transformer, so pipelines with different settings can share a process.
     batch_invariant: bool = True

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
-from model.invariance import set_batch_invariant
 from model.memory import MemoryUsage, device_memory
-from model.config import RuntimeConfig, SamplingParams
+from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingParams
 from model.sampler import ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
 from model.text_encoder import T5TextEncoder
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "DeviceOutOfMemory", "GenerationResult", "InfinityPipeline", "ScaleEvent", "StageTimings"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISIONS}   # torch spells them alike
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class InfinityPipeline:
         dtype = DTYPES[runtime.dtype]
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.transformer.blocks.to(dtype)
-        set_batch_invariant(runtime.batch_invariant)
+        self.transformer.set_batch_invariant(runtime.batch_invariant)     # this model's own, not the process's
         if runtime.compile != "off":
             for block in self.transformer.blocks:
                 block.compile(mode=runtime.compile, dynamic=True)
@@ -84,7 +83,8 @@ class InfinityPipeline:
         self.vae.decoder.to(dtype)
         self.text_encoder = text_encoder
         self.backend = choose_backend(runtime.attention, self.device)
-        log.info("pipeline on %s: blocks and VAE decoder in %s, attention %s", self.device, runtime.dtype, self.backend)
+        log.info("pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s", self.device,
+                 runtime.dtype, "on" if runtime.batch_invariant else "off", self.backend, ATTENTION_MODES[self.backend])
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], schedule: ScaleSchedule,
@@ -178,7 +178,7 @@ class InfinityPipeline:
         if schedule.num_scales > self.transformer.config.num_levels:
             raise ValueError(f"schedule has {schedule.num_scales} scales, the model knows "
                              f"{self.transformer.config.num_levels}")
-        for p in rows:
+        for p in rows:                          # the one check of per-scale lists for Python callers
             p.check_scales(schedule.num_scales)
         return rows
 

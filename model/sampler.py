@@ -140,11 +140,10 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     """Generate the bits of every scale for B prompts.
 
     text / uncond_text: raw T5 features of the prompts and of their unconditional counterparts
-    (learned null prompt or negative prompt), B rows each.
+    (learned null prompt or negative prompt), B rows each. `params` hold a value per scale wherever they
+    give a list: the caller checked them (`InfinityPipeline.generate`).
     """
     B, n = len(params), schedule.num_scales
-    for p in params:
-        p.check_scales(n)
     guided = any(p.uses_guidance(n) for p in params)
     cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
     c = model.config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 # (h, w) per scale of the 1M schedule for the templates with h >= w; the inverse templates
 # (0.8, 0.75, ...) use the same lists with h and w swapped.
@@ -42,7 +43,12 @@ for _r, _scales in _TALL_1M.items():
 # Order of the official table (used when listing templates to users).
 TEMPLATES: tuple[float, ...] = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5,
                                 0.4, 3.0, 0.333)
+# Pixel budget -> scales of its schedule, smallest first. The one list of pixel budgets: the
+# protocol, the settings, the service and the CLI all derive theirs from it.
 PN_SCALES: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+PN_NAMES: tuple[str, ...] = tuple(PN_SCALES)     # smallest first: an index compares two budgets
+PixelBudget = Literal[PN_NAMES]                  # one of PN_NAMES, as a type (pydantic fields validate it)
+LARGEST_PN = PN_NAMES[-1]                        # a template's whole schedule; the official runs' default
 PIXELS_PER_TOKEN = 16
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from model.attention import Backend, TextMemory, block_causal_mask
 from model.blocks import AdaLNBeforeHead, CrossAttnBlock, RMSNorm, TextAttentivePool, linear
-from model.invariance import batch_invariant
 from model.config import TransformerConfig
+from model.invariance import BatchInvariantModule
 from model.kv_cache import KVCache
 from model.rope import rope_table
 from model.schedules import ScaleSchedule
@@ -37,7 +37,10 @@ class TextConditioning:
         return TextConditioning(self.pooled[index], self.ada[index], self.head_ada[index], memory)
 
 
-class Infinity(nn.Module):
+class Infinity(BatchInvariantModule):
+    """Built with batch invariance off (training's one GEMM per layer); `set_batch_invariant(True)`
+    switches it on for the whole model, as the pipeline does from RuntimeConfig.batch_invariant."""
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -69,7 +72,7 @@ class Infinity(nn.Module):
     # ---- text -------------------------------------------------------------------------------
     def condition(self, text: TextMemory, backend: Backend = "sdpa") -> TextConditioning:
         """Raw T5 features (B, T, Ct) -> the conditioning of each row."""
-        if batch_invariant() and len(text.lengths) > 1:
+        if self.batch_invariant and len(text.lengths) > 1:
             # Each row from its own prompt alone, unpadded: the GEMM shapes depend only on it.
             rows = [self.condition(_row(text, i), backend) for i in range(len(text.lengths))]
             return _stack_conditionings(rows)
@@ -89,7 +92,7 @@ class Infinity(nn.Module):
     def cross_kv(self, cond: TextConditioning) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block text K/V, computed once per request instead of once per scale."""
         memory = cond.memory
-        if not batch_invariant() or len(memory.lengths) == 1:
+        if not self.batch_invariant or len(memory.lengths) == 1:
             return [block.ca.project_memory(memory.features) for block in self.blocks]
         T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.lengths))]
         out = []
@@ -105,7 +108,7 @@ class Infinity(nn.Module):
 
     def embed_bits(self, codes: torch.Tensor) -> torch.Tensor:
         """Next-scale inputs (B, l, token_bits) float32 -> (B, l, C) float32."""
-        return linear(self.word_embed, codes).float()
+        return linear(self.word_embed, codes, batch_invariant=self.batch_invariant).float()
 
     def add_level(self, x: torch.Tensor, scale_index: int) -> torch.Tensor:
         return x + self.lvl_embed.weight[scale_index].float()
@@ -113,7 +116,7 @@ class Infinity(nn.Module):
     def logits(self, hidden: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
         """(B, l, C) -> (B, l, 2 * token_bits) float32; columns (2j, 2j+1) = logits of bit j = 0, 1."""
         h = self.head_nm(hidden, cond.head_ada)
-        return linear(self.head, h).float()
+        return linear(self.head, h, batch_invariant=self.batch_invariant).float()
 
     # ---- stack ------------------------------------------------------------------------------
     def run_blocks(self, x: torch.Tensor, cond: TextConditioning, ca_kv: list[tuple[torch.Tensor, torch.Tensor]],

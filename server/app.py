@@ -23,7 +23,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from server import routes_generate, routes_openai, routes_playground
 from server.auth import check_api_key
 from server.engine import Engine
-from server.errors import ServingError, invalid
+from server.errors import ServingError, error_body, invalid
 from server.images import ImageStore
 from server.ratelimit import RateLimiter
 from server.service import ModelLimits
@@ -39,8 +39,7 @@ def error_response(error: ServingError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, min(60, round(error.retry_after))))
     if error.retryable is not None:
         headers["x-should-retry"] = "true" if error.retryable else "false"
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
 def _field(error: dict) -> str:

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.config import ATTENTION_CHOICES, ATTENTION_MODES, COMPILE_MODES, PRECISIONS, default_precision
+from model.schedules import LARGEST_PN, PN_NAMES     # plain Python: --help stays fast
+
 if TYPE_CHECKING:                                   # commands import what they use when run: --help stays fast
     from server.settings import Settings
 
@@ -31,6 +34,12 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _attention_help() -> str:
+    """Each mode with what it matches, in the model's own words (argparse %-formats help: % doubled)."""
+    modes = " ".join(f"{name} = {text}." for name, text in ATTENTION_MODES.items())
+    return f"cross-attention kernel (default auto). {modes}".replace("%", "%%")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one image from a prompt")
     p.add_argument("--prompt", required=True)
@@ -41,7 +50,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--h-div-w", type=float, help="aspect ratio h/w, snapped to the nearest template")
     shape.add_argument("--size", type=_size, help="WIDTHxHEIGHT, snapped to the nearest template")
-    p.add_argument("--pn", choices=["0.06M", "0.25M", "0.60M", "1M"], help="pixel budget (default 1M)")
+    p.add_argument("--pn", choices=PN_NAMES, help=f"pixel budget (default {LARGEST_PN})")
     p.add_argument("--cfg", type=_scale_values, default=3.0, help="guidance: one value or one per scale")
     p.add_argument("--tau", type=_scale_values, default=0.5, help="temperature: one value or one per scale")
     p.add_argument("--top-k", type=int, default=0, help="1 = greedy (seed-independent); 0 = off")
@@ -49,11 +58,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=PRECISIONS,
                    help="default: bfloat16 on CUDA (as the official run), float32 on CPU")
-    p.add_argument("--attention", choices=["auto", "sdpa", "sdpa-bf16io", "flash"], default="auto",
-                   help="cross-attention kernel; auto = flash-attn on CUDA when installed, else SDPA with "
-                        "flash-attn's bf16 rounding (matches official outputs); sdpa = exact float32")
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=_attention_help())
     p.add_argument("--save-bits", type=Path, help="write the sampled bits of every scale to this .npz")
     p.set_defaults(func=_generate)
 
@@ -73,21 +80,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", type=Path)
     p.add_argument("--text-encoder", type=Path)
     p.add_argument("--device", dest="devices", action="append", help="repeat for one replica per device")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=PRECISIONS)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-queue", type=int)
-    p.add_argument("--default-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
-    p.add_argument("--max-pn", choices=["0.06M", "0.25M", "0.60M", "1M"])
+    p.add_argument("--default-pn", choices=PN_NAMES)
+    p.add_argument("--max-pn", choices=PN_NAMES)
     p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
     p.add_argument("--allow-unauthenticated", action="store_true", default=None,
                    help="serve without --api-key on a non-loopback --host (refused otherwise)")
     p.add_argument("--rate-limit", help='requests per authenticated key, else client address, e.g. "30/minute"')
     p.add_argument("--trusted-proxy", dest="trusted_proxies", action="append",
                    help="IP or CIDR whose X-Forwarded-For names the client (repeat for several)")
-    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"],
+    p.add_argument("--compile", choices=COMPILE_MODES,
                    help="torch.compile the transformer blocks (reduce-overhead: + CUDA graphs)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.set_defaults(func=_serve)
@@ -213,7 +220,7 @@ def _schedule(args: argparse.Namespace):
     if args.size is not None:
         return schedule_for_size(*args.size, pn=args.pn)
     template = nearest_template(args.h_div_w) if args.h_div_w is not None else 1.0
-    return ScaleSchedule.official(template, args.pn or "1M")
+    return ScaleSchedule.official(template, args.pn or LARGEST_PN)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -231,7 +238,7 @@ def _generate(args: argparse.Namespace) -> int:
         missing = " ".join(f"--{n.replace('_', '-')}" for n, v in paths.items() if v is None)
         log.error("missing %s: give the transformer, VAE and text encoder paths (or none: the default model)", missing)
         return 2
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = args.dtype or default_precision(args.device)
     runtime = RuntimeConfig(args.device, dtype, attention=args.attention)
     params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             negative_prompt=args.negative_prompt)

@@ -1,8 +1,8 @@
 """Domain errors of the serving engine and their single mapping to HTTP.
 
-Routes raise these (or let validation fail); `install_handlers` turns every one of them into an
-OpenAI-shaped body `{"error": {message, type, param, code}}`. No stack trace or internal path
-ever reaches a client.
+Routes raise these (or let validation fail); the app's handlers turn every one of them into an
+OpenAI-shaped body `{"error": {message, type, param, code}}`, built by `error_body` (also for a
+stream's `error` event). No stack trace or internal path ever reaches a client.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ class ServingError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def error_body(error: ServingError) -> dict:
+    """The OpenAI-shaped body of an error: the one place it is built (JSON responses and SSE events)."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def invalid(message: str, param: str | None, code: str = "invalid_value") -> ServingError:
@@ -73,3 +78,11 @@ def out_of_memory() -> ServingError:
 
 def cancelled() -> ServingError:
     return ServingError("the request was cancelled", 499, "server_error", "cancelled", retryable=False)
+
+
+def stream_statuses() -> dict[str, int]:
+    """The HTTP status of each error code that can end a running request, for clients that receive it
+    inside a stream (where the response status is already 200): the playground shows it."""
+    errors = (queue_full(1), draining(), not_ready(), deadline_unreachable(1), deadline_exceeded(),
+              generation_failed(), nonfinite_sampling(), out_of_memory(), cancelled())
+    return {e.code: e.status for e in errors if e.code is not None}

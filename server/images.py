@@ -13,8 +13,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-OutputFormat = Literal["png", "jpeg", "webp"]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+OutputFormat = Literal[tuple(CONTENT_TYPES)]         # the one list of formats: CONTENT_TYPES' keys
 
 
 def encode_image(pixels: np.ndarray, fmt: OutputFormat, quality: int | None = None) -> bytes:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from model.config import RuntimeConfig
 from model.pipeline import InfinityPipeline
+from model.schedules import LARGEST_PN
 from server.app import create_app
 from server.engine import Engine
 from server.metrics import Metrics
@@ -36,7 +37,7 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
 
 def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
     pipelines: dict[str, InfinityPipeline] = {}
-    limits = ModelLimits(settings.model_name, settings.default_pn or "1M", settings.max_pn or "1M")
+    limits = ModelLimits(settings.model_name, settings.default_pn or LARGEST_PN, settings.max_pn or LARGEST_PN)
     for device in settings.devices:
         if settings.uses_default_model:
             pipelines[device], default = load_default_pipeline(_runtime(settings, device))

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.schedules import PixelBudget
 from server.images import OutputFormat
 
-PN = Literal["0.06M", "0.25M", "0.60M", "1M"]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 # Sampling bounds. Why these: official runs use cfg 3-4 and tau 0.5-1; beyond cfg 30 or below tau 0.01
 # the logits are scaled by > 3000 and the bits are all but greedy, and far enough out they overflow
@@ -44,7 +44,7 @@ class GenerateRequest(SamplingFields):
     width: int | None = Field(None, ge=1, le=16384)
     height: int | None = Field(None, ge=1, le=16384)
     aspect_ratio: str | None = Field(None, description='width:height such as "16:9", or a number w/h')
-    pn: PN | None = Field(None, description="pixel budget; default from the size or the server")
+    pn: PixelBudget | None = Field(None, description="pixel budget; default from the size or the server")
     n: int = Field(1, ge=1)
     output_format: OutputFormat = "png"
     stream: bool = Field(False, description="server-sent events: queued, preview per scale, completed")
@@ -161,3 +161,7 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# The error statuses the generation endpoints document in the OpenAPI schema (both share them).
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}

@@ -13,20 +13,19 @@ from fastapi.responses import Response
 from sse_starlette import ServerSentEvent
 
 from server.auth import GENERATION_GUARDS
-from server.engine import GenerationOutput, GenerationRequest, Preview
-from server.errors import ServingError
+from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.errors import ServingError, error_body
 from server.images import CONTENT_TYPES, encode_image
-from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse, GeneratedImage, parse_aspect_ratio
+from server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, GeneratedImage, parse_aspect_ratio
 from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
                             preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
 
 router = APIRouter(tags=["generate"])
 QUEUE_UPDATE_S = 0.5                      # while queued, a new `queued` event when the position changes
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
 
 
 @router.post("/generate", dependencies=GENERATION_GUARDS, response_model=GenerateResponse,
-             responses={**ERRORS, 200: {"content": {"image/png": {}, "text/event-stream": {}}}})
+             responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}, "text/event-stream": {}}}})
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""
     app = request.app.state
@@ -77,23 +76,22 @@ async def _events(request: Request, body: GenerateRequest, ticket, previews: Pre
                   deadline: float) -> AsyncIterator[ServerSentEvent]:
     engine = request.app.state.engine
     start = time.monotonic()
-    ahead = engine.batcher.images_ahead(ticket)
-    yield sse({"id": request.state.request_id, "queue_depth": engine.batcher.depth, "images_ahead": ahead}, "queued")
+    ahead = engine.images_ahead(ticket)
+    yield sse({"id": request.state.request_id, "queue_depth": engine.queue_depth, "images_ahead": ahead}, "queued")
     # aclosing: when this stream ends early, progress() cancels the request now, not at garbage collection
     async with aclosing(progress(request, engine, ticket, previews, deadline, tick_s=QUEUE_UPDATE_S)) as items:
         async for item in items:
             if item is None:                                   # no news: has the queue moved?
-                now = engine.batcher.images_ahead(ticket)
+                now = engine.images_ahead(ticket)
                 if now is not None and now != ahead:
                     ahead = now
-                    yield sse({"id": request.state.request_id, "queue_depth": engine.batcher.depth,
+                    yield sse({"id": request.state.request_id, "queue_depth": engine.queue_depth,
                                "images_ahead": ahead}, "queued")
             elif isinstance(item, Preview):
                 images = [await encode_b64(img, "png") for img in item.images]
                 yield sse({"scale_index": item.scale_index, "num_scales": item.num_scales,
                            "elapsed": round(time.monotonic() - start, 3), "images": images}, "preview")
             elif isinstance(item, ServingError):
-                yield sse({"error": {"message": item.message, "type": item.type, "code": item.code,
-                                     "param": item.param}}, "error")
+                yield sse(error_body(item), "error")
             else:
                 yield sse(json.loads((await _response(request, body, item)).model_dump_json()), "completed")

@@ -11,21 +11,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import ServerSentEvent
 
+from model.schedules import LARGEST_PN
 from server.auth import GENERATION_GUARDS
-from server.engine import GenerationOutput, GenerationRequest, Preview
-from server.errors import ServingError
+from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.errors import ServingError, error_body
 from server.images import CONTENT_TYPES, encode_image
-from server.protocol import ErrorResponse, ImageData, OpenAIImageRequest, OpenAIImagesResponse, Usage, parse_size
+from server.protocol import (ERROR_RESPONSES, ErrorResponse, ImageData, OpenAIImageRequest, OpenAIImagesResponse, Usage,
+                             parse_size)
 from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
                             preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
 
 router = APIRouter(tags=["openai"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
 QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # others: the server default
 
 
 @router.post("/v1/images/generations", dependencies=GENERATION_GUARDS, response_model=OpenAIImagesResponse,
-             responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+             responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
     app = request.app.state
     n = body.n or 1
@@ -60,7 +61,7 @@ async def stored_image(image_id: str, request: Request) -> Response:
 
 
 def _pn_for_quality(quality: str | None, limits) -> str:
-    return QUALITY_PN.get(quality or "auto", limits.default_pn) if limits.max_pn == "1M" else limits.default_pn
+    return QUALITY_PN.get(quality or "auto", limits.default_pn) if limits.max_pn == LARGEST_PN else limits.default_pn
 
 
 def _fmt(body: OpenAIImageRequest) -> str:
@@ -107,8 +108,7 @@ async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: 
                                   "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
                 index += 1
             elif isinstance(item, ServingError):         # no event name: the SDK reads a bare `error` field
-                error = {"message": item.message, "type": item.type, "code": item.code, "param": item.param}
-                yield sse({"error": error})
+                yield sse(error_body(item))
             else:
                 usage = _usage(item).model_dump()
                 for image in item.images:

@@ -16,9 +16,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from model.config import SamplingParams
-from model.schedules import TEMPLATES, ScaleSchedule
-from server.errors import ServingError
-from server.service import PN_ORDER
+from model.schedules import PN_NAMES, TEMPLATES, ScaleSchedule
+from server.errors import ServingError, stream_statuses
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
@@ -48,6 +47,7 @@ class PlaygroundConfig(BaseModel):
     pixel_budgets: list[str]                # the allowed ones, smallest first
     templates: list[Template]               # tallest first
     fixed_size: tuple[int, int] | None      # (width, height) of a model trained for one schedule only
+    error_statuses: dict[str, int]          # error code -> HTTP status, for errors that arrive in a stream
 
 
 @router.get("/", include_in_schema=False)
@@ -60,7 +60,7 @@ async def playground_config(request: Request) -> PlaygroundConfig:
     """What the playground may offer on this server: templates, pixel budgets, limits and defaults."""
     app = request.app.state
     limits, image_size = app.limits, app.engine.image_size
-    budgets = PN_ORDER[: PN_ORDER.index(limits.max_pn) + 1]
+    budgets = list(PN_NAMES[: PN_NAMES.index(limits.max_pn) + 1])
     templates = [Template(aspect_ratio=aspect_label(t), h_div_w=t,
                           sizes={pn: _width_height(image_size(ScaleSchedule.official(t, pn))) for pn in budgets})
                  for t in sorted(TEMPLATES, reverse=True)]
@@ -70,7 +70,8 @@ async def playground_config(request: Request) -> PlaygroundConfig:
         model=limits.name, auth_required=bool(app.api_keys), max_n=app.settings.max_n,
         max_prompt_chars=app.settings.max_prompt_chars, default_cfg=defaults.cfg, default_tau=defaults.tau,
         default_pn=limits.default_pn, pixel_budgets=budgets, templates=templates,
-        fixed_size=_width_height(image_size(fixed)) if fixed is not None else None)
+        fixed_size=_width_height(image_size(fixed)) if fixed is not None else None,
+        error_statuses=stream_statuses())
 
 
 @router.get("/playground/{name}", include_in_schema=False)

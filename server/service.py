@@ -21,9 +21,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-from model.config import SamplingParams
-from model.schedules import PN_SCALES, ScaleSchedule, nearest_template, schedule_for_size
-from server.engine import Engine, GenerationOutput, Preview
+from model.config import SamplingParams, ScaleListError
+from model.schedules import PN_NAMES, ScaleSchedule, nearest_template, schedule_for_size
+from server.engine import Engine
+from server.jobs import GenerationOutput, Preview
 from server.errors import ServingError, cancelled, deadline_exceeded, invalid
 from server.images import OutputFormat, encode_image
 from server.protocol import SamplingFields
@@ -31,7 +32,6 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PN_ORDER = list(PN_SCALES)
 DISCONNECT_POLL_S = 0.2
 
 
@@ -57,11 +57,11 @@ def resolve_schedule(limits: ModelLimits, width: int | None, height: int | None,
     """
     if limits.fixed_schedule is not None:
         return limits.fixed_schedule
-    if pn is not None and PN_ORDER.index(pn) > PN_ORDER.index(limits.max_pn):
+    if pn is not None and PN_NAMES.index(pn) > PN_NAMES.index(limits.max_pn):
         raise invalid(f"pn {pn} exceeds this server's limit {limits.max_pn}", "pn")
     if width is not None and height is not None:
         schedule = schedule_for_size(width, height, pn)
-        if PN_ORDER.index(schedule.pn) > PN_ORDER.index(limits.max_pn):
+        if PN_NAMES.index(schedule.pn) > PN_NAMES.index(limits.max_pn):
             schedule = ScaleSchedule.official(schedule.h_div_w, limits.max_pn)
         return schedule
     template = nearest_template(h_div_w) if h_div_w is not None else 1.0
@@ -69,30 +69,31 @@ def resolve_schedule(limits: ModelLimits, width: int | None, height: int | None,
 
 
 def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tuple[SamplingParams, ...]:
-    """One SamplingParams per image: seed, seed + 1, ... (or random seeds), shared knobs."""
+    """One SamplingParams per image: seed, seed + 1, ... (or random seeds), shared knobs.
+
+    The server's one check of per-scale `cfg`/`tau` lists against the schedule, at the first point
+    where both are known: a short list is a 400 naming its field. The rule and its message are the
+    model's (`SamplingParams.check_scales`, which `InfinityPipeline.generate` applies for Python callers).
+    """
     defaults = SamplingParams()
 
     def per_scale(name: str, value):
         if value is None:
             return getattr(defaults, name)
-        if isinstance(value, list):
-            if len(value) < schedule.num_scales:
-                raise invalid(f"`{name}` lists {len(value)} values but the schedule has {schedule.num_scales} "
-                              f"scales", name)
-            return tuple(value)
-        return float(value)
+        return tuple(value) if isinstance(value, list) else float(value)
 
-    cfg, tau = per_scale("cfg", fields.cfg), per_scale("tau", fields.tau)
+    shared = SamplingParams(cfg=per_scale("cfg", fields.cfg), tau=per_scale("tau", fields.tau),
+                            negative_prompt=fields.negative_prompt,
+                            top_k=defaults.top_k if fields.top_k is None else fields.top_k,
+                            top_p=defaults.top_p if fields.top_p is None else fields.top_p)
+    try:
+        shared.check_scales(schedule.num_scales)
+    except ScaleListError as e:
+        raise invalid(str(e), e.param) from None
     first = fields.seed if fields.seed is not None else None
     rng = random.SystemRandom()
-    rows = []
-    for i in range(n):
-        seed = (first + i) % 2**63 if first is not None else rng.randrange(2**32)
-        rows.append(SamplingParams(
-            cfg=cfg, tau=tau, seed=seed, negative_prompt=fields.negative_prompt,
-            top_k=defaults.top_k if fields.top_k is None else fields.top_k,
-            top_p=defaults.top_p if fields.top_p is None else fields.top_p))
-    return tuple(rows)
+    return tuple(shared.with_seed((first + i) % 2**63 if first is not None else rng.randrange(2**32))
+                 for i in range(n))
 
 
 def check_common(request: Request, body: BaseModel, n: int) -> None:

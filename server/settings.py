@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.config import AttentionChoice, CompileMode, Precision, default_precision
+from model.schedules import PN_NAMES, PixelBudget
 
 
 class Settings(BaseSettings):
@@ -24,10 +26,13 @@ class Settings(BaseSettings):
 
     # --- devices ---
     devices: list[str] = Field(default_factory=lambda: ["cpu"])  # one replica per device
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    attention: Literal["auto", "sdpa", "flash", "sdpa-bf16io"] = "auto"
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"   # torch.compile the blocks
-    batch_invariant: bool = True                    # a seed's image never depends on its batch (see README)
+    dtype: Precision | None = None                  # None: bfloat16 on CUDA, float32 on CPU
+    # Cross-attention kernel. auto: exact sdpa on CPU (float32 runs give the official model's float32
+    # math bit for bit); flash-attn on CUDA when installed, else sdpa-bf16io. What each mode matches and
+    # does not: model.config.ATTENTION_MODES (logged at start-up).
+    attention: AttentionChoice = "auto"
+    compile: CompileMode = "off"                    # torch.compile the blocks
+    batch_invariant: bool = True                    # a seed's image never depends on its batch (docs/serving.md)
     warmup: bool = True
 
     # --- batching and admission ---
@@ -39,8 +44,8 @@ class Settings(BaseSettings):
     worker_restarts: int = Field(3, ge=0)           # restarts of a dead worker per 10 minutes, then not-ready
 
     # --- limits ---
-    default_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] | None = None   # None: the model's own default
-    max_pn: Literal["0.06M", "0.25M", "0.60M", "1M"] | None = None       # None: the model's own limit
+    default_pn: PixelBudget | None = None           # None: the model's own default
+    max_pn: PixelBudget | None = None               # None: the model's own limit
     max_n: int = Field(4, ge=1, le=64)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
@@ -113,8 +118,7 @@ class Settings(BaseSettings):
             for name, path in given.items():
                 if not Path(path).exists():
                     raise ValueError(f"{name}: {path} does not exist")
-        order = ["0.06M", "0.25M", "0.60M", "1M"]
-        if self.default_pn and self.max_pn and order.index(self.default_pn) > order.index(self.max_pn):
+        if self.default_pn and self.max_pn and PN_NAMES.index(self.default_pn) > PN_NAMES.index(self.max_pn):
             raise ValueError(f"default_pn {self.default_pn} exceeds max_pn {self.max_pn}")
         if self.max_n > self.max_batch_size:
             raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "
@@ -142,7 +146,7 @@ class Settings(BaseSettings):
         return self.transformer is None
 
     def dtype_for(self, device: str) -> str:
-        return self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        return self.dtype or default_precision(device)
 
 
 def _is_loopback(host: str) -> bool:

@@ -83,6 +83,19 @@ def test_errors_are_clear_and_exit_nonzero(tmp_path, files):
     assert r.returncode == 2 and "`tau` must be > 0" in r.stderr
 
 
+def test_pixel_budget_flags_offer_the_models_list():
+    import argparse
+
+    from model.schedules import PN_NAMES
+    from server.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, flag in (("generate", "--pn"), ("serve", "--default-pn"), ("serve", "--max-pn")):
+        action = next(a for a in commands[command]._actions if flag in a.option_strings)
+        assert list(action.choices) == list(PN_NAMES), (command, flag)
+
+
 def test_serve_refuses_a_key_less_public_host_before_loading_anything():
     r = cli("serve", "--host", "0.0.0.0", "--port", "1")
     assert r.returncode == 2

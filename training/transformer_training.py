@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
-from model.invariance import batch_invariance
 from training.bsc import corrupted_teacher_batch
 from training.common import (TRAIN_SEEDS, local_rng, Progress, fingerprint, images_tensor, load_checkpoint,
                                    save_checkpoint, scene_batch, warmup_cosine, with_unknown_words)
@@ -126,8 +125,9 @@ def lr_at(step: int, recipe: Recipe) -> float:
 def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
                       head: GroundingHead, workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
     """Returns the EMA transformer and T5. on_checkpoint(step, model, t5) runs after each checkpoint."""
-    # one GEMM per layer for the whole batch (training speed); dropout draws from a local seed
-    with batch_invariance(False), local_rng(recipe.seed + 5):
+    # dropout draws from a local seed (the models are built with batch invariance off: one GEMM per
+    # layer for the whole batch, for training speed)
+    with local_rng(recipe.seed + 5):
         return _train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
 
 

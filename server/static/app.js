@@ -15,8 +15,6 @@ const TITLES = { 400: "Invalid request", 401: "API key needed", 404: "Not found"
                  429: "Server busy", 499: "Cancelled", 500: "Server error", 503: "Server unavailable",
                  504: "Too slow" };
 // Errors that arrive inside the stream carry a code, not a status.
-const CODE_STATUS = { cancelled: 499, deadline_exceeded: 504, generation_failed: 500, out_of_memory: 503,
-                      draining: 503, not_ready: 503 };
 
 let config = null;
 let run = null;             // the generation in flight: {controller, started, timer, tiles, done}
@@ -188,7 +186,7 @@ async function generate(event) {
       else if (name === "preview") onPreview(data);
       else if (name === "completed") await onCompleted(data, body);
       else if (name === "error") {
-        showApiError(CODE_STATUS[data.error.code] ?? 500, data.error, null);
+        showApiError(config.error_statuses[data.error.code] ?? 500, data.error, null);
         setStatus("Not generated.");
         current.done = true;
       }

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from model.invariance import batch_invariance
 from model.config import TRANSFORMER_SIZES, RuntimeConfig, SamplingParams, TransformerConfig
 from model.pipeline import InfinityPipeline
-from model.schedules import ScaleSchedule
+from model.schedules import PN_NAMES, ScaleSchedule
 from model.t5_builder import build_t5_encoder_dir
 from model.text_encoder import T5TextEncoder
 from model.transformer import Infinity
@@ -177,7 +176,7 @@ def kv_cache_table() -> None:
     """Bytes of KV cache per image (two rows with CFG) per schedule: what admission budgets with."""
     from model.kv_cache import KVCache
 
-    pns = ["0.06M", "0.25M", "0.60M", "1M"]
+    pns = PN_NAMES
     print("\n| KV cache per image (bf16, CFG) | " + " | ".join(pns) + " |\n|---|" + "---|" * len(pns))
     for size in ("2b", "8b"):
         c = TRANSFORMER_SIZES[size]
@@ -187,12 +186,12 @@ def kv_cache_table() -> None:
 
 
 # ---- 2. CPU-only comparisons ------------------------------------------------------------------
-def cache_and_dtype(device: torch.device, repeats: int) -> dict[str, float]:
+def cache_and_dtype(device: torch.device, repeats: int, invariant: bool) -> dict[str, float]:
     """Mid size, 0.06M: KV cache vs recomputing the prefix (batch 1), bf16 vs fp32 (batch 8)."""
     schedule = ScaleSchedule.official(1.0, "0.06M")
     out = {}
     for dtype in DTYPES:
-        setup = build("mid", dtype, device)
+        setup = build("mid", dtype, device, invariant)
         run_cached(setup, schedule, 1)
         out[f"cached {dtype}"] = min(sum(run_cached(setup, schedule, 1)) for _ in range(repeats))
         out[f"recompute {dtype}"] = min(run_recompute(setup, schedule, 1) for _ in range(repeats))
@@ -277,7 +276,7 @@ def main() -> None:
           f"{torch.get_num_threads()} CPU threads, {args.dtype}, batch_invariant {args.batch_invariant}, "
           f"template 1:1, CFG on (2 rows per image)\n")
 
-    with tempfile.TemporaryDirectory() as tmp, batch_invariance(args.batch_invariant == "on"):
+    with tempfile.TemporaryDirectory() as tmp:
         rows = speed_table(args, device, Path(tmp))
         kv_cache_table()
         targets = compare(args, rows, device, gpu)
@@ -303,7 +302,8 @@ def compare(args, rows: list[Row], device: torch.device, gpu: bool) -> list[tupl
                 targets.append((f"2B batch 8 / batch 1 throughput, compile {compile_mode}", f"{gain:.2f}x",
                                 ">= 3x", gain >= 3))
     else:
-        c = cache_and_dtype(device, args.repeats)
+        invariant = args.batch_invariant == "on"
+        c = cache_and_dtype(device, args.repeats, invariant)
         print("\n| mid, 0.06M | float32 s | bfloat16 s | ratio |\n|---|---|---|---|")
         print(f"| KV cache (batch 1) | {c['cached float32']:.3f} | {c['cached bfloat16']:.3f} | "
               f"{c['cached float32'] / c['cached bfloat16']:.2f}x |")
@@ -313,7 +313,6 @@ def compare(args, rows: list[Row], device: torch.device, gpu: bool) -> list[tupl
               f"{c['batch8 float32'] / c['batch8 bfloat16']:.2f}x |")
         cache_gain = c["recompute bfloat16"] / c["cached bfloat16"]
         bf16_gain = c["batch8 float32"] / c["batch8 bfloat16"]
-        invariant = args.batch_invariant == "on"
         one, eight = default_model_batching(args.repeats, invariant)
         direct, http = http_overhead(args.http_requests, invariant)
         print(f"\ndefault model (end to end): {one:.4f} s/image at batch 1, {eight:.4f} at batch 8")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams, TransformerConfig, lookup
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams, ScaleListError, TransformerConfig, lookup
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
 
@@ -55,5 +55,9 @@ def test_sampling_params_validation_names_the_field():
         SamplingParams(cfg=float("nan"))
     p = SamplingParams(cfg=(1.0, 2.0, 3.0), tau=0.5)
     assert p.cfg_at(2) == 3.0 and p.tau_at(2) == 0.5
-    with pytest.raises(ValueError, match="`cfg` lists 3 values"):
+    with pytest.raises(ValueError, match="`cfg` lists 3 values") as refused:
         p.check_scales(7)
+    assert isinstance(refused.value, ScaleListError) and refused.value.param == "cfg"
+    with pytest.raises(ScaleListError, match="`tau` lists 2 values but the schedule has 3 scales"):
+        SamplingParams(tau=(0.5, 0.5)).check_scales(3)
+    SamplingParams(cfg=(1.0,) * 9).check_scales(7)            # extra values are unused, not an error

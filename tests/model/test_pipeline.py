@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import RuntimeConfig, SamplingParams
+from model.config import RuntimeConfig, SamplingParams, ScaleListError
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from model.text_encoder import T5TextEncoder
@@ -74,6 +74,20 @@ def test_bad_inputs_name_the_argument(pipe):
         pipe.generate(["a"], ScaleSchedule.custom(tuple((i, i) for i in range(1, 17))))
 
 
+def test_a_short_per_scale_list_is_refused_before_any_work(pipe, monkeypatch):
+    """The public `generate` is the Python callers' boundary: the one check of cfg/tau lists for them."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("reached the text encoder with a short list")
+
+    monkeypatch.setattr(pipe.text_encoder, "encode", no_work)
+    with pytest.raises(ScaleListError, match="`cfg` lists 2 values but the schedule has 7 scales") as refused:
+        pipe.generate(["a"], SCHEDULE, SamplingParams(cfg=(3.0, 3.0)))
+    assert refused.value.param == "cfg"
+    rows = [SamplingParams(), SamplingParams(tau=(0.5,) * 6)]      # one row of several
+    with pytest.raises(ScaleListError, match="`tau` lists 6 values"):
+        pipe.generate(["a", "b"], SCHEDULE, rows)
+
+
 def test_inconsistent_components_are_refused(t5_dir, tiny_vae):
     from model.config import TRANSFORMER_SIZES
     from model.transformer import Infinity
@@ -82,3 +96,48 @@ def test_inconsistent_components_are_refused(t5_dir, tiny_vae):
     wide_text = replace(TRANSFORMER_SIZES["tiny"], text_channels=48)
     with pytest.raises(ValueError, match="text_channels"):
         InfinityPipeline(Infinity(wide_text), tiny_vae, T5TextEncoder.from_dir(t5_dir))
+
+
+def _row_logits(pipe: InfinityPipeline, prompts: list[str], row: int, monkeypatch) -> list[torch.Tensor]:
+    """The raw logits of row `row` (seed 123; the others other seeds) at every scale of one `generate`."""
+    seen: list[torch.Tensor] = []
+    step = pipe.transformer.step
+
+    def recording(*args, **kwargs) -> torch.Tensor:
+        logits = step(*args, **kwargs)
+        seen.append(logits[row].clone())
+        return logits
+
+    params = [SamplingParams(seed=123 if i == row else i) for i in range(len(prompts))]
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe.transformer, "step", recording)
+        pipe.generate(prompts, SCHEDULE, params)
+    return seen
+
+
+def test_two_pipelines_in_one_process_keep_their_own_batch_invariance(t5_dir, tiny_vae, monkeypatch):
+    """Batch invariance is a pipeline's own (RuntimeConfig), not the process's: building or running a
+    pipeline without it leaves another one's images independent of their batch."""
+    import copy
+
+    from model.config import TRANSFORMER_SIZES
+    from tests.conftest import make_transformer
+
+    # Widths at which the GEMM library picks its kernel by the number of rows (tests/model/test_sampler.py).
+    config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024)
+    text = T5TextEncoder.from_dir(t5_dir)
+    invariant = InfinityPipeline(make_transformer(config), copy.deepcopy(tiny_vae), text,
+                                 RuntimeConfig(batch_invariant=True))
+    fused = InfinityPipeline(make_transformer(config), copy.deepcopy(tiny_vae), text,    # built second, on purpose
+                             RuntimeConfig(batch_invariant=False))
+    prompt = "a red circle"
+    batch = ["the big green triangle to the left of a star", prompt, "two blue squares", "a star"]
+    alone = _row_logits(invariant, [prompt], 0, monkeypatch)
+    fused_alone = _row_logits(fused, [prompt], 0, monkeypatch)
+    fused_together = _row_logits(fused, batch, 1, monkeypatch)
+    together = _row_logits(invariant, batch, 1, monkeypatch)
+    assert len(alone) == len(together) == SCHEDULE.num_scales
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    # the other pipeline really runs one GEMM per layer: its row's logits move with the batch
+    assert not all(torch.equal(a, b) for a, b in zip(fused_alone, fused_together)), \
+        "the fused GEMMs are batch-invariant here anyway: this test lost its power"

@@ -30,7 +30,7 @@ def model() -> RecordingInfinity:
     m = RecordingInfinity(base.config)
     m.load_state_dict(base.state_dict())
     m.recorded = []
-    return m.eval()
+    return m.eval().set_batch_invariant(True)            # as a pipeline runs it by default
 
 
 def text(lengths, seed=0, channels=32) -> TextMemory:
@@ -111,8 +111,7 @@ def test_per_scale_cfg_and_tau(model):
     scalar = SamplingParams(cfg=3.0, tau=0.5, seed=4)
     a, b = run(model, memory, [per_scale]), run(model, memory, [scalar])
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
-    with pytest.raises(ValueError, match="scales"):
-        run(model, memory, [SamplingParams(cfg=(3.0, 3.0))])
+    # A short list is refused by InfinityPipeline.generate, the Python boundary (tests/model/test_pipeline.py).
 
 
 def official_top_k_top_p(logits, top_k, top_p):
@@ -169,8 +168,8 @@ def test_bf16io_backend_rounds_like_flash_attn():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
     memory = TextMemory(torch.zeros(2, 5, 1), torch.tensor([5, 3]))
-    exact = cross_attention(q, k, v, memory, "sdpa")
-    rounded = cross_attention(q, k, v, memory, "sdpa-bf16io")
+    exact = cross_attention(q, k, v, memory, "sdpa", batch_invariant=True)
+    rounded = cross_attention(q, k, v, memory, "sdpa-bf16io", batch_invariant=True)
     assert rounded.dtype == torch.float32
     assert torch.equal(rounded, rounded.bfloat16().float())                 # outputs are bf16 values
     assert not torch.equal(rounded, exact)
@@ -183,12 +182,12 @@ def test_bf16io_backend_rounds_like_flash_attn():
 def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invariant):
     # Width 256 / FFN 1024 / text 64: large enough for the GEMM library to choose kernels by the
     # number of rows. Each cached step's logits of the shared row must be bit-identical.
-    from model.invariance import set_batch_invariant
-
     config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024, text_channels=64)
-    recording = RecordingInfinity(config)
+    recording = RecordingInfinity(config)               # built as training builds it: batch invariance off
     recording.load_state_dict(make_transformer(config).state_dict())
     recording.eval().recorded = []
+    if invariant:
+        recording.set_batch_invariant(True)
     target = text([4], seed=7, channels=64)
     others = text([9, 4, 2, 6], seed=9, channels=64)
     feats = others.features.clone()
@@ -196,14 +195,10 @@ def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invarian
     feats[1, :4] = target.features[0]
     batch = TextMemory(feats, others.lengths)
     params = [SamplingParams(seed=s) for s in (5, 123, 9, 11)]
-    set_batch_invariant(invariant)
-    try:
-        run(recording, target, [SamplingParams(seed=123)])
-        alone, recording.recorded = recording.recorded, []
-        run(recording, batch, params)
-        together = recording.recorded
-    finally:
-        set_batch_invariant(True)
+    run(recording, target, [SamplingParams(seed=123)])
+    alone = recording.recorded
+    run(recording, batch, params)
+    together = recording.recorded
     same = all(torch.equal(a[0], b[1]) for a, b in zip(alone, together))     # row 0 alone, row 1 in the batch
     if invariant:
         assert same

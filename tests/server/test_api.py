@@ -13,6 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from model.config import ScaleListError
+from model.schedules import PN_NAMES
+from server.routes_openai import QUALITY_PN
+from server.settings import Settings
 from tests.server.conftest import make_app
 
 
@@ -137,6 +141,45 @@ def test_openai_errors_have_the_openai_shape(client, body, param):
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"} and r.json()["error"]["param"] == param
+
+
+def test_every_layer_offers_the_models_pixel_budgets(client):
+    """One list, model.schedules.PN_NAMES: the request schema (an enum), the settings, the OpenAI quality map."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["GenerateRequest"]["properties"]["pn"]["anyOf"][0] == {"enum": list(PN_NAMES), "type": "string"}
+    settings = Settings.model_json_schema()["properties"]
+    assert [settings[f]["anyOf"][0]["enum"] for f in ("default_pn", "max_pn")] == [list(PN_NAMES)] * 2
+    assert set(QUALITY_PN.values()) <= set(PN_NAMES)
+
+
+@pytest.mark.parametrize("field,values", [("cfg", [3.0, 3.0]), ("tau", [0.5] * 6)])
+def test_a_short_per_scale_list_gets_the_same_400_from_both_endpoints(client, field, values):
+    """Checked once, where the schedule is known; the message is the model's own (ScaleListError)."""
+    expected = {"message": str(ScaleListError(field, len(values), 7)), "type": "invalid_request_error",
+                "param": field, "code": "invalid_value"}
+    for path in ("/generate", "/v1/images/generations"):
+        r = client.post(path, json={"prompt": "a", field: values})
+        assert (r.status_code, r.json()) == (400, {"error": expected}), path
+    assert client.post("/generate", json={"prompt": "a", field: [values[0]] * 7}).status_code == 200
+
+
+def test_a_failure_has_one_error_body_in_a_response_and_in_both_streams(app_and_engine, client):
+    """JSON responses, the /generate `error` event and the OpenAI stream's bare `error` share one body."""
+    engine = app_and_engine[1]
+
+    def explode(requests):
+        raise RuntimeError("injected fault")
+
+    engine.fault_hook = explode
+    body = client.post("/generate", json={"prompt": "a"}).json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    events = {}
+    for path, name in (("/generate", "event: error"), ("/v1/images/generations", None)):
+        text = client.post(path, json={"prompt": "a", "stream": True}).text
+        lines = text.splitlines()
+        data = [d for e, d in zip([""] + lines, lines) if d.startswith("data:") and (name is None or e == name)]
+        events[path] = json.loads(data[-1][5:])
+    assert events["/generate"] == events["/v1/images/generations"] == body
 
 
 def test_api_keys(pipeline):

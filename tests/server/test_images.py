@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import get_args
 
 from server import images
-from server.images import ImageStore, StoredImage
+from server.images import CONTENT_TYPES, ImageStore, OutputFormat, StoredImage
+
+
+def test_the_output_formats_are_the_content_types_keys():
+    assert get_args(OutputFormat) == tuple(CONTENT_TYPES) == ("png", "jpeg", "webp")
 
 
 def test_ids_are_random_and_unknown_ids_are_none():
