@@ -30,7 +30,7 @@ class Ticket(Generic[P]):
     kv_bytes: int                    # KV cache bytes of all its rows
     deadline: float                  # monotonic
     payload: P                       # the engine's request (server.jobs.GenerationRequest)
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float = 0.0            # the batcher's clock when `put` queued it
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
 
@@ -83,6 +83,7 @@ class Batcher:
                 raise replace(self._closed)            # a fresh exception per request (tracebacks)
             if sum(t.rows for t in self._queue) + ticket.rows > self.max_queue_rows:
                 raise queue_full(retry_after)
+            ticket.enqueued = self._clock()
             self._queue.append(ticket)
             self._changed()
 
@@ -116,31 +117,45 @@ class Batcher:
         with self._cond:
             idle_deadline = None if idle_timeout is None else self._clock() + idle_timeout
             while True:
-                self._discard_dead()
-                if not self._queue:
+                batch, wait_s = self._ready()
+                if batch is not None:
+                    return batch
+                if wait_s is None:                     # nothing queued
                     if self._closed is not None:
                         return None
-                    remaining = None if idle_deadline is None else idle_deadline - self._clock()
-                    if remaining is not None and remaining <= 0:
+                    wait_s = None if idle_deadline is None else idle_deadline - self._clock()
+                    if wait_s is not None and wait_s <= 0:
                         return []
-                    self._cond.wait(remaining)
-                    continue
-                batch, full = self._select()
-                leave_at = self._queue[0].enqueued + self.max_wait_s
-                now = self._clock()
-                # Wait for a fuller batch only under concurrent load (the last batch held several
-                # requests): a lone client gets no batching delay, concurrent clients get full batches.
-                patient = self._last_batch_requests > 1
-                if full or now >= leave_at or self._closed is not None or not patient:
-                    for t in batch:
-                        self._queue.remove(t)
-                    self._last_batch_requests = len(batch)
-                    self._on_take(batch)
-                    self._changed()
-                    return batch
-                self._cond.wait(leave_at - now)
+                self._cond.wait(wait_s)
+
+    def poll(self) -> list[Ticket] | None:
+        """The batch that leaves now, taken off the queue, or None: `take` without blocking (tests with
+        their own clock decide each moment themselves)."""
+        with self._cond:
+            return self._ready()[0]
 
     # ---- internals (lock held) ---------------------------------------------------------------
+    def _ready(self) -> tuple[list[Ticket] | None, float | None]:
+        """(the batch that leaves now, None) or (None, seconds until the head's batch may leave; None
+        when nothing is queued)."""
+        self._discard_dead()
+        if not self._queue:
+            return None, None
+        batch, full = self._select()
+        leave_at = self._queue[0].enqueued + self.max_wait_s
+        now = self._clock()
+        # Wait for a fuller batch only under concurrent load (the last batch held several
+        # requests): a lone client gets no batching delay, concurrent clients get full batches.
+        patient = self._last_batch_requests > 1
+        if not (full or now >= leave_at or self._closed is not None or not patient):
+            return None, leave_at - now
+        for t in batch:
+            self._queue.remove(t)
+        self._last_batch_requests = len(batch)
+        self._on_take(batch)
+        self._changed()
+        return batch, None
+
     def _select(self) -> tuple[list[Ticket], bool]:
         head = self._queue[0]
         batch, rows, memory = [head], head.rows, head.kv_bytes

@@ -40,6 +40,17 @@ class Gate:
         assert self.opened.wait(30), "gate never opened"
 
 
+def wait_until(condition, timeout: float = 10) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False): for state that other
+    threads reach in their own time, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.fixture(scope="module")
 def pipeline(t5_dir, tiny_transformer, tiny_vae) -> InfinityPipeline:
     return InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))

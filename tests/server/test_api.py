@@ -305,6 +305,17 @@ def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
             assert release[i].wait(30)
 
     engine.fault_hook = hold
+    asked = [threading.Event(), threading.Event()]            # the stream looked up its place: at all, then 0
+    place = engine.images_ahead
+
+    def images_ahead(ticket):                                 # only the stream asks
+        ahead = place(ticket)
+        asked[0].set()
+        if ahead == 0:
+            asked[1].set()
+        return ahead
+
+    engine.images_ahead = images_ahead
     results = []
     threads = [_post_in_thread(client, results, {"prompt": "blocker"})]
     assert entered[0].wait(10)
@@ -313,11 +324,10 @@ def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
     while engine.batcher.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     threads.append(_post_in_thread(client, results, {"prompt": "mine", "stream": True}))
-    while engine.batcher.depth < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert asked[0].wait(10)           # its first `queued` event is written: "ahead" is still queued
     release[0].set()                   # the blocker finishes; "ahead" leaves the queue and is held
     assert entered[1].wait(10)
-    time.sleep(1.2)                    # a few ticks of the stream while "mine" is next in line
+    assert asked[1].wait(10)           # a tick of the stream found "mine" next in line
     release[1].set()
     for t in threads:
         t.join(30)

@@ -7,8 +7,26 @@ from server.batcher import Batcher, Ticket
 from server.errors import ServingError
 
 
-def ticket(key="a", rows=1, kv=1, deadline_s=60.0):
-    return Ticket(key, rows, kv, time.monotonic() + deadline_s, payload=None)
+class Clock:
+    """The batcher's clock in a test: time moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.read_elsewhere = threading.Event()         # read by a thread other than the test's own
+        self._test_thread = threading.current_thread()
+
+    def __call__(self) -> float:
+        if threading.current_thread() is not self._test_thread:
+            self.read_elsewhere.set()
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def ticket(key="a", rows=1, kv=1, deadline_s=60.0, clock=time.monotonic):
+    """A ticket whose deadline is `deadline_s` from now by `clock` (the batcher's)."""
+    return Ticket(key, rows, kv, clock() + deadline_s, payload=None)
 
 
 def test_groups_by_schedule_in_arrival_order_up_to_the_batch_size():
@@ -22,37 +40,68 @@ def test_groups_by_schedule_in_arrival_order_up_to_the_batch_size():
     assert b.depth == 0
 
 
-def test_waits_up_to_max_wait_for_a_fuller_batch():
-    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100)     # a fresh batcher is patient
-    first = ticket()
+def test_put_stamps_the_arrival_with_the_batchers_clock():
+    clock = Clock()
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100, clock=clock)
+    clock.advance(5)
+    first = ticket(clock=clock)
     b.put(first)
-    later = ticket()
-    threading.Timer(0.05, lambda: b.put(later)).start()
-    start = time.monotonic()
-    batch = b.take()
-    waited = time.monotonic() - start
-    assert batch == [first, later] and 0.25 <= waited < 2.0
+    assert first.enqueued == clock.now
+
+
+def test_waits_up_to_max_wait_for_a_fuller_batch():
+    clock = Clock()
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100, clock=clock)   # a fresh batcher is patient
+    first, later = ticket(clock=clock), ticket(clock=clock)
+    b.put(first)
+    assert b.poll() is None                    # alone and not full: it waits for company
+    clock.advance(0.05)
+    b.put(later)
+    clock.advance(0.2499)
+    assert b.poll() is None                    # still short of the first one's max_wait
+    clock.advance(0.0001)
+    assert b.poll() == [first, later]          # leaves when the oldest has waited max_wait_s
+
+
+def test_take_waits_for_the_oldest_requests_max_wait():
+    clock = Clock()
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100, clock=clock)
+    first = ticket(clock=clock)
+    b.put(first)
+    taken: list = []
+    taker = threading.Thread(target=lambda: taken.append(b.take()))
+    taker.start()
+    assert clock.read_elsewhere.wait(10)       # the taker holds the queue's lock: it decides, then waits
+    later = ticket(clock=clock)
+    b.put(later)                               # gets the lock once the taker waits; wakes it, still not due
+    clock.advance(0.3)
+    b.put(ticket("other", clock=clock))        # any change of the queue wakes it to look again
+    taker.join(10)
+    assert taken == [[first, later]]
 
 
 def test_after_a_lone_request_the_next_one_leaves_without_waiting():
-    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100)
-    b.put(ticket())
-    b.put(ticket())
-    assert len(b.take()) == 2                  # concurrent load: the next batch may wait for company
-    b.put(ticket())
-    start = time.monotonic()
-    assert len(b.take()) == 1 and time.monotonic() - start >= 0.25
-    b.put(ticket())                            # the last batch was a lone request: no batching delay
-    start = time.monotonic()
-    assert len(b.take()) == 1 and time.monotonic() - start < 0.1
+    clock = Clock()
+    b = Batcher(max_batch_size=4, max_wait_s=0.3, max_queue_rows=100, clock=clock)
+    b.put(ticket(clock=clock))
+    b.put(ticket(clock=clock))
+    assert b.poll() is None
+    clock.advance(0.3)
+    assert len(b.poll()) == 2                  # concurrent load: the next batch may wait for company
+    b.put(ticket(clock=clock))
+    assert b.poll() is None
+    clock.advance(0.3)
+    assert len(b.poll()) == 1
+    b.put(ticket(clock=clock))                 # the last batch was a lone request: no batching delay
+    assert len(b.poll()) == 1
 
 
 def test_a_full_batch_leaves_at_once():
-    b = Batcher(max_batch_size=2, max_wait_s=30.0, max_queue_rows=100)
-    b.put(ticket())
-    b.put(ticket())
-    start = time.monotonic()
-    assert len(b.take()) == 2 and time.monotonic() - start < 1.0
+    clock = Clock()
+    b = Batcher(max_batch_size=2, max_wait_s=30.0, max_queue_rows=100, clock=clock)
+    b.put(ticket(clock=clock))
+    b.put(ticket(clock=clock))
+    assert len(b.poll()) == 2                  # the clock has not moved
 
 
 def test_memory_budget_caps_the_batch():
@@ -71,12 +120,14 @@ def test_queue_bound_raises_429_with_retry_after():
 
 
 def test_expired_and_cancelled_tickets_are_failed_not_run():
-    b = Batcher(max_batch_size=8, max_wait_s=0.0, max_queue_rows=100)
-    expired, gone, alive = ticket(deadline_s=-1), ticket(), ticket()
+    clock = Clock()
+    b = Batcher(max_batch_size=8, max_wait_s=0.0, max_queue_rows=100, clock=clock)
+    expired, gone, alive = ticket(deadline_s=1, clock=clock), ticket(clock=clock), ticket(clock=clock)
     gone.cancel_reason = "disconnect"
     for x in (expired, gone, alive):
         b.put(x)
-    assert b.take() == [alive]
+    clock.advance(1)                           # the first one's deadline, by the batcher's clock
+    assert b.poll() == [alive]
     assert expired.future.exception().status == 504
     assert gone.future.exception().code == "cancelled"
 

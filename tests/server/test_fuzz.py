@@ -3,13 +3,16 @@
 Thousands of generated bodies, headers and query strings (hypothesis, derandomized so that CI is
 reproducible; FUZZ_EXAMPLES scales the count). The properties: never a 5xx, never a hang (every
 call has a timeout), every error is a JSON body with a message and, for a 400, the field it is
-about; a 200 is a well-formed answer.
+about; a 200 is a well-formed answer. Junk almost never passes validation, so valid bodies are
+generated too: their 200s (JSON, image bytes, and both streams, event by event) are checked as well.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
@@ -17,6 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
 from tests.server.conftest import make_app, running_server
 
@@ -55,6 +59,12 @@ accept = st.sampled_from(["application/json", "image/png", "*/*", "text/event-st
 header_text = st.text(alphabet=st.characters(codec="latin-1", exclude_categories=["Cc"]), max_size=40).map(str.strip)
 timeout_header = st.one_of(header_text, st.sampled_from(["nan", "inf", "-1", "1e309", "60"]))
 ENDPOINTS = {"/generate": generate_fields, "/v1/images/generations": openai_fields}
+valid_common = {"n": st.integers(1, 2), "seed": st.integers(0, 2**32), "stream": st.booleans(),
+                "partial_images": st.integers(0, 3), "output_format": st.sampled_from(["png", "jpeg", "webp"]),
+                "cfg": st.floats(1, 5), "tau": st.floats(0.5, 2)}
+VALID = {"/generate": {**valid_common, "aspect_ratio": st.sampled_from(["1:1", "2:1", "1:2"])},
+         "/v1/images/generations": {**valid_common, "size": st.sampled_from(["auto", "256x256"])}}
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -65,25 +75,90 @@ def url(pipeline):
     engine.drain(5)
 
 
-def check(response: httpx.Response, wanted_stream: bool) -> None:
+def check(response: httpx.Response, path: str, body: object) -> str:
+    """The properties of one answer; returns its kind ("error", "stream", "image" or "json")."""
     assert response.status_code < 500, response.text[:500]
     assert "Traceback" not in response.text and "/work/" not in response.text
     if response.status_code != 200:
-        error = response.json()["error"]
-        assert isinstance(error["message"], str) and error["message"]
+        check_error_body(response.json())
         if response.status_code == 400:
-            assert isinstance(error["param"], str) and error["param"], error
-        return
+            assert isinstance(response.json()["error"]["param"], str) and response.json()["error"]["param"]
+        return "error"
+    fields = body if isinstance(body, dict) else {}
     kind = response.headers["content-type"]
+    assert kind.startswith("text/event-stream") == asks_for_stream(fields), (kind, fields)
+    n = fields.get("n") or 1                      # validated by now: an int (or a bool/float pydantic took)
     if kind.startswith("text/event-stream"):
-        last = [line for line in response.text.splitlines() if line.startswith("event:")][-1]
-        assert last.split(":", 1)[1].strip() in {"completed", "error"}, response.text[-300:]
-        assert wanted_stream
-    elif kind.startswith("image/"):
+        events = sse_events(response.text)
+        (check_generate_stream if path == "/generate" else check_openai_stream)(events, int(n))
+        return "stream"
+    if kind.startswith("image/"):
         assert len(response.content) > 8
+        return "image"
+    answer = response.json()
+    assert len(answer.get("data") or answer.get("images")) == n, answer
+    return "json"
+
+
+def asks_for_stream(fields: dict) -> bool:
+    """What the body asks for, read as a pydantic bool field reads it (1, "true", "on" are yes)."""
+    try:
+        return fields.get("stream") is not None and TypeAdapter(bool).validate_python(fields["stream"])
+    except ValidationError:
+        return False
+
+
+def check_error_body(body: dict) -> None:
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, body
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
+
+
+def sse_events(text: str) -> list[tuple[str | None, dict]]:
+    """(event name or None, its JSON data) per event; `: ping` comments skipped."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines:
+            continue
+        names = [line[6:].strip() for line in lines if line.startswith("event:")]
+        data = [line[5:].strip() for line in lines if line.startswith("data:")]
+        assert len(names) <= 1 and len(data) == 1 and len(lines) == len(names) + 1, block
+        events.append((names[0] if names else None, json.loads(data[0])))
+    return events
+
+
+def check_generate_stream(events: list[tuple[str | None, dict]], n: int) -> None:
+    """queued, then queued/preview events, then one `completed` (n images) or one `error`."""
+    names = [name for name, _ in events]
+    assert names[0] == "queued" and names[-1] in ("completed", "error"), names
+    assert set(names[1:-1]) <= {"queued", "preview"}, names
+    for name, data in events:
+        if name == "queued":
+            assert set(data) == {"id", "queue_depth", "images_ahead"}, data
+        elif name == "preview":
+            assert 0 <= data["scale_index"] < data["num_scales"] - 1 and len(data["images"]) == n, data.keys()
+            assert all(base64.b64decode(image).startswith(PNG) for image in data["images"])
+    name, data = events[-1]
+    if name == "error":
+        check_error_body(data)
     else:
-        answer = response.json()
-        assert answer.get("data") or answer.get("images"), answer
+        assert len(data["images"]) == n and all(image["b64"] for image in data["images"]), data.keys()
+
+
+def check_openai_stream(events: list[tuple[str | None, dict]], n: int) -> None:
+    """partial_image events (n per preview, indices 0, 1, ...), then n `completed` or one bare error."""
+    partial = [data for name, data in events if name == "image_generation.partial_image"]
+    assert len(partial) % n == 0 and [p["partial_image_index"] for p in partial] == sorted(
+        i for i in range(len(partial) // n) for _ in range(n)), [p.get("partial_image_index") for p in partial]
+    assert all(p["type"] == "image_generation.partial_image" and p["b64_json"] for p in partial)
+    rest = events[len(partial):]
+    if rest and rest[0][0] is None:                            # the SDK reads a bare `error` field
+        assert len(rest) == 1, [name for name, _ in events]
+        check_error_body(rest[0][1])
+        return
+    assert [name for name, _ in rest] == ["image_generation.completed"] * n, [name for name, _ in events]
+    assert all(data["b64_json"] and data["usage"]["output_tokens"] > 0 for _, data in rest)
 
 
 def post(url: str, path: str, body: bytes, headers: dict[str, str], params=None) -> httpx.Response:
@@ -100,9 +175,25 @@ def test_json_bodies_never_give_a_server_error(url, path):
         headers = {"content-type": "application/json", "accept": accept,
                    "x-stainless-read-timeout": timeout.encode("latin-1")}
         response = post(url, path, json.dumps(body).encode(), headers)
-        check(response, wanted_stream=body.get("stream") is True)
+        check(response, path, body)
 
     run()
+
+
+@pytest.mark.parametrize("path", list(ENDPOINTS))
+def test_valid_bodies_get_well_formed_answers_and_streams(url, path):
+    """Bodies that pass validation: every answer is a 200 of the kind asked for, and well formed."""
+    @settings(max_examples=max(20, EXAMPLES // 15), deadline=None, derandomize=True, database=None)
+    @given(fields=st.fixed_dictionaries({"prompt": st.sampled_from(["a red circle", "two blue stars", "a"])},
+                                        optional=VALID[path]), accept=accept)
+    def run(fields, accept):
+        response = post(url, path, json.dumps(fields).encode(), {"content-type": "application/json", "accept": accept})
+        assert response.status_code == 200, response.text[:500]
+        seen[check(response, path, fields)] += 1
+
+    seen: Counter[str] = Counter()
+    run()
+    assert seen["stream"] and seen["json"], seen          # both branches of `check` ran
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
@@ -117,7 +208,11 @@ def test_raw_bytes_headers_and_query_strings_never_give_a_server_error(url, path
            params=st.dictionaries(st.text(max_size=6), st.text(max_size=12), max_size=3))
     def run(body, content_type, headers, params):
         response = post(url, path, body, {**headers, "content-type": content_type}, params)
-        check(response, wanted_stream=True)
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            fields = None
+        check(response, path, fields)
 
     run()
 
@@ -164,7 +259,7 @@ def test_extreme_finite_numbers_never_touch_a_concurrent_normal_request(url):
             extreme = pool.submit(httpx.post, f"{url}/generate", json=body, timeout=60)
             same = pool.submit(httpx.post, f"{url}/generate", json=normal, timeout=60)
             extreme, same = extreme.result(), same.result()
-        check(extreme, wanted_stream=False)
+        check(extreme, "/generate", body)
         assert extreme.status_code in (200, 400, 422, 429), extreme.text
         assert same.status_code in (200, 429), same.text            # a 429 is the queue bound, never the body
         if same.status_code == 200:
