@@ -65,7 +65,7 @@ class Infinity(BatchInvariantModule):
         if self.cfg_uncond.device.type != "meta":
             std = 1.2
             u = torch.empty_like(self.cfg_uncond, device="cpu")
-            nn.init.trunc_normal_(u, std=std, a=-2 * std, b=2 * std, generator=g)
+            nn.init.trunc_normal_(u, std=std, generator=g)      # cut at absolute +-2, as the official init
             self.cfg_uncond.data.copy_(u / math.sqrt(self.config.text_channels))
         nn.init.trunc_normal_(self.pos_start, std=0.02)
 

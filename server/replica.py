@@ -68,8 +68,9 @@ class Replica:
         """Start the worker; with `warmup`, it first runs the warm-up batches and then sets `warmed`."""
         self._thread = threading.Thread(target=self._work, args=(warmup, warmed),
                                         name=f"replica-{self.device}", daemon=True)
-        self._thread.start()
+        # up before the thread runs: a worker that dies at once (and retires) must leave the gauge at 0
         self.metrics.replica_up.labels(self.device).set(1)
+        self._thread.start()
 
     @property
     def alive(self) -> bool:
