@@ -1,7 +1,7 @@
 """server/delivery.py's BatchDelivery alone: rows to tickets, previews to the requests that asked for
 them, rows of cancelled requests dropped, and each request's images or its own error. A stand-in
 pipeline makes the images (each filled with its row's index); one test runs the real tiny pipeline.
-(Previews of requests sharing a batch through the API: test_delivery.py.)"""
+(Previews of requests sharing a batch through the API: test_shared_batch_previews.py.)"""
 
 from __future__ import annotations
 

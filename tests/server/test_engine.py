@@ -1,7 +1,7 @@
 """server/engine.py's lifecycle on the real tiny pipeline, without the HTTP layer: start and readiness,
 stop_admitting, begin_drain, wait_idle, drain, and broken once every replica retired. A gate in the
 fault hook holds a batch inside its worker, so each state is reached by events, not by sleeping.
-(The same states through the API: test_lifecycle.py, test_worker_faults.py, test_replicas.py.)"""
+(The same states through the API: test_lifecycle.py, test_worker_faults.py, test_replicas_api.py.)"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """server/replica.py alone: a worker thread over a real admission queue and a stand-in pipeline whose
 failures the test chooses. A failed batch is bisected until only the failing request fails; a dead
 worker is restarted within its budget and retired past it; the warm-up runs before serving.
-(Replicas on the real engine and pipeline, through the API: test_replicas.py, test_worker_faults.py.)"""
+(Replicas on the real engine and pipeline, through the API: test_replicas_api.py, test_worker_faults.py.)"""
 
 from __future__ import annotations
 
