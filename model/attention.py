@@ -106,8 +106,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
 def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
-    rounded = [t.to(torch.bfloat16).float() for t in (q, k, v)]
-    return sdpa(*rounded, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
+    q_r, k_r, v_r = (t.to(torch.bfloat16).float() for t in (q, k, v))
+    return sdpa(q_r, k_r, v_r, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
 
 
 def _masked(attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 ScaleValue = float | tuple[float, ...]
 
@@ -218,19 +218,21 @@ class SamplingParams:
     def uses_guidance(self, num_scales: int) -> bool:
         return any(self.cfg_at(i) != 1.0 for i in range(num_scales))
 
-    def with_seed(self, seed: int) -> "SamplingParams":
+    def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)
 
 
 # The choices of a run, each written once: the server's settings and the CLI take theirs from here.
-PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
-Precision = Literal[PRECISIONS]                  # one of PRECISIONS, as a type (pydantic fields validate it)
+Precision = Literal["float32", "bfloat16", "float16"]     # as a type: pydantic fields validate it
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 # Kernel of cross-attention and of the text pooling (model/attention.py) -> what its numbers match.
 # Self-attention is exact SDPA in every mode. The official code sends cross-attention and the pooling
 # through flash-attn, which rounds q, k, v and the output to bf16 even in a float32 run; bf16 rounding
 # is chaotic (a 1e-7 difference can move a value by one bf16 step), so rounding "as the official code
 # does" does not give its bits either (measured on tiny official-format models, float32).
+AttentionChoice = Literal["auto", "sdpa", "sdpa-bf16io", "flash"]
+ATTENTION_CHOICES: tuple[str, ...] = get_args(AttentionChoice)
 ATTENTION_MODES: dict[str, str] = {
     "auto": "sdpa on CPU; on CUDA, flash when flash-attn is installed, else sdpa-bf16io",
     "sdpa": ("exact torch SDPA. In float32 (and batch-invariant, the default) it reproduces the official model's "
@@ -242,15 +244,14 @@ ATTENTION_MODES: dict[str, str] = {
     "flash": ("flash-attn varlen kernels (CUDA, flash-attn installed; bf16/fp16 in and out), the kernel the "
               "official code calls. Not compared bit for bit with it"),
 }
-ATTENTION_CHOICES: tuple[str, ...] = tuple(ATTENTION_MODES)
-AttentionChoice = Literal[ATTENTION_CHOICES]
+assert tuple(ATTENTION_MODES) == ATTENTION_CHOICES, "describe each attention choice"
 
 # torch.compile modes of the transformer blocks; "reduce-overhead" adds CUDA graphs on CUDA.
-COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
-CompileMode = Literal[COMPILE_MODES]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
-def default_precision(device: str) -> str:
+def default_precision(device: str) -> Precision:
     """The dtype of a run that names none: bfloat16 on CUDA (as the official run), float32 elsewhere."""
     return "bfloat16" if device.startswith("cuda") else "float32"
 

@@ -19,7 +19,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+                 dtype: torch.dtype, device: torch.device | str) -> KVCache:
         shape = (depth, batch, heads, total_tokens, head_dim)
         return cls(torch.empty(shape, dtype=dtype, device=device),
                    torch.empty(shape, dtype=dtype, device=device))
@@ -37,7 +37,7 @@ class KVCache:
         self.values[layer, :, :, self.filled:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """A cache holding only batch rows `rows` (rows leaving a running batch)."""
         return KVCache(self.keys[:, rows], self.values[:, rows], self.filled)
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
-from model.memory import MemoryUsage, device_memory
 from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingParams
+from model.memory import MemoryUsage, device_memory
 from model.sampler import ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
 from model.text_encoder import T5TextEncoder
@@ -103,8 +103,8 @@ class InfinityPipeline:
                 torch.cuda.empty_cache()
             raise DeviceOutOfMemory(f"out of memory on {self.device} for {len(rows)} images") from e
 
-    def _generate(self, prompts: Sequence[str], schedule: ScaleSchedule, rows: list[SamplingParams],
-                  seeds: list[int], generators: list[torch.Generator], on_scale: ScaleCallback | None) -> GenerationResult:
+    def _generate(self, prompts: Sequence[str], schedule: ScaleSchedule, rows: list[SamplingParams], seeds: list[int],
+                  generators: list[torch.Generator], on_scale: ScaleCallback | None) -> GenerationResult:
         with torch.inference_mode():
             # 3. text features of the prompts and of their unconditional counterparts
             t0 = time.perf_counter()
@@ -121,11 +121,11 @@ class InfinityPipeline:
             keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
             images = list(self.decode_latent(out.latent[keep])) if keep else []
             t3 = time.perf_counter()
-        rows = tuple(out.rows[k] for k in keep)
+        kept = tuple(out.rows[k] for k in keep)
         tokens = sum(schedule.lengths) * self.transformer.config.token_bits
         return GenerationResult(
-            rows=rows, nonfinite=out.nonfinite, images=images, bits=[b[keep].cpu().numpy() for b in out.bits],
-            seeds=[seeds[i] for i in rows], prompt_tokens=[encoded.token_counts[i] for i in rows],
+            rows=kept, nonfinite=out.nonfinite, images=images, bits=[b[keep].cpu().numpy() for b in out.bits],
+            seeds=[seeds[i] for i in kept], prompt_tokens=[encoded.token_counts[i] for i in kept],
             image_tokens=tokens, timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
@@ -164,7 +164,7 @@ class InfinityPipeline:
 
         c = self.transformer.config
         per_row = KVCache.bytes_per_row(c.depth, c.num_heads, schedule.total_tokens, c.head_dim,
-                                        self.transformer.blocks[0].sa.mat_qkv.weight.dtype)
+                                        self.transformer.blocks_dtype)
         return per_row * (2 if guided else 1)
 
     # ---- steps ------------------------------------------------------------------------------
@@ -185,10 +185,10 @@ class InfinityPipeline:
     def _unconditional(self, cond: TextMemory, rows: list[SamplingParams]) -> TextMemory:
         """Per row: the negative prompt's features if given, else the learned null prompt."""
         null = self.transformer.unconditional_text(cond.lengths)
-        negatives = [i for i, p in enumerate(rows) if p.negative_prompt is not None]
+        negatives = {i: p.negative_prompt for i, p in enumerate(rows) if p.negative_prompt is not None}
         if not negatives:
             return null
-        neg = self.text_encoder.encode([rows[i].negative_prompt for i in negatives]).memory
+        neg = self.text_encoder.encode(list(negatives.values())).memory
         merged = stack_memories(null, neg)                 # common padding; pick rows below
         B = len(rows)
         index = torch.arange(B)

@@ -85,9 +85,12 @@ class BitwiseQuantizer:
         return torch.cat(inputs, dim=1)
 
     def bits_to_latent(self, bits: list[torch.Tensor], vae_scales: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        if not bits:
+            raise ValueError("`bits` must hold at least one scale, got none")
         summed = None
         for k, b in enumerate(bits):
             summed = self.accumulate(summed, self.codes(b, k), vae_scales[-1])
+        assert summed is not None               # bits is not empty
         return summed
 
     def encode(self, latent: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]) -> EncodedBits:
@@ -101,4 +104,5 @@ class BitwiseQuantizer:
             residual = residual - up
             summed = up if summed is None else summed + up
             all_bits.append(bits)
+        assert summed is not None               # vae_scales[-1] above: at least one scale
         return EncodedBits(all_bits, summed)

@@ -148,7 +148,7 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
     c = model.config
     cache = KVCache.allocate(c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim,
-                             model.blocks[0].sa.mat_qkv.weight.dtype, text.features.device)
+                             model.blocks_dtype, text.features.device)
     state = _RunningRows(list(range(B)), list(params), list(generators), cond, model.cross_kv(cond), cache, guided,
                          torch.zeros(B, dtype=torch.bool, device=text.features.device))
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
@@ -174,5 +174,6 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
         if si + 1 < n:
             x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
             x = torch.cat((x, x)) if guided else x
-    nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist()) if bad)
+    assert latent is not None                   # a schedule has at least one scale
+    nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
     return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)

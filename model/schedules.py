@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, get_args
 
 # (h, w) per scale of the 1M schedule for the templates with h >= w; the inverse templates
 # (0.8, 0.75, ...) use the same lists with h and w swapped.
@@ -43,11 +43,11 @@ for _r, _scales in _TALL_1M.items():
 # Order of the official table (used when listing templates to users).
 TEMPLATES: tuple[float, ...] = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5,
                                 0.4, 3.0, 0.333)
-# Pixel budget -> scales of its schedule, smallest first. The one list of pixel budgets: the
-# protocol, the settings, the service and the CLI all derive theirs from it.
-PN_SCALES: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
-PN_NAMES: tuple[str, ...] = tuple(PN_SCALES)     # smallest first: an index compares two budgets
-PixelBudget = Literal[PN_NAMES]                  # one of PN_NAMES, as a type (pydantic fields validate it)
+# The one list of pixel budgets, smallest first: the protocol, the settings, the service and the CLI
+# all derive theirs from it (pydantic fields typed PixelBudget validate against it).
+PixelBudget = Literal["0.06M", "0.25M", "0.60M", "1M"]
+PN_NAMES: tuple[str, ...] = get_args(PixelBudget)   # an index compares two budgets
+PN_SCALES: dict[str, int] = dict(zip(PN_NAMES, (7, 10, 12, 13), strict=True))   # budget -> scales of its schedule
 LARGEST_PN = PN_NAMES[-1]                        # a template's whole schedule; the official runs' default
 PIXELS_PER_TOKEN = 16
 
@@ -61,7 +61,7 @@ class ScaleSchedule:
     scales: tuple[tuple[int, int], ...]       # transformer token grid (h, w) per scale
 
     @classmethod
-    def official(cls, h_div_w: float, pn: str) -> "ScaleSchedule":
+    def official(cls, h_div_w: float, pn: str) -> ScaleSchedule:
         if h_div_w not in SCALES_1M:
             raise ValueError(f"h_div_w template {h_div_w} is not official; valid: {list(TEMPLATES)}")
         if pn not in PN_SCALES:
@@ -69,7 +69,7 @@ class ScaleSchedule:
         return cls(h_div_w, pn, SCALES_1M[h_div_w][: PN_SCALES[pn]])
 
     @classmethod
-    def custom(cls, scales: tuple[tuple[int, int], ...], h_div_w: float = 1.0) -> "ScaleSchedule":
+    def custom(cls, scales: tuple[tuple[int, int], ...], h_div_w: float = 1.0) -> ScaleSchedule:
         """A non-official schedule (small models); RoPE positions use its own last scale."""
         return cls(h_div_w, "custom", tuple(scales))
 

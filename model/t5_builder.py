@@ -36,7 +36,10 @@ def build_t5_encoder_dir(path: str | Path, words: Iterable[str], d_model: int = 
     tokenizer = build_tokenizer(words)
     config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
                       num_layers=num_layers, num_heads=num_heads, feed_forward_proj="gated-gelu",
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+                      pad_token_id=0, eos_token_id=1,
+                      # not a declared T5Config field in transformers 5 but still accepted, and written to
+                      # config.json as in the official T5 configs
+                      decoder_start_token_id=0)  # type: ignore[call-arg]
     with torch.random.fork_rng(devices=[]):     # reproducible init without touching the caller's RNG
         torch.manual_seed(seed)
         model = T5EncoderModel(config)

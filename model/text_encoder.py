@@ -80,7 +80,7 @@ class T5TextEncoder:
 
     @classmethod
     def from_dir(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 max_length: int = 512, cache_bytes: int = 64 * 2**20) -> "T5TextEncoder":
+                 max_length: int = 512, cache_bytes: int = 64 * 2**20) -> T5TextEncoder:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder directory not found: {path}")
@@ -88,7 +88,8 @@ class T5TextEncoder:
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         tokenizer = AutoTokenizer.from_pretrained(path, legacy=True)
-        model = T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)
+        # ignore: transformers wraps `to` in functools.wraps(nn.Module.to), whose stub drops the bound self
+        model = T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
         log.info("text encoder %s: d_model=%d, %s on %s", path, model.config.d_model, dtype, device)
         return cls(tokenizer, model, max_length, cache_bytes)
 

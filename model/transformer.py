@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ class TextConditioning:
     head_ada: torch.Tensor          # (B, 1, 2, C) float32: modulation before the head
     memory: TextMemory              # projected text (B, T, C) for cross-attention
 
-    def select(self, index: torch.Tensor) -> "TextConditioning":
+    def select(self, index: torch.Tensor) -> TextConditioning:
         """The rows `index` (used when rows leave a running batch)."""
         memory = TextMemory(self.memory.features[index], self.memory.lengths[index])
         return TextConditioning(self.pooled[index], self.ada[index], self.head_ada[index], memory)
@@ -58,6 +59,16 @@ class Infinity(BatchInvariantModule):
         self.head_nm = AdaLNBeforeHead(c.width, c.norm_eps)
         self.head = nn.Linear(c.width, 2 * c.token_bits)
         self._init_free_parameters()
+
+    @property
+    def block_list(self) -> list[CrossAttnBlock]:
+        """The blocks, typed: an nn.ModuleList hands out plain Modules."""
+        return cast(list[CrossAttnBlock], list(self.blocks))
+
+    @property
+    def blocks_dtype(self) -> torch.dtype:
+        """The blocks' compute dtype, also that of their K/V cache (the pipeline casts the blocks)."""
+        return self.block_list[0].sa.mat_qkv.weight.dtype
 
     def _init_free_parameters(self) -> None:
         # Official inits; they matter only for training from scratch and for random test models.
@@ -93,12 +104,12 @@ class Infinity(BatchInvariantModule):
         """Per-block text K/V, computed once per request instead of once per scale."""
         memory = cond.memory
         if not self.batch_invariant or len(memory.lengths) == 1:
-            return [block.ca.project_memory(memory.features) for block in self.blocks]
+            return [block.ca.project_memory(memory.features) for block in self.block_list]
         T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.lengths))]
         out = []
-        for block in self.blocks:        # each row's own tokens only, zero-padded back to T
+        for block in self.block_list:    # each row's own tokens only, zero-padded back to T
             pairs = [block.ca.project_memory(r) for r in rows]
-            out.append(tuple(_cat_padded([p[j] for p in pairs], T, dim=2) for j in range(2)))
+            out.append((_cat_padded([k for k, _ in pairs], T, dim=2), _cat_padded([v for _, v in pairs], T, dim=2)))
         return out
 
     # ---- tokens -----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from typing import Generic, TypeVar
 
 from server.errors import ServingError, cancelled, deadline_exceeded, draining, queue_full
 
-
 P = TypeVar("P")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.config import ATTENTION_CHOICES, ATTENTION_MODES, COMPILE_MODES, PRECISIONS, default_precision
-from model.schedules import LARGEST_PN, PN_NAMES     # plain Python: --help stays fast
+from model.schedules import LARGEST_PN, PN_NAMES  # plain Python: --help stays fast
 
 if TYPE_CHECKING:                                   # commands import what they use when run: --help stays fast
     from server.settings import Settings
@@ -141,8 +141,8 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from training.recipe import Recipe
     from training.build import train_default
+    from training.recipe import Recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +154,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.vae_steps:
         recipe = replace(recipe, vae_training=replace(recipe.vae_training, steps=args.vae_steps))
     if args.transformer_steps:
-        recipe = replace(recipe, transformer_training=replace(recipe.transformer_training, steps=args.transformer_steps))
+        recipe = replace(recipe,
+                         transformer_training=replace(recipe.transformer_training, steps=args.transformer_steps))
     log.info("training the default model: %s", recipe)
     train_default(args.workdir, args.out, recipe)
     return 0
@@ -218,7 +219,8 @@ def _schedule(args: argparse.Namespace):
     from model.schedules import ScaleSchedule, nearest_template, schedule_for_size
 
     if args.size is not None:
-        return schedule_for_size(*args.size, pn=args.pn)
+        width, height = args.size
+        return schedule_for_size(width, height, pn=args.pn)
     template = nearest_template(args.h_div_w) if args.h_div_w is not None else 1.0
     return ScaleSchedule.official(template, args.pn or LARGEST_PN)
 
@@ -263,8 +265,9 @@ def _generate(args: argparse.Namespace) -> int:
     Image.fromarray(result.images[0]).save(args.out)
     if args.save_bits is not None:
         arrays = {f"scale_{i:02d}": b for i, b in enumerate(result.bits)}
+        # ignore: numpy's stub reads a **dict as possibly holding allow_pickle (a bool); ours holds arrays
         np.savez_compressed(args.save_bits, scales=np.array(schedule.scales), seed=np.array(result.seeds[0]),
-                            **arrays)
+                            **arrays)  # type: ignore[arg-type]
     t = result.timings
     log.info("wrote %s (seed %d): text %.2fs, transformer %.2fs, VAE %.2fs", args.out, result.seeds[0],
              t.text_encode, t.transformer, t.vae_decode)

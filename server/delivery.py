@@ -41,7 +41,7 @@ class BatchDelivery:
 
     def on_scale(self, event: ScaleEvent) -> set[int]:
         """Previews for the requests that asked for this scale; returns the rows to drop (cancelled)."""
-        for i, (ticket, request) in enumerate(zip(self.tickets, self.requests)):
+        for i, (ticket, request) in enumerate(zip(self.tickets, self.requests, strict=True)):
             if ticket.cancelled or request.on_preview is None or event.scale_index not in request.preview_scales:
                 continue
             images = self.pipeline.preview_images(event, self.rows_of(i))

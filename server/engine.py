@@ -67,7 +67,7 @@ class Engine:
         """Start one worker per replica and return once each has warmed up (kernels, allocator, and
         compiled graphs: batch 1 and the largest batch, as a compiled graph specialises size 1)."""
         warmed = [threading.Event() for _ in self.replicas]
-        for replica, event in zip(self.replicas, warmed):
+        for replica, event in zip(self.replicas, warmed, strict=True):
             replica.start(Warmup(warmup, warmup_batches), event)
         for event in warmed:
             event.wait()
@@ -114,10 +114,12 @@ class Engine:
         left of a drain already begun), stop the workers; True if all finished."""
         now = time.monotonic()
         self.begin_drain(now + timeout)
-        finished = self.wait_idle(max(0.0, self._drain_deadline - now))
+        deadline = self._drain_deadline
+        assert deadline is not None                 # begin_drain set it
+        finished = self.wait_idle(max(0.0, deadline - now))
         self.batcher.close()
         for r in self.replicas:
-            r.join(timeout=max(0.0, min(1.0, self._drain_deadline - time.monotonic())))
+            r.join(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
         return finished
 
     def _retired(self, replica: Replica) -> None:

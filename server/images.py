@@ -8,13 +8,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
 
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-OutputFormat = Literal[tuple(CONTENT_TYPES)]         # the one list of formats: CONTENT_TYPES' keys
+OutputFormat = Literal["png", "jpeg", "webp"]        # the one list of formats (pydantic fields validate it)
+CONTENT_TYPES: dict[str, str] = dict(zip(get_args(OutputFormat), ("image/png", "image/jpeg", "image/webp"),
+                                         strict=True))
 
 
 def encode_image(pixels: np.ndarray, fmt: OutputFormat, quality: int | None = None) -> bytes:

@@ -38,14 +38,14 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
 def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
     pipelines: dict[str, InfinityPipeline] = {}
     limits = ModelLimits(settings.model_name, settings.default_pn or LARGEST_PN, settings.max_pn or LARGEST_PN)
+    paths = settings.weight_paths
     for device in settings.devices:
-        if settings.uses_default_model:
+        if paths is None:
             pipelines[device], default = load_default_pipeline(_runtime(settings, device))
             limits = ModelLimits(default.name, settings.default_pn or default.default_pn,
                                  settings.max_pn or default.max_pn, default.schedule)
         else:
-            pipelines[device] = load_pipeline(settings.transformer, settings.vae, settings.text_encoder,
-                                              _runtime(settings, device))
+            pipelines[device] = load_pipeline(*paths, _runtime(settings, device))
     return pipelines, limits
 
 
@@ -100,7 +100,8 @@ class DrainingServer(uvicorn.Server):
                 log.warning("drain deadline passed with work running: it is cancelled")
             # uvicorn's wait for open connections gets what is left; past it, it cancels the handlers,
             # which cancel their engine tickets (service.wait_for_output).
-            self.config.timeout_graceful_shutdown = max(0.1, deadline - time.monotonic())
+            # ignore: uvicorn annotates whole seconds, but hands the value to asyncio.wait_for (a float)
+            self.config.timeout_graceful_shutdown = max(0.1, deadline - time.monotonic())  # type: ignore[assignment]
             super(DrainingServer, self).handle_exit(sig, frame)
 
         threading.Thread(target=finish, name="drain", daemon=True).start()

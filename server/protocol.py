@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -51,7 +51,7 @@ class GenerateRequest(SamplingFields):
     partial_images: int | None = Field(None, ge=0, le=16, description="with stream: previews (default: every scale)")
 
     @model_validator(mode="after")
-    def _one_way_to_give_the_shape(self) -> "GenerateRequest":
+    def _one_way_to_give_the_shape(self) -> GenerateRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height must be given together")
         if self.width is not None and self.aspect_ratio is not None:
@@ -164,4 +164,5 @@ class ErrorResponse(BaseModel):
 
 
 # The error statuses the generation endpoints document in the OpenAPI schema (both share them).
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}

@@ -101,10 +101,13 @@ class Replica:
             self._died(exc)
 
     def _warm_up(self, warmup: Warmup) -> None:
-        for batch in warmup.batches if warmup.schedule is not None else ():
+        schedule = warmup.schedule
+        if schedule is None:
+            return
+        for batch in warmup.batches:
             t0 = time.perf_counter()
-            self.pipeline.generate(["warm-up"] * batch, warmup.schedule, SamplingParams(seed=0))
-            log.info("replica %s warmed up on %s, batch %d, in %.2fs", self.device, warmup.schedule.key, batch,
+            self.pipeline.generate(["warm-up"] * batch, schedule, SamplingParams(seed=0))
+            log.info("replica %s warmed up on %s, batch %d, in %.2fs", self.device, schedule.key, batch,
                      time.perf_counter() - t0)
 
     def _serve(self) -> None:

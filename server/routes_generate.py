@@ -13,12 +13,24 @@ from fastapi.responses import Response
 from sse_starlette import ServerSentEvent
 
 from server.auth import GENERATION_GUARDS
-from server.jobs import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError, error_body
 from server.images import CONTENT_TYPES, encode_image
-from server.protocol import ERROR_RESPONSES, GenerateRequest, GenerateResponse, GeneratedImage, parse_aspect_ratio
-from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
-                            preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
+from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.protocol import ERROR_RESPONSES, GeneratedImage, GenerateRequest, GenerateResponse, parse_aspect_ratio
+from server.service import (
+    PreviewMailbox,
+    check_common,
+    deadline_for,
+    encode_b64,
+    event_stream,
+    preview_scales,
+    preview_sink,
+    progress,
+    resolve_schedule,
+    sampling_rows,
+    sse,
+    wait_for_output,
+)
 
 router = APIRouter(tags=["generate"])
 QUEUE_UPDATE_S = 0.5                      # while queued, a new `queued` event when the position changes
@@ -61,7 +73,7 @@ def _image_headers(out: GenerationOutput) -> dict[str, str]:
 async def _response(request: Request, body: GenerateRequest, out: GenerationOutput) -> GenerateResponse:
     app = request.app.state
     images = [GeneratedImage(b64=await encode_b64(img, body.output_format), seed=seed)
-              for img, seed in zip(out.images, out.seeds)]
+              for img, seed in zip(out.images, out.seeds, strict=True)]
     image_tokens = out.image_tokens * len(out.images)
     return GenerateResponse(
         id=request.state.request_id, created=int(time.time()), model=app.limits.name, width=out.width,

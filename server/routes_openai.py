@@ -13,13 +13,32 @@ from sse_starlette import ServerSentEvent
 
 from model.schedules import LARGEST_PN
 from server.auth import GENERATION_GUARDS
-from server.jobs import GenerationOutput, GenerationRequest, Preview
 from server.errors import ServingError, error_body
-from server.images import CONTENT_TYPES, encode_image
-from server.protocol import (ERROR_RESPONSES, ErrorResponse, ImageData, OpenAIImageRequest, OpenAIImagesResponse, Usage,
-                             parse_size)
-from server.service import (PreviewMailbox, check_common, deadline_for, encode_b64, event_stream, preview_scales,
-                            preview_sink, progress, resolve_schedule, sampling_rows, sse, wait_for_output)
+from server.images import CONTENT_TYPES, OutputFormat, encode_image
+from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.protocol import (
+    ERROR_RESPONSES,
+    ErrorResponse,
+    ImageData,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    Usage,
+    parse_size,
+)
+from server.service import (
+    PreviewMailbox,
+    check_common,
+    deadline_for,
+    encode_b64,
+    event_stream,
+    preview_scales,
+    preview_sink,
+    progress,
+    resolve_schedule,
+    sampling_rows,
+    sse,
+    wait_for_output,
+)
 
 router = APIRouter(tags=["openai"])
 QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # others: the server default
@@ -64,7 +83,7 @@ def _pn_for_quality(quality: str | None, limits) -> str:
     return QUALITY_PN.get(quality or "auto", limits.default_pn) if limits.max_pn == LARGEST_PN else limits.default_pn
 
 
-def _fmt(body: OpenAIImageRequest) -> str:
+def _fmt(body: OpenAIImageRequest) -> OutputFormat:
     return body.output_format or "png"
 
 
@@ -77,7 +96,7 @@ def _usage(out: GenerationOutput) -> Usage:
 
 async def _response(request: Request, body: OpenAIImageRequest, out: GenerationOutput) -> OpenAIImagesResponse:
     fmt, data = _fmt(body), []
-    for image, seed in zip(out.images, out.seeds):
+    for image, seed in zip(out.images, out.seeds, strict=True):
         if body.response_format == "url":
             encoded = await asyncio.to_thread(encode_image, image, fmt, body.output_compression)
             image_id = request.app.state.images.put(encoded, CONTENT_TYPES[fmt])
@@ -109,7 +128,7 @@ async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: 
                 index += 1
             elif isinstance(item, ServingError):         # no event name: the SDK reads a bare `error` field
                 yield sse(error_body(item))
-            else:
+            elif item is not None:                      # the output (None comes only with tick_s)
                 usage = _usage(item).model_dump()
                 for image in item.images:
                     yield _event({"type": "image_generation.completed", "created_at": int(time.time()),

@@ -68,7 +68,7 @@ async def playground_config(request: Request) -> PlaygroundConfig:
     defaults = SamplingParams()
     return PlaygroundConfig(
         model=limits.name, auth_required=bool(app.api_keys), max_n=app.settings.max_n,
-        max_prompt_chars=app.settings.max_prompt_chars, default_cfg=defaults.cfg, default_tau=defaults.tau,
+        max_prompt_chars=app.settings.max_prompt_chars, default_cfg=defaults.cfg_at(0), default_tau=defaults.tau_at(0),
         default_pn=limits.default_pn, pixel_budgets=budgets, templates=templates,
         fixed_size=_width_height(image_size(fixed)) if fixed is not None else None,
         error_statuses=stream_statuses())

@@ -12,11 +12,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
-from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
@@ -24,10 +23,10 @@ from starlette.types import Receive, Scope, Send
 from model.config import SamplingParams, ScaleListError
 from model.schedules import PN_NAMES, ScaleSchedule, nearest_template, schedule_for_size
 from server.engine import Engine
-from server.jobs import GenerationOutput, Preview
 from server.errors import ServingError, cancelled, deadline_exceeded, invalid
 from server.images import OutputFormat, encode_image
-from server.protocol import SamplingFields
+from server.jobs import GenerationOutput, Preview
+from server.protocol import GenerateRequest, OpenAIImageRequest, SamplingFields
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tu
                  for i in range(n))
 
 
-def check_common(request: Request, body: BaseModel, n: int) -> None:
+def check_common(request: Request, body: GenerateRequest | OpenAIImageRequest, n: int) -> None:
     """Limits both endpoints share. Bodies (prompts) are logged only when the operator opts in."""
     settings: Settings = request.app.state.settings
     if settings.log_requests_body:
@@ -196,8 +195,12 @@ class PreviewMailbox:
         return 0 if self._latest is None else 1
 
 
+# What progress() yields: a preview, then the end (the output or the error); None: no news for tick_s.
+Progress = Preview | GenerationOutput | ServingError | None
+
+
 async def progress(request: Request, engine: Engine, ticket, previews: PreviewMailbox,
-                   deadline: float, tick_s: float | None = None) -> AsyncIterator[object]:
+                   deadline: float, tick_s: float | None = None) -> AsyncGenerator[Progress, None]:
     """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it;
     with `tick_s`, also None after every `tick_s` seconds without news (to report the queue position).
 
@@ -235,7 +238,11 @@ async def progress(request: Request, engine: Engine, ticket, previews: PreviewMa
 def preview_sink(previews: PreviewMailbox) -> Callable[[Preview], None]:
     """A callback for worker threads that hands previews to this event loop."""
     loop = asyncio.get_running_loop()
-    return lambda p: loop.call_soon_threadsafe(previews.put, p)
+
+    def sink(preview: Preview) -> None:
+        loop.call_soon_threadsafe(previews.put, preview)
+
+    return sink
 
 
 SSE_SEP = "\n"     # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it

@@ -145,7 +145,14 @@ class Settings(BaseSettings):
     def uses_default_model(self) -> bool:
         return self.transformer is None
 
-    def dtype_for(self, device: str) -> str:
+    @property
+    def weight_paths(self) -> tuple[Path, Path, Path] | None:
+        """(transformer, vae, text_encoder), given together; None: the embedded default model."""
+        if self.transformer is None or self.vae is None or self.text_encoder is None:
+            return None
+        return self.transformer, self.vae, self.text_encoder
+
+    def dtype_for(self, device: str) -> Precision:
         return self.dtype or default_precision(device)
 
 

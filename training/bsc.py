@@ -38,7 +38,7 @@ def corrupted_teacher_batch(quantizer: BitwiseQuantizer, latent: torch.Tensor, s
         used = bits
         if strength > 0 and (k + 1 < len(scales) or flip_last):
             # One flip probability per scale and batch, uniform over {0, 0.01, ..., strength}.
-            steps = int(round(strength * 100))
+            steps = round(strength * 100)
             p = torch.randint(0, steps + 1, (), generator=generator).item() / 100
             flips = torch.rand(bits.shape, generator=generator) < p
             used = bits ^ flips.long()
@@ -46,4 +46,5 @@ def corrupted_teacher_batch(quantizer: BitwiseQuantizer, latent: torch.Tensor, s
         if k + 1 < len(scales):
             inputs.append(quantizer.next_inputs(summed, scales[k + 1]))
         labels.append(quantizer.to_token_layout(bits.permute(0, 3, 1, 2).float()).long())
+    assert summed is not None                   # a schedule has at least one scale
     return TeacherBatch(torch.cat(inputs, dim=1), torch.cat(labels, dim=1), summed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, T5EncoderModel
+from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.t5_builder import build_t5_encoder_dir
 from model.transformer import Infinity
@@ -36,7 +36,8 @@ def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, toke
     out.mkdir(parents=True, exist_ok=True)
     half = lambda m: {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
     save_file(half(model), str(out / "transformer.safetensors"), metadata={"format": "infinity-serve"})
-    save_file(half(vae), str(out / "vae.safetensors"), metadata={"format": "infinity-serve", **vae_metadata(vae.config)})
+    save_file(half(vae), str(out / "vae.safetensors"),
+              metadata={"format": "infinity-serve", **vae_metadata(vae.config)})
     t5.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
     facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
@@ -57,7 +58,7 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
         s = recipe.t5
         build_t5_encoder_dir(t5_dir, vocabulary(), d_model=s.d_model, num_layers=s.num_layers, num_heads=s.num_heads,
                              d_ff=s.d_ff, seed=recipe.seed)
-    tokenizer = AutoTokenizer.from_pretrained(t5_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(t5_dir)      # the class that wrote it
     t5 = T5EncoderModel.from_pretrained(t5_dir)
     vae = refine_decoder(recipe, train_vae(recipe, workdir), workdir)
     psnr_db = validation_psnr(vae)

@@ -10,7 +10,6 @@ from training.evaluate import EvalReport
 from training.recipe import IMAGE_SIZE, Recipe
 from training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES
 
-
 TARGETS = {"single colour": 0.95, "single": 0.80, "two": 0.50, "overall": 0.60}     # the issue's bars
 
 
@@ -48,8 +47,9 @@ def _text_encoder(meta: dict, r: Recipe) -> str:
              "captions' words (words only the held-out templates use are unknown to it)")
     if not meta.get("grounding_steps"):
         return words + "; trained jointly with"
-    return (words + f"; first trained alone {meta['grounding_steps']} steps to read each caption's objects in reading "
-            f"order (colour, shape, arrangement), then jointly, that loss kept at weight {r.grounding.joint_weight}, with")
+    return (words + f"; first trained alone {meta['grounding_steps']} steps to read each caption's objects in "
+            f"reading order (colour, shape, arrangement), then jointly, that loss kept at weight "
+            f"{r.grounding.joint_weight}, with")
 
 
 def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
@@ -64,7 +64,10 @@ def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_ps
     previous = path.read_text() if path.exists() else ""
     scores = {s.split("\n", 1)[0]: s for s in previous.split("\n## ")[1:] if s.startswith("Scores")}
     scores[section.split("\n", 1)[0][3:]] = section[3:]
-    t = r.transformer
+    t, v, tt, vt = r.transformer, r.vae, r.transformer_training, r.vae_training
+    minutes = meta.get("training_minutes_total", meta.get("training_minutes", "?"))
+    vae_steps, decoder_steps = meta.get("vae_steps", vt.steps), meta.get("decoder_steps", 0)
+    transformer_steps, weighting = meta.get("transformer_steps", tt.steps), meta.get("scale_weighting", "uniform")
     body = f"""# infinity-default: the embedded default model
 
 A small Infinity (same code as the official models) trained from scratch on this project's
@@ -77,15 +80,15 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
   Layouts: the VAE trained on {_layout(meta.get("vae_layout", "free"))}, the transformer on
   {_layout(meta.get("transformer_layout", "free"))}.
 - Images: {IMAGE_SIZE}x{IMAGE_SIZE}; schedule {meta["scales"]} (a non-official 6-scale schedule, 130 tokens).
-- VAE: bitwise, stride {r.vae.stride}, {r.vae.bits} bits per latent pixel, channels {r.vae.base_channels}x{list(r.vae.channel_mult)},
-  code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {meta.get("decoder_steps", 0)} more steps on the
+- VAE: bitwise, stride {v.stride}, {v.bits} bits per latent pixel, channels {v.base_channels}x{list(v.channel_mult)},
+  code magnitude 0.6^k/sqrt(d) at scale k; then the decoder alone trained {decoder_steps} more steps on the
   frozen encoder's bits{_flips(meta.get("decoder_flip", 0.0))} (same bits, so the transformer's targets do not change);
   held-out PSNR {vae_psnr:.2f} dB (decoded from clean bits).
 - Transformer: depth {t.depth}, width {t.width}, {t.num_heads} heads, {t.token_bits}-bit tokens;
-  {_text_encoder(meta, r)} bitwise self-correction (flip up to {r.transformer_training.bsc_strength:.0%} of the bits per scale) and
-  {r.transformer_training.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(meta.get("scale_weighting", "uniform"))}; EMA weights.
-- Training: `infinity-serve train-default` on a 2-core CPU, {meta.get("training_minutes_total", meta.get("training_minutes", "?"))}
-  minutes in all: VAE {meta.get("vae_steps", r.vae_training.steps)} steps of {r.vae_training.batch} images, transformer {meta.get("transformer_steps", r.transformer_training.steps)} steps of {r.transformer_training.batch}.
+  {_text_encoder(meta, r)} bitwise self-correction (flip up to {tt.bsc_strength:.0%} of the bits per scale) and
+  {tt.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(weighting)}; EMA weights.
+- Training: `infinity-serve train-default` on a 2-core CPU, {minutes}
+  minutes in all: VAE {vae_steps} steps of {vt.batch} images, transformer {transformer_steps} steps of {tt.batch}.
 - Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).
 - Sampling for the scores: cfg 3, tau 1, top-p 0.97, one seed per prompt; `infinity-serve eval`.
 
@@ -108,15 +111,16 @@ def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoo
     picked = [scenes[c * per_category + i] for i in range(per_category) for c in range(6)][: columns * rows]
     prompts = [s.caption for s in picked]
     params = [SamplingParams(cfg=3.0, tau=1.0, seed=seed + i) for i in range(len(prompts))]
-    images = pipe.generate(prompts, schedule, params).images
+    result = pipe.generate(prompts, schedule, params)
+    images = result.images                  # one per row in result.rows: a non-finite row has none
     cell_w, cell_h = images[0].shape[1] * zoom, images[0].shape[0] * zoom
     caption_h = 34
     grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
+    for i, (image, row) in enumerate(zip(images, result.rows, strict=True)):
         x, y = (i % columns) * cell_w, (i // columns) * (cell_h + caption_h)
-        grid.paste(Image.fromarray(np.asarray(image)).resize((cell_w, cell_h), Image.NEAREST), (x, y))
-        lines = textwrap.wrap(prompt, width=cell_w // 6)[:2]
+        grid.paste(Image.fromarray(np.asarray(image)).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
+        lines = textwrap.wrap(prompts[row], width=cell_w // 6)[:2]
         draw.multiline_text((x + 4, y + cell_h + 2), "\n".join(lines), fill=(0, 0, 0))
     grid.save(path)
     return prompts

@@ -45,7 +45,7 @@ def with_unknown_words(captions: list[str], rate: float, generator: torch.Genera
     """Give a `rate` of the captions one unknown word: inserted anywhere, or in place of a word
     that names nothing ("a", "and", "with", ...), never in place of a colour, shape, number, size or relation."""
     out = []
-    for caption, draw in zip(captions, torch.rand(len(captions), 3, generator=generator).tolist()):
+    for caption, draw in zip(captions, torch.rand(len(captions), 3, generator=generator).tolist(), strict=True):
         words = caption.split()
         if draw[0] < rate:
             fillers = [i for i, w in enumerate(words) if w not in NAMING_WORDS]
@@ -112,4 +112,5 @@ class Progress:
         rate = (step + 1 - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step - 1) / max(rate, 1e-9)
         shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        log.info("%s step %d/%d %s (%.2f steps/s, eta %.0f min)", self.name, step + 1, self.total, shown, rate, eta / 60)
+        log.info("%s step %d/%d %s (%.2f steps/s, eta %.0f min)", self.name, step + 1, self.total, shown, rate,
+                 eta / 60)

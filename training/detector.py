@@ -39,7 +39,7 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     seen = np.zeros_like(mask)
     h, w = mask.shape
     regions = []
-    for y0, x0 in zip(*np.nonzero(mask)):
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
         if seen[y0, x0]:
             continue
         queue, pixels = deque([(y0, x0)]), []
@@ -117,7 +117,7 @@ def _grow(core: np.ndarray, image: np.ndarray, colour: np.ndarray, background: n
     mask = np.zeros(blocked.shape, bool)
     mask[core[:, 0], core[:, 1]] = True
     queue = deque(map(tuple, core))
-    h, w = mask.shape
+    h, w = blocked.shape                    # = mask.shape, which numpy's stub types as ()
     while queue:
         y, x = queue.popleft()
         for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):

@@ -16,10 +16,10 @@ import torch
 from model.config import SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
+from model.vae import BitwiseVAE, to_uint8
 from training.common import EVAL_SEEDS, images_tensor
 from training.detector import score
 from training.shapes import CATEGORIES, Scene, make_scene
-from model.vae import BitwiseVAE, to_uint8
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class EvalReport:
             rows += [f"| {k} | {v:.3f} |" for k, v in self.accuracy.items()]
         else:
             rows = ["| category | accuracy | VAE ceiling |", "|---|---|---|"]
-            rows += [f"| {k} | {v:.3f} | {ceiling.accuracy.get(k, float('nan')):.3f} |" for k, v in self.accuracy.items()]
+            rows += [f"| {k} | {v:.3f} | {ceiling.accuracy.get(k, float('nan')):.3f} |"
+                     for k, v in self.accuracy.items()]
         return "\n".join(rows)
 
 

@@ -24,8 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
-from training.common import (TRAIN_SEEDS, local_rng, Progress, load_checkpoint, save_checkpoint, scene_batch,
-                                   warmup_cosine, with_unknown_words)
+from training.common import (
+    TRAIN_SEEDS,
+    Progress,
+    load_checkpoint,
+    local_rng,
+    save_checkpoint,
+    scene_batch,
+    warmup_cosine,
+    with_unknown_words,
+)
 from training.recipe import GroundingTraining
 from training.shapes import COLOURS, SHAPES, Layout, Scene
 
@@ -88,7 +96,8 @@ class GroundingHead(nn.Module):
         return self.colour(slots), self.shape(slots), self.arrangement(read[:, SLOTS])
 
 
-def grounding_loss(head: GroundingHead, features: torch.Tensor, mask: torch.Tensor, targets: SceneTargets) -> torch.Tensor:
+def grounding_loss(head: GroundingHead, features: torch.Tensor, mask: torch.Tensor,
+                   targets: SceneTargets) -> torch.Tensor:
     colour, shape, arrangement = head(features.float(), mask)
     return (F.cross_entropy(colour.flatten(0, 1), targets.colours.flatten())
             + F.cross_entropy(shape.flatten(0, 1), targets.shapes.flatten())

@@ -81,7 +81,7 @@ def vocabulary() -> list[str]:
     Words found only in held-out templates ("the", "beside", ...) stay out: to the tokenizer they are
     unknown, as a user's own words are, so the held-out score measures generalisation to new wording
     rather than the fate of an embedding that training never touched."""
-    words = set()
+    words: set[str] = set()
     for category, templates in TEMPLATES.items():
         for t in templates:
             if t != HELD_OUT[category]:
@@ -96,7 +96,7 @@ def _place(rng: random.Random, sizes: list[float], tries: int = 200) -> list[tup
         for _ in range(tries):
             r = size / 2 + 0.03
             c = (rng.uniform(r, 1 - r), rng.uniform(r, 1 - r))
-            if all(math.dist(c, o) > (size + s2) / 2 + 0.04 for o, s2 in zip(centres, sizes)):
+            if all(math.dist(c, o) > (size + s2) / 2 + 0.04 for o, s2 in zip(centres, sizes, strict=False)):
                 centres.append(c)
                 break
         else:
@@ -114,7 +114,7 @@ def _composed(rng: random.Random, sizes: list[float]) -> list[tuple[float, float
 
 
 def _relation_centres(rng: random.Random, relation: str, size: float, size2: float,
-                      layout: Layout) -> tuple[tuple, tuple]:
+                      layout: Layout) -> tuple[tuple[float, float], tuple[float, float]]:
     """Centres of A and B such that A is `relation` B, with a clear margin; "composed" keeps the
     pair's midpoint near the image centre."""
     spread = 0.1 if layout == "free" else JITTER
@@ -123,7 +123,11 @@ def _relation_centres(rng: random.Random, relation: str, size: float, size2: flo
     a = {"left of": (mid[0] - along, mid[1] + across), "right of": (mid[0] + along, mid[1] + across),
          "above": (mid[0] + across, mid[1] - along), "below": (mid[0] + across, mid[1] + along)}[relation]
     b = (2 * mid[0] - a[0], 2 * mid[1] - a[1])
-    clamp = lambda p, s: tuple(min(max(v, s / 2 + 0.02), 1 - s / 2 - 0.02) for v in p)  # noqa: E731
+
+    def clamp(p: tuple[float, float], s: float) -> tuple[float, float]:
+        lo, hi = s / 2 + 0.02, 1 - s / 2 - 0.02
+        return min(max(p[0], lo), hi), min(max(p[1], lo), hi)
+
     return clamp(a, size), clamp(b, size2)
 
 
@@ -201,4 +205,4 @@ def render(scene: Scene, size: int, supersample: int = 4) -> np.ndarray:
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[o.colour])
         else:
             draw.polygon(_polygon(o.shape, cx, cy, r), fill=COLOURS[o.colour])
-    return np.asarray(image.resize((size, size), Image.LANCZOS))
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))

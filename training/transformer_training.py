@@ -19,14 +19,24 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 from model.attention import TextMemory
+from model.transformer import Infinity
+from model.vae import BitwiseVAE
 from training.bsc import corrupted_teacher_batch
-from training.common import (TRAIN_SEEDS, local_rng, Progress, fingerprint, images_tensor, load_checkpoint,
-                                   save_checkpoint, scene_batch, warmup_cosine, with_unknown_words)
+from training.common import (
+    TRAIN_SEEDS,
+    Progress,
+    fingerprint,
+    images_tensor,
+    load_checkpoint,
+    local_rng,
+    save_checkpoint,
+    scene_batch,
+    warmup_cosine,
+    with_unknown_words,
+)
 from training.grounding import GroundingHead, SceneTargets, grounding_loss, scene_targets, t5_features
 from training.recipe import IMAGE_SIZE, SCHEDULE, Recipe
 from training.shapes import Layout
-from model.transformer import Infinity
-from model.vae import BitwiseVAE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,8 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: 
     return cache
 
 
-def encode_text(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str], max_len: int) -> TextMemory:
+def encode_text(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str],
+                max_len: int) -> TextMemory:
     """Differentiable T5 features (B, T, Ct) with padding zeroed."""
     features, mask = t5_features(t5, tokenizer, captions, max_len)
     return TextMemory(features.float() * mask.unsqueeze(-1), mask.sum(1))
@@ -141,8 +152,8 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
     params = list(model.parameters()) + list(t5.parameters()) + list(head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=t.lr, betas=(0.9, 0.97))
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.97))
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     start = 0
     ckpt_path = workdir / "transformer.ckpt"
@@ -168,7 +179,7 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
         opt.step()
         with torch.no_grad():
             for ema, live in ((ema_model, model), (ema_t5, t5)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
+                for pe, pl in zip(ema.parameters(), live.parameters(), strict=True):
                     pe.lerp_(pl, 1 - t.ema)
         progress.update(step, loss=bits.item(), grounding=aux.item(), lr=lr_at(step, recipe))
         if (step + 1) % 500 == 0 or step + 1 == t.steps:

@@ -8,12 +8,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.vae import BitwiseVAE
 from training.bsc import corrupted_teacher_batch
-from training.common import (TRAIN_SEEDS, local_rng, VALID_SEEDS, Progress, images_tensor, load_checkpoint, psnr,
-                                   save_checkpoint, scene_batch, warmup_cosine)
+from training.common import (
+    TRAIN_SEEDS,
+    VALID_SEEDS,
+    Progress,
+    images_tensor,
+    load_checkpoint,
+    local_rng,
+    psnr,
+    save_checkpoint,
+    scene_batch,
+    warmup_cosine,
+)
 from training.recipe import IMAGE_SIZE, SCHEDULE, Recipe, VAETraining
 from training.shapes import BACKGROUNDS
-from model.vae import BitwiseVAE
 
 log = logging.getLogger(__name__)
 

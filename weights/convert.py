@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from safetensors.torch import save_file
+from torch import nn
 
 from weights.loader import load_transformer, load_vae, vae_metadata
 
@@ -17,6 +18,7 @@ def convert(src: str | Path, dst: str | Path, kind: Literal["transformer", "vae"
             token_bits: int | None = None) -> Path:
     """Load strictly (every key checked), then write contiguous tensors with our names."""
     dst = Path(dst)
+    model: nn.Module
     if kind == "transformer":
         model, metadata = load_transformer(src), {"kind": "transformer"}
     else:

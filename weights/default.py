@@ -52,5 +52,6 @@ def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> t
     t5_dir = build_t5_encoder_dir(Path(tempfile.mkdtemp(prefix="infinity-t5-")), ["a"],
                                   d_model=TRANSFORMER_SIZES["tiny"].text_channels)
     encoder = T5TextEncoder.from_dir(t5_dir, runtime.device, max_length=TRANSFORMER_SIZES["tiny"].text_maxlen)
-    pipe = InfinityPipeline(build_transformer(TRANSFORMER_SIZES["tiny"]), build_vae(VAE_SIZES["tiny"]), encoder, runtime)
+    pipe = InfinityPipeline(build_transformer(TRANSFORMER_SIZES["tiny"]), build_vae(VAE_SIZES["tiny"]), encoder,
+                            runtime)
     return pipe, DefaultModel("infinity-tiny-random", "0.06M", "0.25M", placeholder=True)

@@ -70,12 +70,13 @@ def _read_pickle(path: Path) -> object:
 def _unwrap(obj: object, path: Path, nested_key: str | None) -> StateDict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    if nested_key is not None and isinstance(obj.get(nested_key), dict):
-        obj = obj[nested_key]
-    elif isinstance(obj.get("trainer"), dict) and isinstance(obj["trainer"].get("gpt_fsdp"), dict):
-        obj = obj["trainer"]["gpt_fsdp"]                 # full official training checkpoint
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    others = sorted(k for k in obj if k not in tensors)
+    state: dict = obj
+    if nested_key is not None and isinstance(state.get(nested_key), dict):
+        state = state[nested_key]
+    elif isinstance(state.get("trainer"), dict) and isinstance(state["trainer"].get("gpt_fsdp"), dict):
+        state = state["trainer"]["gpt_fsdp"]             # full official training checkpoint
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    others = sorted(k for k in state if k not in tensors)
     if not tensors:
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {others[:10]})")
     if others:

@@ -19,8 +19,7 @@ from model.transformer import Infinity
 from model.vae import BitwiseVAE
 from weights.infer import infer_transformer_config, infer_vae_config
 from weights.io import CheckpointError, StateDict, read_metadata, read_state_dict
-from weights.keymap import (TRANSFORMER_DROPPED, TRANSFORMER_IGNORED, VAE_DROPPED, is_dropped,
-                            transformer_name, vae_name)
+from weights.keymap import TRANSFORMER_DROPPED, TRANSFORMER_IGNORED, VAE_DROPPED, is_dropped, transformer_name, vae_name
 
 log = logging.getLogger(__name__)
 _LIST_LIMIT = 50
@@ -89,7 +88,8 @@ def _assign(module: nn.Module, state: StateDict, source: str) -> None:
         module.float()              # half-precision files: compute dtypes are chosen by the pipeline
 
 
-def build_transformer(config: TransformerConfig, state: StateDict | None = None, source: str = "checkpoint") -> Infinity:
+def build_transformer(config: TransformerConfig, state: StateDict | None = None,
+                      source: str = "checkpoint") -> Infinity:
     """An Infinity model: random init if `state` is None, else built on meta and assigned."""
     if state is None:
         return Infinity(config)
