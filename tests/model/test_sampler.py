@@ -1,12 +1,13 @@
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
 from model.attention import TextMemory
-from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams, VAEConfig
 from model.quantizer import BitwiseQuantizer
-from model.sampler import filter_bit_logits, sample
+from model.sampler import filter_bit_logits, guide, sample, sample_bits
 from model.schedules import ScaleSchedule
 from model.transformer import Infinity
 from tests.conftest import make_transformer
@@ -136,26 +137,35 @@ def test_bit_filter_matches_the_official_sort_based_filter(top_k, top_p):
     assert torch.equal(filter_bit_logits(pairs, top_k, top_p), official_top_k_top_p(pairs, top_k, top_p))
 
 
-def test_rows_dropped_between_scales_leave_the_others_unchanged(model):
+@pytest.mark.parametrize("cfg", [3.0, 1.0])                  # guided (cond and uncond rows) and unguided
+def test_rows_dropped_between_scales_leave_the_others_unchanged(model, cfg):
     memory = text([5, 4, 3], seed=11)
-    params = [SamplingParams(seed=s, tau=1.0) for s in (1, 2, 3)]
+    params = [SamplingParams(seed=s, tau=1.0, cfg=cfg) for s in (1, 2, 3)]
     full = run(model, memory, params)
     seen = []
 
     def drop_row_one_after_scale_two(event):
-        seen.append(event.rows)
+        seen.append(event)
         return {1} if event.scale_index == 2 else None
 
     model.recorded = []
     gens = [torch.Generator().manual_seed(p.seed) for p in params]
+    start = time.perf_counter()
     with torch.inference_mode():
         part = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
                       "sdpa", on_scale=drop_row_one_after_scale_two)
+    wall = time.perf_counter() - start
     assert part.rows == (0, 2)
-    assert seen[2] == (0, 1, 2) and seen[3] == (0, 2)
-    assert model.recorded[3].shape[0] == 4                    # 2 rows x (cond, uncond) after the drop
-    for a, b in zip(full.bits, part.bits):
+    assert seen[2].rows == (0, 1, 2) and seen[3].rows == (0, 2)
+    assert model.recorded[3].shape[0] == (4 if cfg != 1.0 else 2)     # 2 rows (x cond, uncond) after the drop
+    for a, b in zip(full.bits, part.bits, strict=True):
         assert torch.equal(a[[0, 2]], b)
+    assert all(b.dtype == torch.uint8 for b in part.bits)
+    # what each event reports: its scale of all, the codes so far, the scale's own seconds
+    assert [(e.scale_index, e.num_scales) for e in seen] == [(i, 7) for i in range(7)]
+    assert torch.equal(seen[-1].latent, part.latent) and torch.equal(seen[-1].latent, full.latent[[0, 2]])
+    assert [e.seconds for e in seen] == part.scale_seconds
+    assert all(s > 0 for s in part.scale_seconds) and sum(part.scale_seconds) <= wall
     with torch.inference_mode():
         none = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
                       "sdpa", on_scale=lambda e: {0, 1, 2})
@@ -216,3 +226,146 @@ def test_quarantine_zeroes_only_the_rows_with_a_non_finite_logit():
     assert bad.tolist() == [False, True, False, True]
     assert torch.equal(cleaned[[0, 2]], logits[[0, 2]])            # healthy rows untouched, bit for bit
     assert torch.equal(cleaned[[1, 3]], torch.zeros(2, 3, 8))       # poisoned rows sample uniform noise
+
+
+# Guidance rows as the official sampler meets them: per-scale lists and scalars, cfg 1 beside cfg != 1, tau != 1.
+GUIDE_ROWS = [SamplingParams(cfg=(1.5, 3.0, 4.0), tau=(0.5, 0.7, 1.3)),
+              SamplingParams(cfg=2.5, tau=0.3),
+              SamplingParams(cfg=1.0, tau=(0.9, 1.1, 0.6))]
+
+
+@pytest.mark.parametrize("scale_index", [0, 1, 2])
+def test_guidance_is_temperature_then_cfg_as_the_paper_writes_it(scale_index):
+    """guide() against the formula, computed here independently: for row b at scale k,
+    l = cfg_k * l_cond / tau_k + (1 - cfg_k) * l_uncond / tau_k (conditional rows first)."""
+    B = len(GUIDE_ROWS)
+    logits = torch.randn(2 * B, 5, 16, generator=torch.Generator().manual_seed(scale_index)) * 3
+    got = guide(logits, GUIDE_ROWS, scale_index, guided=True)
+    assert got.shape == (B, 5, 16)
+    for b, p in enumerate(GUIDE_ROWS):
+        cfg, tau = p.cfg_at(scale_index), p.tau_at(scale_index)
+        cond, uncond = logits[b].double(), logits[B + b].double()
+        formula = cfg * cond / tau + (1 - cfg) * uncond / tau                  # float64: the maths
+        torch.testing.assert_close(got[b].double(), formula, atol=1e-5, rtol=1e-6, msg=f"row {b}")
+        # and the official float32 rounding: logits.mul(1 / tau), then the mix with Python-float weights
+        scaled = logits.mul(1 / tau)
+        assert torch.equal(got[b], cfg * scaled[b] + (1 - cfg) * scaled[B + b]), f"row {b}"
+
+
+@pytest.mark.parametrize("scale_index", [0, 1, 2])
+def test_without_guidance_only_the_temperature_applies(scale_index):
+    rows = [SamplingParams(cfg=1.0, tau=(0.5, 0.7, 1.3)), SamplingParams(cfg=1.0, tau=0.3)]
+    logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(10 + scale_index)) * 3
+    got = guide(logits, rows, scale_index, guided=False)
+    for b, p in enumerate(rows):
+        tau = p.tau_at(scale_index)
+        torch.testing.assert_close(got[b].double(), logits[b].double() / tau, atol=1e-5, rtol=1e-6)
+        assert torch.equal(got[b], logits[b].mul(1 / tau))
+
+
+def bit_logits(bits: torch.Tensor, margin: float) -> torch.Tensor:
+    """Bits (B, l, D) -> logits (B, l, 2D) whose pair (2j, 2j+1) = (logit of 0, logit of 1) favours bit j."""
+    pairs = torch.stack(((1 - bits) * margin, bits * margin), dim=-1).float()     # (B, l, D, 2)
+    return pairs.flatten(2)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=1, seed=0), SamplingParams(top_p=0.97, seed=0),
+                                    SamplingParams(top_k=2, top_p=0.97, seed=1)])
+def test_bit_j_of_a_token_is_drawn_from_logit_columns_2j_and_2j_plus_1(params):
+    # margin 5: the minority value has probability 0.0067 <= 0.03, which top-p 0.97 removes: no chance left
+    bits = torch.randint(0, 2, (2, 6, 8), generator=torch.Generator().manual_seed(3))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    assert torch.equal(sample_bits(bit_logits(bits, 5.0), [params, params], gens), bits)
+
+
+def test_greedy_breaks_an_exact_tie_towards_bit_zero():
+    logits = torch.zeros(1, 4, 16)
+    logits[0, 0, 1] = 1.0                                        # one decided bit: token 0, bit 0 -> 1
+    out = sample_bits(logits, [SamplingParams(top_k=1)], [torch.Generator().manual_seed(0)])
+    expected = torch.zeros(1, 4, 8, dtype=torch.long)
+    expected[0, 0, 0] = 1
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_sampled_bits_follow_the_softmax_of_their_pair(top_k):
+    """Unfiltered (top_p 0): P(bit = 1) = softmax(pair)[1], each row at its own probability."""
+    n = 4000
+    p_one = torch.tensor([0.75, 0.2])                            # row 0, row 1
+    logits = torch.zeros(2, n, 2)
+    logits[:, :, 1] = torch.log(p_one / (1 - p_one))[:, None]    # (logit of 0, logit of 1) = (0, log-odds)
+    params = [SamplingParams(top_k=top_k, top_p=0.0)] * 2
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    freq = sample_bits(logits, params, gens).float().mean(dim=(1, 2))
+    # 5 standard deviations of a mean of 4000 draws at p = 0.75 (the wider row): 0.034, plus 0.001
+    torch.testing.assert_close(freq, p_one, atol=5 * (0.25 * 0.75 / n) ** 0.5 + 1e-3, rtol=0)
+
+
+def test_the_draw_is_one_multinomial_per_row_on_its_own_generator():
+    """A seed's bits are pinned to the official call: torch.multinomial(probs, 1, replacement=True) over the
+    row's filtered (N, 2) probabilities, on the row's generator (the official run: one call, one row)."""
+    logits = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5)) * 2
+    params = [SamplingParams(), SamplingParams(top_p=0.0)]              # top-p 0.97 active, and off
+    out = sample_bits(logits, params, [torch.Generator().manual_seed(s) for s in (11, 12)])
+    for b, (p, seed) in enumerate(zip(params, (11, 12), strict=True)):
+        probs = official_top_k_top_p(logits[b].reshape(-1, 2), p.top_k, p.top_p).softmax(dim=-1)
+        draw = torch.multinomial(probs, 1, replacement=True, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out[b].flatten(), draw[:, 0]), f"row {b}"
+
+
+@pytest.mark.parametrize("top_p", [0.97, 0.9])
+def test_the_top_p_threshold_is_compared_in_the_logits_precision(top_p):
+    """float64 logits whose minority probability lies between float32(1 - top_p) and the float64 value:
+    the official `cumsum <= 1 - top_p` decides them in float64, so a float32 threshold would decide wrong."""
+    lo, hi = sorted((float(torch.tensor(1 - top_p, dtype=torch.float32)), 1 - top_p))
+    p = torch.linspace(lo, hi, 7, dtype=torch.float64)[1:-1]
+    pairs = torch.stack((p.log(), (-p).log1p()), dim=-1)                 # softmax = (p, 1 - p)
+    assert ((pairs.softmax(dim=-1)[:, 0] > lo) & (pairs.softmax(dim=-1)[:, 0] < hi)).all()
+    assert torch.equal(filter_bit_logits(pairs, 0, top_p), official_top_k_top_p(pairs, 0, top_p))
+
+
+def test_a_row_that_went_non_finite_at_any_scale_is_reported(model, monkeypatch):
+    step = model.step
+
+    def poisoned(x, scale_index, *args):
+        out = step(x, scale_index, *args)
+        if scale_index == 1:                                   # row 0's conditional logits, at one scale only
+            out = out.clone()
+            out[0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(model, "step", poisoned)
+    out = run(model, text([5, 4]), [SamplingParams(seed=1), SamplingParams(seed=2)])
+    assert out.rows == (0, 1) and out.nonfinite == (0,)
+
+
+def test_the_backend_reaches_the_conditioning_and_every_step_and_the_cache_takes_the_blocks_dtype(monkeypatch):
+    m = make_transformer(TRANSFORMER_SIZES["tiny"])
+    m.blocks.to(torch.bfloat16)                                # as a bfloat16 pipeline casts them
+    condition, step, seen = m.condition, m.step, []
+
+    def spy_condition(memory, backend="(none)"):
+        seen.append(("condition", backend))
+        return condition(memory, backend)
+
+    def spy_step(x, scale_index, schedule, cond, ca_kv, cache, backend="(none)"):
+        seen.append(("step", backend, cache.keys.dtype))
+        return step(x, scale_index, schedule, cond, ca_kv, cache, backend)
+
+    monkeypatch.setattr(m, "condition", spy_condition)
+    monkeypatch.setattr(m, "step", spy_step)
+    memory = text([4])
+    with torch.inference_mode():
+        sample(m, QUANT, SCHEDULE, memory, m.unconditional_text(memory.lengths), [SamplingParams(seed=0)],
+               [torch.Generator().manual_seed(0)], "sdpa-bf16io")
+    assert set(seen) == {("condition", "sdpa-bf16io"), ("step", "sdpa-bf16io", torch.bfloat16)}
+    assert len([c for c in seen if c[0] == "step"]) == SCHEDULE.num_scales
+
+
+def test_sampled_latent_weighs_each_scale_by_the_code_decay(model):
+    """With decaying codes (a CPU-trained VAE), the latent of a sample is its bits' decayed sum."""
+    quant = BitwiseQuantizer(VAEConfig(bits=8, base_channels=32, channel_mult=(1, 2), code_decay=0.5))
+    out = run(model, text([4]), [SamplingParams(seed=3)], quant=quant)
+    torch.testing.assert_close(out.latent, quant.bits_to_latent([b.long() for b in out.bits], SCHEDULE.scales))
+    plain = QUANT.bits_to_latent([b.long() for b in out.bits], SCHEDULE.scales)
+    assert not torch.allclose(out.latent, plain)
