@@ -1,7 +1,7 @@
 # Two set-up commands do everything on a fresh machine:
 #   make serve   -> creates .venv, installs the project, serves the embedded default model
-#   make test    -> creates .venv, installs the project with test tools, runs the test suite
-#   make lint    -> the same install, then lint, format check and type check (config: pyproject.toml)
+#   make test    -> creates .venv, installs the project with test tools, lints, runs the test suite
+#   (make lint alone: ruff lint, ruff format check and mypy; config in pyproject.toml; ~30 s fresh)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +23,7 @@ install-dev: $(BIN)/python
 serve: install
 	$(BIN)/infinity-serve serve
 
-test: install-dev
+test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install-dev
@@ -34,7 +34,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python -m tests.bench.perf_bench && $(BIN)/python -m tests.bench.server_bench
 
-# Mutation testing of model/sampler.py and model/quantizer.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
+# Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
 # ~5 minutes on 2 cores; never part of `make test` or CI. A fresh run each time (the counts stay comparable);
 # then `$(BIN)/mutmut show NAME` prints a survivor's diff. One torch thread per worker, one worker per core.
 mutate: install-dev

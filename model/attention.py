@@ -62,8 +62,10 @@ def _resolve(requested: AttentionChoice, device: torch.device, has_flash: bool) 
         return requested, "requested"
     if requested == "flash":
         if device.type != "cuda" or not has_flash:
-            raise ValueError(f"attention='flash' needs CUDA and the flash-attn package "
-                             f"(device={device}, flash_attn installed={has_flash})")
+            raise ValueError(
+                f"attention='flash' needs CUDA and the flash-attn package "
+                f"(device={device}, flash_attn installed={has_flash})"
+            )
         return "flash", "requested"
     if device.type != "cuda":
         # Exact: a float32 run on CPU gets float32 attention, as a user expects.
@@ -74,8 +76,9 @@ def _resolve(requested: AttentionChoice, device: torch.device, has_flash: bool) 
     return "flash", "auto on CUDA, flash-attn installed"
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory,
-                    backend: Backend, *, batch_invariant: bool) -> torch.Tensor:
+def cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: TextMemory, backend: Backend, *, batch_invariant: bool
+) -> torch.Tensor:
     """Each row's queries attend to its own text tokens only; batch-invariant, each row's result is a
     function of its own text alone (see model/invariance.py).
 
@@ -89,8 +92,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: T
     return _by_length(attend, q, k, v, memory)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-         scale: float | None = None) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """Scaled dot-product attention in q's dtype. On CPU, half-precision inputs are computed in float32
     (autocast off) and the result cast back: torch's CPU bf16 attention kernels are ~2x (self-attention,
     130 tokens) to ~5x (cross-attention, 12 text tokens) slower than the float32 ones at this model's
@@ -98,13 +102,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     does on the GPU anyway."""
     compute = torch.float32 if q.device.type == "cpu" else q.dtype
     with torch.autocast(q.device.type, enabled=False):
-        out = F.scaled_dot_product_attention(q.to(compute), k.to(compute), v.to(compute), attn_mask=attn_mask,
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(
+            q.to(compute), k.to(compute), v.to(compute), attn_mask=attn_mask, scale=scale
+        )
     return out.to(q.dtype)
 
 
-def _sdpa_bf16io(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def _sdpa_bf16io(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """SDPA with flash-attn's numerics: inputs and output rounded to bf16, fp32 inside."""
     q_r, k_r, v_r = (t.to(torch.bfloat16).float() for t in (q, k, v))
     return sdpa(q_r, k_r, v_r, attn_mask=attn_mask).to(torch.bfloat16).to(q.dtype)
@@ -141,12 +147,19 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: Tex
     B, H, Lq, hd = q.shape
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     q_packed = q.transpose(1, 2).reshape(B * Lq, H, hd).to(dtype)
-    kv = torch.stack((k, v), dim=2).permute(0, 3, 2, 1, 4)             # (B, T, 2, H, hd)
+    kv = torch.stack((k, v), dim=2).permute(0, 3, 2, 1, 4)  # (B, T, 2, H, hd)
     kv_packed = memory.compact(kv).to(dtype)
     cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_kvpacked_func(
-        q_packed, kv_packed, cu_q, memory.cu_seqlens, Lq, int(memory.lengths.max()),
-        dropout_p=0.0, softmax_scale=hd ** -0.5)
+        q_packed,
+        kv_packed,
+        cu_q,
+        memory.cu_seqlens,
+        Lq,
+        int(memory.lengths.max()),
+        dropout_p=0.0,
+        softmax_scale=hd**-0.5,
+    )
     return out.reshape(B, Lq, H, hd).transpose(1, 2).to(q.dtype)
 
 

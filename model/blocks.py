@@ -22,8 +22,9 @@ from model.rope import apply_rope
 LOG_MAX_SCALE_MUL = float(torch.tensor(100.0).log())
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-           batch_invariant: bool) -> torch.Tensor:
+def linear(
+    layer: nn.Linear, x: torch.Tensor, bias: torch.Tensor | None = None, *, batch_invariant: bool
+) -> torch.Tensor:
     """Apply `layer` in its weights' dtype (the caller's tensor may be float32), or under autocast
     (training) in autocast's dtype: casting to float32 weights first would only make autocast cast
     back, two copies of every activation for nothing. Batch-invariant: one GEMM per batch row."""
@@ -65,14 +66,20 @@ class SelfAttention(BatchInvariantModule):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         """x: (B, L, C); rope: (2, L, hd/2) for these tokens -> (B, L, C)"""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = linear(self.mat_qkv, x, bias, batch_invariant=self.batch_invariant)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # (B, H, L, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd)
         scale = self.scale_mul_1H11.float().clamp_max(LOG_MAX_SCALE_MUL).exp()
         q = apply_rope(F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale), rope).to(v.dtype)
         k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
@@ -81,12 +88,13 @@ class SelfAttention(BatchInvariantModule):
 
 
 @torch.compiler.disable
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-            layer: int) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
+) -> torch.Tensor:
     """The KV-cache write and the attention kernel: left out of torch.compile (a compiled block would
     otherwise specialise on the layer index and the cache offset, and recompile for every pair)."""
     if cache is not None:
-        k, v = cache.write(layer, k, v)                                 # (B, H, L_seen, hd)
+        k, v = cache.write(layer, k, v)  # (B, H, L_seen, hd)
     return sdpa(q, k, v, attn_mask=mask, scale=1.0)
 
 
@@ -109,13 +117,14 @@ class CrossAttention(BatchInvariantModule):
         k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], memory: TextMemory,
-                backend: Backend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], memory: TextMemory, backend: Backend
+    ) -> torch.Tensor:
         B, L, C = x.shape
         invariant = self.batch_invariant
         q = linear(self.mat_q, x, batch_invariant=invariant).view(B, L, self.num_heads, self.head_dim)
         q = q.transpose(1, 2)
-        out = cross_attention(q, kv[0], kv[1], memory, backend, batch_invariant=invariant)    # (B, H, L, hd)
+        out = cross_attention(q, kv[0], kv[1], memory, backend, batch_invariant=invariant)  # (B, H, L, hd)
         return linear(self.proj, out.transpose(1, 2).reshape(B, L, C), batch_invariant=invariant)
 
 
@@ -136,15 +145,24 @@ class CrossAttnBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, ffn_hidden: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width ** 0.5)
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width**0.5)
         self.sa = SelfAttention(width, num_heads)
         self.ca = CrossAttention(width, num_heads)
         self.ffn = FFN(width, ffn_hidden)
         self.ca_norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, x: torch.Tensor, ada: torch.Tensor, ca_kv: tuple[torch.Tensor, torch.Tensor],
-                memory: TextMemory, rope: torch.Tensor, backend: Backend, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ada: torch.Tensor,
+        ca_kv: tuple[torch.Tensor, torch.Tensor],
+        memory: TextMemory,
+        rope: torch.Tensor,
+        backend: Backend,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         """x: (B, L, C) float32; ada: (B, 1, 6, C) float32 shared modulation -> (B, L, C) float32"""
         # Slot order of the 6-vector: SA gate, FFN gate, SA scale, FFN scale, SA shift, FFN shift.
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + ada).unbind(2)
@@ -175,7 +193,7 @@ class PoolingAttention(BatchInvariantModule):
         invariant = self.batch_invariant
         kv = linear(self.mat_kv, text.features, bias, batch_invariant=invariant)
         k, v = kv.view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hp, T, hdp)
-        q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)   # (B, Hp, 1, hdp)
+        q = self.mat_q.to(k.dtype).unsqueeze(2).expand(B, -1, -1, -1)  # (B, Hp, 1, hdp)
         out = cross_attention(q, k, v, text, backend, batch_invariant=invariant)
         return linear(self.proj, out.reshape(B, -1), batch_invariant=invariant)
 

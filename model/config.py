@@ -21,16 +21,16 @@ def _ffn_hidden(width: int, mlp_ratio: float = 4.0) -> int:
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    depth: int                      # number of CrossAttnBlocks
-    width: int                      # embed dim C (= cond dim D)
-    num_heads: int                  # self- and cross-attention heads
-    ffn_hidden: int                 # FFN hidden width (official: round(4C/256)*256)
-    token_bits: int = 32            # bits per transformer token (2B: 32; 8B: 4*14 = 56 with patchify)
-    text_channels: int = 2048       # T5 feature width (flan-t5-xl: 2048)
-    text_maxlen: int = 512          # rows of the learned unconditional embedding `cfg_uncond`
-    pool_heads: int = 16            # heads of the attentive text pooling (official: text_channels // 128)
-    num_levels: int = 15            # rows of `lvl_embed` (one per scale)
-    block_chunks: int = 8           # official checkpoints group blocks in chunks: names only
+    depth: int  # number of CrossAttnBlocks
+    width: int  # embed dim C (= cond dim D)
+    num_heads: int  # self- and cross-attention heads
+    ffn_hidden: int  # FFN hidden width (official: round(4C/256)*256)
+    token_bits: int = 32  # bits per transformer token (2B: 32; 8B: 4*14 = 56 with patchify)
+    text_channels: int = 2048  # T5 feature width (flan-t5-xl: 2048)
+    text_maxlen: int = 512  # rows of the learned unconditional embedding `cfg_uncond`
+    pool_heads: int = 16  # heads of the attentive text pooling (official: text_channels // 128)
+    num_levels: int = 15  # rows of `lvl_embed` (one per scale)
+    block_chunks: int = 8  # official checkpoints group blocks in chunks: names only
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -55,21 +55,55 @@ class TransformerConfig:
     def num_params(self) -> int:
         """Parameter count of the module (checked against the official 2B/8B counts in tests)."""
         C, T, d, F = self.width, self.text_channels, self.token_bits, self.ffn_hidden
-        top = (self.text_maxlen * T + C + T                      # cfg_uncond, pos_start, text_norm
-               + C + C + 2 * C * T + C * C + C                    # pooling: mat_q, v_bias, mat_kv, proj
-               + C * T + C + C * C + C                            # text_proj_for_ca
-               + self.num_levels * C + C * d + C                  # lvl_embed, word_embed
-               + 6 * C * C + 6 * C + 2 * C * C + 2 * C            # shared_ada_lin, head_nm
-               + 2 * d * C + 2 * d)                               # head
-        block = (6 * C + self.num_heads + 2 * C + 3 * C * C + C * C + C       # ada_gss, sa
-                 + C + C * C + C + 2 * C * C + C * C + C                      # ca
-                 + C * F + F + F * C + C + 2 * C)                             # ffn, ca_norm
+        top = (
+            self.text_maxlen * T
+            + C
+            + T  # cfg_uncond, pos_start, text_norm
+            + C
+            + C
+            + 2 * C * T
+            + C * C
+            + C  # pooling: mat_q, v_bias, mat_kv, proj
+            + C * T
+            + C
+            + C * C
+            + C  # text_proj_for_ca
+            + self.num_levels * C
+            + C * d
+            + C  # lvl_embed, word_embed
+            + 6 * C * C
+            + 6 * C
+            + 2 * C * C
+            + 2 * C  # shared_ada_lin, head_nm
+            + 2 * d * C
+            + 2 * d
+        )  # head
+        block = (
+            6 * C
+            + self.num_heads
+            + 2 * C
+            + 3 * C * C
+            + C * C
+            + C  # ada_gss, sa
+            + C
+            + C * C
+            + C
+            + 2 * C * C
+            + C * C
+            + C  # ca
+            + C * F
+            + F
+            + F * C
+            + C
+            + 2 * C
+        )  # ffn, ca_norm
         return top + self.depth * block
 
 
 def _named(depth: int, width: int, heads: int, chunks: int, **kw: int) -> TransformerConfig:
-    return TransformerConfig(depth=depth, width=width, num_heads=heads, ffn_hidden=_ffn_hidden(width),
-                             block_chunks=chunks, **kw)
+    return TransformerConfig(
+        depth=depth, width=width, num_heads=heads, ffn_hidden=_ffn_hidden(width), block_chunks=chunks, **kw
+    )
 
 
 TRANSFORMER_SIZES: dict[str, TransformerConfig] = {
@@ -82,22 +116,49 @@ TRANSFORMER_SIZES: dict[str, TransformerConfig] = {
     "layer40": _named(40, 2688, 24, 4),
     "layer48": _named(48, 3360, 28, 4),
     # Tiny sizes for tests and CPU benchmarks (same code, same layout).
-    "tiny": TransformerConfig(depth=2, width=64, num_heads=2, ffn_hidden=256, token_bits=8,
-                              text_channels=32, text_maxlen=32, pool_heads=1, block_chunks=2),
-    "small": TransformerConfig(depth=4, width=128, num_heads=2, ffn_hidden=512, token_bits=16,
-                               text_channels=64, text_maxlen=64, pool_heads=1, block_chunks=2),
-    "mid": TransformerConfig(depth=8, width=512, num_heads=8, ffn_hidden=2048, token_bits=32,
-                             text_channels=512, text_maxlen=128, pool_heads=4, block_chunks=4),
+    "tiny": TransformerConfig(
+        depth=2,
+        width=64,
+        num_heads=2,
+        ffn_hidden=256,
+        token_bits=8,
+        text_channels=32,
+        text_maxlen=32,
+        pool_heads=1,
+        block_chunks=2,
+    ),
+    "small": TransformerConfig(
+        depth=4,
+        width=128,
+        num_heads=2,
+        ffn_hidden=512,
+        token_bits=16,
+        text_channels=64,
+        text_maxlen=64,
+        pool_heads=1,
+        block_chunks=2,
+    ),
+    "mid": TransformerConfig(
+        depth=8,
+        width=512,
+        num_heads=8,
+        ffn_hidden=2048,
+        token_bits=32,
+        text_channels=512,
+        text_maxlen=128,
+        pool_heads=4,
+        block_chunks=4,
+    ),
 }
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    bits: int = 32                               # latent channels = bits per latent pixel (vae_type)
+    bits: int = 32  # latent channels = bits per latent pixel (vae_type)
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
-    num_res_blocks: int = 2                      # encoder blocks per level; the decoder has one more
-    spatial_patchify: bool = False               # 8B: 2x2 latent pixels -> one token of 4*bits bits
+    num_res_blocks: int = 2  # encoder blocks per level; the decoder has one more
+    spatial_patchify: bool = False  # 8B: 2x2 latent pixels -> one token of 4*bits bits
     # Magnitude of the codes of scale k: (code_decay ** k) / sqrt(bits). Official checkpoints use 1.0
     # (every scale +-1/sqrt(d)); a short CPU-trained model may use < 1 (see shared notes).
     code_decay: float = 1.0
@@ -110,8 +171,10 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         if any(self.base_channels * m % self.norm_groups for m in self.channel_mult):
-            raise ValueError(f"channels {self.base_channels}x{self.channel_mult} must divide into "
-                             f"{self.norm_groups} GroupNorm groups")
+            raise ValueError(
+                f"channels {self.base_channels}x{self.channel_mult} must divide into "
+                f"{self.norm_groups} GroupNorm groups"
+            )
 
     @property
     def num_down(self) -> int:
@@ -120,7 +183,7 @@ class VAEConfig:
     @property
     def stride(self) -> int:
         """Pixels per latent pixel."""
-        return 2 ** self.num_down
+        return 2**self.num_down
 
     @property
     def token_bits(self) -> int:
@@ -136,16 +199,15 @@ class VAEConfig:
         return sum(self.code_scale(k) for k in range(num_scales))
 
     def code_scale(self, scale_index: int) -> float:
-        return self.code_decay ** scale_index / math.sqrt(self.bits)
+        return self.code_decay**scale_index / math.sqrt(self.bits)
 
 
 VAE_SIZES: dict[str, VAEConfig] = {
-    "d32": VAEConfig(bits=32),                                              # Infinity-2B, stride 16
+    "d32": VAEConfig(bits=32),  # Infinity-2B, stride 16
     "d14-patchify": VAEConfig(bits=14, channel_mult=(1, 2, 4, 4), spatial_patchify=True),  # 8B
     "d64": VAEConfig(bits=64),
     "tiny": VAEConfig(bits=8, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),
-    "tiny-patchify": VAEConfig(bits=4, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                               spatial_patchify=True),
+    "tiny-patchify": VAEConfig(bits=4, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, spatial_patchify=True),
 }
 
 
@@ -171,8 +233,8 @@ class SamplingParams:
 
     cfg: ScaleValue = 3.0
     tau: ScaleValue = 0.5
-    top_k: int = 0                  # 0 = off; 1 = greedy (deterministic, ignores the seed)
-    top_p: float = 0.97             # official default: drops a bit value of probability <= 0.03
+    top_k: int = 0  # 0 = off; 1 = greedy (deterministic, ignores the seed)
+    top_p: float = 0.97  # official default: drops a bit value of probability <= 0.03
     seed: int | None = None
     negative_prompt: str | None = None
 
@@ -223,7 +285,7 @@ class SamplingParams:
 
 
 # The choices of a run, each written once: the server's settings and the CLI take theirs from here.
-Precision = Literal["float32", "bfloat16", "float16"]     # as a type: pydantic fields validate it
+Precision = Literal["float32", "bfloat16", "float16"]  # as a type: pydantic fields validate it
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 # Kernel of cross-attention and of the text pooling (model/attention.py) -> what its numbers match.
@@ -235,14 +297,20 @@ AttentionChoice = Literal["auto", "sdpa", "sdpa-bf16io", "flash"]
 ATTENTION_CHOICES: tuple[str, ...] = get_args(AttentionChoice)
 ATTENTION_MODES: dict[str, str] = {
     "auto": "sdpa on CPU; on CUDA, flash when flash-attn is installed, else sdpa-bf16io",
-    "sdpa": ("exact torch SDPA. In float32 (and batch-invariant, the default) it reproduces the official model's "
-             "float32 math bit for bit (the official code without its bf16 casts), not the official code as "
-             "written, which rounds to bf16"),
-    "sdpa-bf16io": ("torch SDPA with q, k, v and the output rounded to bf16, as the official code as written "
-                    "rounds them. Still not its bits: the first bits differ at scale 2 to 6 (99.4-99.99% equal). "
-                    "Never faster than sdpa: it rounds, then computes in float32"),
-    "flash": ("flash-attn varlen kernels (CUDA, flash-attn installed; bf16/fp16 in and out), the kernel the "
-              "official code calls. Not compared bit for bit with it"),
+    "sdpa": (
+        "exact torch SDPA. In float32 (and batch-invariant, the default) it reproduces the official model's "
+        "float32 math bit for bit (the official code without its bf16 casts), not the official code as "
+        "written, which rounds to bf16"
+    ),
+    "sdpa-bf16io": (
+        "torch SDPA with q, k, v and the output rounded to bf16, as the official code as written "
+        "rounds them. Still not its bits: the first bits differ at scale 2 to 6 (99.4-99.99% equal). "
+        "Never faster than sdpa: it rounds, then computes in float32"
+    ),
+    "flash": (
+        "flash-attn varlen kernels (CUDA, flash-attn installed; bf16/fp16 in and out), the kernel the "
+        "official code calls. Not compared bit for bit with it"
+    ),
 }
 assert tuple(ATTENTION_MODES) == ATTENTION_CHOICES, "describe each attention choice"
 
@@ -261,9 +329,9 @@ class RuntimeConfig:
     """Where and how a pipeline runs. Devices and dtypes come from here, never from model code."""
 
     device: str = "cpu"
-    dtype: Precision = "float32"                 # compute dtype of the transformer blocks and the VAE
-    text_dtype: Precision | None = None          # T5 dtype; None = float16 on CUDA, float32 elsewhere
-    attention: AttentionChoice = "auto"          # cross-attention kernel; what each matches: ATTENTION_MODES
+    dtype: Precision = "float32"  # compute dtype of the transformer blocks and the VAE
+    text_dtype: Precision | None = None  # T5 dtype; None = float16 on CUDA, float32 elsewhere
+    attention: AttentionChoice = "auto"  # cross-attention kernel; what each matches: ATTENTION_MODES
     # torch.compile of each transformer block ("regional": one graph serves every block), dynamic
     # shapes so scales and batch sizes do not recompile. "reduce-overhead" adds CUDA graphs on CUDA.
     # Off by default: the first batch pays the compile (a warm-up at start-up does it).

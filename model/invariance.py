@@ -29,7 +29,7 @@ class BatchInvariantModule(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.batch_invariant = False            # off when built: one GEMM per layer, as training wants
+        self.batch_invariant = False  # off when built: one GEMM per layer, as training wants
 
     def set_batch_invariant(self: _M, enabled: bool) -> _M:
         """Switch this module and each of its submodules that has the switch."""
@@ -44,7 +44,7 @@ def per_row_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> 
     B = x.shape[0]
     rows = x.reshape(B, -1, x.shape[-1])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        out = torch.stack([F.linear(r, w) for r in rows])         # CPU bf16 bmm has no fast kernel
+        out = torch.stack([F.linear(r, w) for r in rows])  # CPU bf16 bmm has no fast kernel
     else:
         # A batched GEMM runs one kernel per matrix; a batch of one is routed to the plain GEMM
         # (another kernel), so a lone row is paired with a copy of itself.

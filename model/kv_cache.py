@@ -13,16 +13,23 @@ import torch
 
 @dataclass
 class KVCache:
-    keys: torch.Tensor        # (depth, B, H, L_total, hd)
-    values: torch.Tensor      # (depth, B, H, L_total, hd)
-    filled: int = 0           # tokens written by completed scales
+    keys: torch.Tensor  # (depth, B, H, L_total, hd)
+    values: torch.Tensor  # (depth, B, H, L_total, hd)
+    filled: int = 0  # tokens written by completed scales
 
     @classmethod
-    def allocate(cls, depth: int, batch: int, heads: int, total_tokens: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def allocate(
+        cls,
+        depth: int,
+        batch: int,
+        heads: int,
+        total_tokens: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
         shape = (depth, batch, heads, total_tokens, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device))
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     @staticmethod
     def bytes_per_row(depth: int, heads: int, total_tokens: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -33,8 +40,8 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this scale's k, v (B, H, l, hd) at the current offset; return the visible prefix."""
         end = self.filled + k.shape[2]
-        self.keys[layer, :, :, self.filled:end] = k
-        self.values[layer, :, :, self.filled:end] = v
+        self.keys[layer, :, :, self.filled : end] = k
+        self.values[layer, :, :, self.filled : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def select(self, rows: torch.Tensor) -> KVCache:

@@ -18,13 +18,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-STATM = Path("/proc/self/statm")        # Linux: sizes in pages; the second field is the resident set
+STATM = Path("/proc/self/statm")  # Linux: sizes in pages; the second field is the resident set
 
 
 @dataclass(frozen=True)
 class MemoryUsage:
-    in_use: dict[str, int]      # bytes by kind, now: CUDA "allocated"/"reserved", CPU "rss"
-    peak: dict[str, int]        # bytes by kind, the most since the process (CUDA: its allocator) started
+    in_use: dict[str, int]  # bytes by kind, now: CUDA "allocated"/"reserved", CPU "rss"
+    peak: dict[str, int]  # bytes by kind, the most since the process (CUDA: its allocator) started
 
 
 def device_memory(device: torch.device) -> MemoryUsage:
@@ -32,8 +32,11 @@ def device_memory(device: torch.device) -> MemoryUsage:
     if device.type == "cuda":
         return MemoryUsage(
             in_use={"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device)},
-            peak={"allocated": torch.cuda.max_memory_allocated(device),
-                  "reserved": torch.cuda.max_memory_reserved(device)})
+            peak={
+                "allocated": torch.cuda.max_memory_allocated(device),
+                "reserved": torch.cuda.max_memory_reserved(device),
+            },
+        )
     current = _current_rss()
     peak = _peak_rss()
     if current is None:
@@ -61,4 +64,4 @@ def _current_rss() -> int | None:
 @functools.cache
 def _warn_no_current_rss() -> None:
     # Once, not per scrape: the fallback holds for the life of the process.
-    log.warning("%s is not readable: memory kind \"rss\" reports the peak resident set, not the current one", STATM)
+    log.warning('%s is not readable: memory kind "rss" reports the peak resident set, not the current one', STATM)

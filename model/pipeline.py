@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DTYPES", "DeviceOutOfMemory", "GenerationResult", "InfinityPipeline", "ScaleEvent", "StageTimings"]
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISIONS}   # torch spells them alike
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISIONS}  # torch spells them alike
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,18 @@ class StageTimings:
     text_encode: float
     transformer: float
     vae_decode: float
-    scales: tuple[float, ...]       # transformer seconds per scale
+    scales: tuple[float, ...]  # transformer seconds per scale
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    rows: tuple[int, ...]           # prompt index of each returned image (rows dropped by on_scale are absent)
-    nonfinite: tuple[int, ...]      # prompt indices whose logits went non-finite (extreme cfg/tau): no image
-    images: list[np.ndarray]        # per returned row (H, W, 3) uint8 RGB
-    bits: list[np.ndarray]          # per scale (B, h, w, d) uint8, latent layout (bit c = channel c)
+    rows: tuple[int, ...]  # prompt index of each returned image (rows dropped by on_scale are absent)
+    nonfinite: tuple[int, ...]  # prompt indices whose logits went non-finite (extreme cfg/tau): no image
+    images: list[np.ndarray]  # per returned row (H, W, 3) uint8 RGB
+    bits: list[np.ndarray]  # per scale (B, h, w, d) uint8, latent layout (bit c = channel c)
     seeds: list[int]
-    prompt_tokens: list[int]        # T5 tokens per prompt, EOS included
-    image_tokens: int               # bitwise tokens generated per image: sum over scales of h*w*bits
+    prompt_tokens: list[int]  # T5 tokens per prompt, EOS included
+    image_tokens: int  # bitwise tokens generated per image: sum over scales of h*w*bits
     timings: StageTimings
 
 
@@ -62,20 +62,29 @@ def _sync(device: torch.device) -> None:
 
 
 class InfinityPipeline:
-    def __init__(self, transformer: Infinity, vae: BitwiseVAE, text_encoder: T5TextEncoder,
-                 runtime: RuntimeConfig = RuntimeConfig()) -> None:
+    def __init__(
+        self,
+        transformer: Infinity,
+        vae: BitwiseVAE,
+        text_encoder: T5TextEncoder,
+        runtime: RuntimeConfig = RuntimeConfig(),
+    ) -> None:
         if transformer.config.token_bits != vae.config.token_bits:
-            raise ValueError(f"transformer tokens have {transformer.config.token_bits} bits, the VAE makes "
-                             f"{vae.config.token_bits}-bit tokens")
+            raise ValueError(
+                f"transformer tokens have {transformer.config.token_bits} bits, the VAE makes "
+                f"{vae.config.token_bits}-bit tokens"
+            )
         if text_encoder.channels != transformer.config.text_channels:
-            raise ValueError(f"text encoder width {text_encoder.channels} != transformer text_channels "
-                             f"{transformer.config.text_channels}")
+            raise ValueError(
+                f"text encoder width {text_encoder.channels} != transformer text_channels "
+                f"{transformer.config.text_channels}"
+            )
         self.runtime = runtime
         self.device = torch.device(runtime.device)
         dtype = DTYPES[runtime.dtype]
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.transformer.blocks.to(dtype)
-        self.transformer.set_batch_invariant(runtime.batch_invariant)     # this model's own, not the process's
+        self.transformer.set_batch_invariant(runtime.batch_invariant)  # this model's own, not the process's
         if runtime.compile != "off":
             for block in self.transformer.blocks:
                 block.compile(mode=runtime.compile, dynamic=True)
@@ -83,13 +92,23 @@ class InfinityPipeline:
         self.vae.decoder.to(dtype)
         self.text_encoder = text_encoder
         self.backend = choose_backend(runtime.attention, self.device)
-        log.info("pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s", self.device,
-                 runtime.dtype, "on" if runtime.batch_invariant else "off", self.backend, ATTENTION_MODES[self.backend])
+        log.info(
+            "pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s",
+            self.device,
+            runtime.dtype,
+            "on" if runtime.batch_invariant else "off",
+            self.backend,
+            ATTENTION_MODES[self.backend],
+        )
 
     # ---- public API -------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], schedule: ScaleSchedule,
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-                 on_scale: ScaleCallback | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        schedule: ScaleSchedule,
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        on_scale: ScaleCallback | None = None,
+    ) -> GenerationResult:
         """One image per prompt; `params` is shared or one per prompt (seeds, cfg, tau, ...)."""
         # 1. check inputs
         rows = self._check_inputs(prompts, schedule, params)
@@ -103,8 +122,15 @@ class InfinityPipeline:
                 torch.cuda.empty_cache()
             raise DeviceOutOfMemory(f"out of memory on {self.device} for {len(rows)} images") from e
 
-    def _generate(self, prompts: Sequence[str], schedule: ScaleSchedule, rows: list[SamplingParams], seeds: list[int],
-                  generators: list[torch.Generator], on_scale: ScaleCallback | None) -> GenerationResult:
+    def _generate(
+        self,
+        prompts: Sequence[str],
+        schedule: ScaleSchedule,
+        rows: list[SamplingParams],
+        seeds: list[int],
+        generators: list[torch.Generator],
+        on_scale: ScaleCallback | None,
+    ) -> GenerationResult:
         with torch.inference_mode():
             # 3. text features of the prompts and of their unconditional counterparts
             t0 = time.perf_counter()
@@ -113,8 +139,17 @@ class InfinityPipeline:
             _sync(self.device)
             t1 = time.perf_counter()
             # 4. scale-by-scale sampling of the bits
-            out = sample(self.transformer, self.vae.quantizer, schedule, encoded.memory, uncond, rows,
-                         generators, self.backend, on_scale)
+            out = sample(
+                self.transformer,
+                self.vae.quantizer,
+                schedule,
+                encoded.memory,
+                uncond,
+                rows,
+                generators,
+                self.backend,
+                on_scale,
+            )
             _sync(self.device)
             t2 = time.perf_counter()
             # 5. decode the accumulated latent of the rows that ran to the end with finite logits
@@ -124,9 +159,15 @@ class InfinityPipeline:
         kept = tuple(out.rows[k] for k in keep)
         tokens = sum(schedule.lengths) * self.transformer.config.token_bits
         return GenerationResult(
-            rows=kept, nonfinite=out.nonfinite, images=images, bits=[b[keep].cpu().numpy() for b in out.bits],
-            seeds=[seeds[i] for i in kept], prompt_tokens=[encoded.token_counts[i] for i in kept],
-            image_tokens=tokens, timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)))
+            rows=kept,
+            nonfinite=out.nonfinite,
+            images=images,
+            bits=[b[keep].cpu().numpy() for b in out.bits],
+            seeds=[seeds[i] for i in kept],
+            prompt_tokens=[encoded.token_counts[i] for i in kept],
+            image_tokens=tokens,
+            timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)),
+        )
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
         """(height, width) in pixels that this VAE produces for the schedule."""
@@ -140,7 +181,7 @@ class InfinityPipeline:
         image must not depend on what else shares its batch.
         """
         latent = latent.to(self.device)
-        images = np.stack([to_uint8(self.vae.decode(latent[i:i + 1]))[0].cpu().numpy() for i in range(len(latent))])
+        images = np.stack([to_uint8(self.vae.decode(latent[i : i + 1]))[0].cpu().numpy() for i in range(len(latent))])
         _sync(self.device)
         return images
 
@@ -163,22 +204,25 @@ class InfinityPipeline:
         from model.kv_cache import KVCache
 
         c = self.transformer.config
-        per_row = KVCache.bytes_per_row(c.depth, c.num_heads, schedule.total_tokens, c.head_dim,
-                                        self.transformer.blocks_dtype)
+        per_row = KVCache.bytes_per_row(
+            c.depth, c.num_heads, schedule.total_tokens, c.head_dim, self.transformer.blocks_dtype
+        )
         return per_row * (2 if guided else 1)
 
     # ---- steps ------------------------------------------------------------------------------
-    def _check_inputs(self, prompts: Sequence[str], schedule: ScaleSchedule,
-                      params: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
+    def _check_inputs(
+        self, prompts: Sequence[str], schedule: ScaleSchedule, params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[SamplingParams]:
         if isinstance(prompts, str) or not prompts:
             raise ValueError("`prompts` must be a non-empty list of strings")
         rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(rows) != len(prompts):
             raise ValueError(f"`params` has {len(rows)} entries for {len(prompts)} prompts")
         if schedule.num_scales > self.transformer.config.num_levels:
-            raise ValueError(f"schedule has {schedule.num_scales} scales, the model knows "
-                             f"{self.transformer.config.num_levels}")
-        for p in rows:                          # the one check of per-scale lists for Python callers
+            raise ValueError(
+                f"schedule has {schedule.num_scales} scales, the model knows {self.transformer.config.num_levels}"
+            )
+        for p in rows:  # the one check of per-scale lists for Python callers
             p.check_scales(schedule.num_scales)
         return rows
 
@@ -189,7 +233,7 @@ class InfinityPipeline:
         if not negatives:
             return null
         neg = self.text_encoder.encode(list(negatives.values())).memory
-        merged = stack_memories(null, neg)                 # common padding; pick rows below
+        merged = stack_memories(null, neg)  # common padding; pick rows below
         B = len(rows)
         index = torch.arange(B)
         for j, i in enumerate(negatives):

@@ -30,8 +30,8 @@ def resample(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EncodedBits:
-    bits: list[torch.Tensor]        # per scale (B, h_k, w_k, d) in latent layout, int64 {0, 1}
-    quantized: torch.Tensor         # (B, d, H, W): the latent the decoder sees
+    bits: list[torch.Tensor]  # per scale (B, h_k, w_k, d) in latent layout, int64 {0, 1}
+    quantized: torch.Tensor  # (B, d, H, W): the latent the decoder sees
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ class BitwiseQuantizer:
     # ---- bits <-> codes ---------------------------------------------------------------------
     def codes(self, bits: torch.Tensor, scale_index: int) -> torch.Tensor:
         """Bits (B, h, w, d) -> codes (B, d, h, w) float32 of magnitude code_scale(scale_index)."""
-        s = 1.0 / self.config.bits ** 0.5
-        codes = F.normalize((bits.float() * 2 - 1) * s, dim=-1)         # +-1/sqrt(d), as official
+        s = 1.0 / self.config.bits**0.5
+        codes = F.normalize((bits.float() * 2 - 1) * s, dim=-1)  # +-1/sqrt(d), as official
         if self.config.code_decay != 1.0:
-            codes = codes * self.config.code_decay ** scale_index
+            codes = codes * self.config.code_decay**scale_index
         return codes.permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
@@ -90,7 +90,7 @@ class BitwiseQuantizer:
         summed = None
         for k, b in enumerate(bits):
             summed = self.accumulate(summed, self.codes(b, k), vae_scales[-1])
-        assert summed is not None               # bits is not empty
+        assert summed is not None  # bits is not empty
         return summed
 
     def encode(self, latent: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]) -> EncodedBits:
@@ -104,5 +104,5 @@ class BitwiseQuantizer:
             residual = residual - up
             summed = up if summed is None else summed + up
             all_bits.append(bits)
-        assert summed is not None               # vae_scales[-1] above: at least one scale
+        assert summed is not None  # vae_scales[-1] above: at least one scale
         return EncodedBits(all_bits, summed)

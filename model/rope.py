@@ -41,10 +41,10 @@ def inverse_frequencies(head_dim: int) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _rope_table_cpu(schedule: ScaleSchedule, head_dim: int) -> torch.Tensor:
-    pos = scale_positions(schedule).float()                          # (L, 2)
-    inv = inverse_frequencies(head_dim)                              # (hd/4,)
+    pos = scale_positions(schedule).float()  # (L, 2)
+    inv = inverse_frequencies(head_dim)  # (hd/4,)
     angles = torch.cat((torch.outer(pos[:, 0], inv), torch.outer(pos[:, 1], inv)), dim=-1)  # (L, hd/2)
-    return torch.stack((angles.cos(), angles.sin()))                 # (2, L, hd/2)
+    return torch.stack((angles.cos(), angles.sin()))  # (2, L, hd/2)
 
 
 _DEVICE_TABLES: dict[tuple[ScaleSchedule, int, str], torch.Tensor] = {}
@@ -63,6 +63,6 @@ def rope_table(schedule: ScaleSchedule, head_dim: int, device: torch.device | st
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs. x: (B, H, L, hd); table: (2, L, hd/2) -> (B, H, L, hd) in x.dtype."""
     cos, sin = table[0].to(x.dtype), table[1].to(x.dtype)
-    pairs = x.unflatten(-1, (-1, 2))                                 # (B, H, L, hd/2, 2)
+    pairs = x.unflatten(-1, (-1, 2))  # (B, H, L, hd/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack((cos * a - sin * b, sin * a + cos * b), dim=-1).flatten(-2)

@@ -28,8 +28,8 @@ class ScaleEvent:
 
     scale_index: int
     num_scales: int
-    rows: tuple[int, ...]           # original row index of each row still running
-    latent: torch.Tensor            # (len(rows), d, H, W): codes accumulated so far
+    rows: tuple[int, ...]  # original row index of each row still running
+    latent: torch.Tensor  # (len(rows), d, H, W): codes accumulated so far
     seconds: float
 
 
@@ -39,10 +39,10 @@ ScaleCallback = Callable[[ScaleEvent], Collection[int] | None]
 
 @dataclass(frozen=True)
 class SampleOutput:
-    rows: tuple[int, ...]           # original row index of each returned row (dropped rows are absent)
-    nonfinite: tuple[int, ...]      # those of `rows` whose logits went non-finite: their bits are noise
-    bits: list[torch.Tensor]        # per scale (len(rows), h, w, d) uint8, latent layout
-    latent: torch.Tensor            # (len(rows), d, H, W) float32, input of the VAE decoder
+    rows: tuple[int, ...]  # original row index of each returned row (dropped rows are absent)
+    nonfinite: tuple[int, ...]  # those of `rows` whose logits went non-finite: their bits are noise
+    bits: list[torch.Tensor]  # per scale (len(rows), h, w, d) uint8, latent layout
+    latent: torch.Tensor  # (len(rows), d, H, W) float32, input of the VAE decoder
     scale_seconds: list[float]
 
 
@@ -57,7 +57,7 @@ class _RunningRows:
     ca_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cache: KVCache
     guided: bool
-    nonfinite: torch.Tensor         # (rows,) bool: a logit of this row was inf or NaN at some scale
+    nonfinite: torch.Tensor  # (rows,) bool: a logit of this row was inf or NaN at some scale
 
     def drop(self, ids: Collection[int]) -> list[int]:
         """Remove rows by original id; returns the positions kept (for tensors held by the caller)."""
@@ -134,9 +134,17 @@ def sample_bits(logits: torch.Tensor, params: list[SamplingParams], generators: 
     return torch.stack(rows).view(B, l, V // 2)
 
 
-def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule, text: TextMemory,
-           uncond_text: TextMemory, params: list[SamplingParams], generators: list[torch.Generator],
-           backend: Backend, on_scale: ScaleCallback | None = None) -> SampleOutput:
+def sample(
+    model: Infinity,
+    quantizer: BitwiseQuantizer,
+    schedule: ScaleSchedule,
+    text: TextMemory,
+    uncond_text: TextMemory,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    backend: Backend,
+    on_scale: ScaleCallback | None = None,
+) -> SampleOutput:
     """Generate the bits of every scale for B prompts.
 
     text / uncond_text: raw T5 features of the prompts and of their unconditional counterparts
@@ -147,13 +155,28 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
     guided = any(p.uses_guidance(n) for p in params)
     cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
     c = model.config
-    cache = KVCache.allocate(c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim,
-                             model.blocks_dtype, text.features.device)
-    state = _RunningRows(list(range(B)), list(params), list(generators), cond, model.cross_kv(cond), cache, guided,
-                         torch.zeros(B, dtype=torch.bool, device=text.features.device))
+    cache = KVCache.allocate(
+        c.depth,
+        2 * B if guided else B,
+        c.num_heads,
+        schedule.total_tokens,
+        c.head_dim,
+        model.blocks_dtype,
+        text.features.device,
+    )
+    state = _RunningRows(
+        list(range(B)),
+        list(params),
+        list(generators),
+        cond,
+        model.cross_kv(cond),
+        cache,
+        guided,
+        torch.zeros(B, dtype=torch.bool, device=text.features.device),
+    )
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
 
-    x = model.start_tokens(cond)                                        # (rows, 1, C)
+    x = model.start_tokens(cond)  # (rows, 1, C)
     latent, bits_out, seconds = None, [], []
     for si, (h, w) in enumerate(schedule.scales):
         t0 = time.perf_counter()
@@ -161,7 +184,7 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
         logits, bad = quarantine_nonfinite(guide(raw, state.params, si, guided))
         state.nonfinite |= bad
         token_bits = sample_bits(logits, state.params, state.generators).view(len(state.ids), h, w, -1)
-        bits = quantizer.to_latent_layout(token_bits)                   # (B, h', w', d)
+        bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
         latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
         bits_out.append(bits.to(torch.uint8))
         seconds.append(time.perf_counter() - t0)
@@ -174,6 +197,6 @@ def sample(model: Infinity, quantizer: BitwiseQuantizer, schedule: ScaleSchedule
         if si + 1 < n:
             x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
             x = torch.cat((x, x)) if guided else x
-    assert latent is not None                   # a schedule has at least one scale
+    assert latent is not None  # a schedule has at least one scale
     nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
     return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)

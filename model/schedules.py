@@ -14,22 +14,126 @@ from typing import Literal, get_args
 # (h, w) per scale of the 1M schedule for the templates with h >= w; the inverse templates
 # (0.8, 0.75, ...) use the same lists with h and w swapped.
 _TALL_1M: dict[float, tuple[tuple[int, int], ...]] = {
-    1.0: ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32),
-          (40, 40), (48, 48), (64, 64)),
-    1.25: ((1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28),
-           (45, 36), (55, 44), (70, 56)),
-    1.333: ((1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27),
-            (48, 36), (60, 45), (72, 54)),
-    1.5: ((1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26),
-          (48, 32), (63, 42), (78, 52)),
-    1.75: ((1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24),
-           (56, 32), (70, 40), (84, 48)),
-    2.0: ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23),
-          (60, 30), (74, 37), (90, 45)),
-    2.5: ((1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20),
-          (65, 26), (80, 32), (100, 40)),
-    3.0: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18),
-          (72, 24), (90, 30), (111, 37)),
+    1.0: (
+        (1, 1),
+        (2, 2),
+        (4, 4),
+        (6, 6),
+        (8, 8),
+        (12, 12),
+        (16, 16),
+        (20, 20),
+        (24, 24),
+        (32, 32),
+        (40, 40),
+        (48, 48),
+        (64, 64),
+    ),
+    1.25: (
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (5, 4),
+        (10, 8),
+        (15, 12),
+        (20, 16),
+        (25, 20),
+        (30, 24),
+        (35, 28),
+        (45, 36),
+        (55, 44),
+        (70, 56),
+    ),
+    1.333: (
+        (1, 1),
+        (2, 2),
+        (4, 3),
+        (8, 6),
+        (12, 9),
+        (16, 12),
+        (20, 15),
+        (24, 18),
+        (28, 21),
+        (36, 27),
+        (48, 36),
+        (60, 45),
+        (72, 54),
+    ),
+    1.5: (
+        (1, 1),
+        (2, 2),
+        (3, 2),
+        (6, 4),
+        (9, 6),
+        (15, 10),
+        (21, 14),
+        (27, 18),
+        (33, 22),
+        (39, 26),
+        (48, 32),
+        (63, 42),
+        (78, 52),
+    ),
+    1.75: (
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (7, 4),
+        (11, 6),
+        (14, 8),
+        (21, 12),
+        (28, 16),
+        (35, 20),
+        (42, 24),
+        (56, 32),
+        (70, 40),
+        (84, 48),
+    ),
+    2.0: (
+        (1, 1),
+        (2, 2),
+        (4, 2),
+        (6, 3),
+        (10, 5),
+        (16, 8),
+        (22, 11),
+        (30, 15),
+        (38, 19),
+        (46, 23),
+        (60, 30),
+        (74, 37),
+        (90, 45),
+    ),
+    2.5: (
+        (1, 1),
+        (2, 2),
+        (5, 2),
+        (10, 4),
+        (15, 6),
+        (20, 8),
+        (25, 10),
+        (30, 12),
+        (40, 16),
+        (50, 20),
+        (65, 26),
+        (80, 32),
+        (100, 40),
+    ),
+    3.0: (
+        (1, 1),
+        (2, 2),
+        (6, 2),
+        (9, 3),
+        (15, 5),
+        (21, 7),
+        (27, 9),
+        (36, 12),
+        (45, 15),
+        (54, 18),
+        (72, 24),
+        (90, 30),
+        (111, 37),
+    ),
 }
 # Inverse template keys are int(1000 / r) / 1000, exactly as the official table writes them.
 _INVERSE = {1.25: 0.8, 1.333: 0.75, 1.5: 0.666, 1.75: 0.571, 2.0: 0.5, 2.5: 0.4, 3.0: 0.333}
@@ -41,14 +145,13 @@ for _r, _scales in _TALL_1M.items():
         SCALES_1M[_INVERSE[_r]] = tuple((w, h) for h, w in _scales)
 
 # Order of the official table (used when listing templates to users).
-TEMPLATES: tuple[float, ...] = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5,
-                                0.4, 3.0, 0.333)
+TEMPLATES: tuple[float, ...] = (1.0, 1.25, 0.8, 1.333, 0.75, 1.5, 0.666, 1.75, 0.571, 2.0, 0.5, 2.5, 0.4, 3.0, 0.333)
 # The one list of pixel budgets, smallest first: the protocol, the settings, the service and the CLI
 # all derive theirs from it (pydantic fields typed PixelBudget validate against it).
 PixelBudget = Literal["0.06M", "0.25M", "0.60M", "1M"]
-PN_NAMES: tuple[str, ...] = get_args(PixelBudget)   # an index compares two budgets
-PN_SCALES: dict[str, int] = dict(zip(PN_NAMES, (7, 10, 12, 13), strict=True))   # budget -> scales of its schedule
-LARGEST_PN = PN_NAMES[-1]                        # a template's whole schedule; the official runs' default
+PN_NAMES: tuple[str, ...] = get_args(PixelBudget)  # an index compares two budgets
+PN_SCALES: dict[str, int] = dict(zip(PN_NAMES, (7, 10, 12, 13), strict=True))  # budget -> scales of its schedule
+LARGEST_PN = PN_NAMES[-1]  # a template's whole schedule; the official runs' default
 PIXELS_PER_TOKEN = 16
 
 
@@ -58,7 +161,7 @@ class ScaleSchedule:
 
     h_div_w: float
     pn: str
-    scales: tuple[tuple[int, int], ...]       # transformer token grid (h, w) per scale
+    scales: tuple[tuple[int, int], ...]  # transformer token grid (h, w) per scale
 
     @classmethod
     def official(cls, h_div_w: float, pn: str) -> ScaleSchedule:

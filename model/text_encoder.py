@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EncodedText:
-    memory: TextMemory              # features (B, T, Ct) float32, lengths (B,)
-    token_counts: list[int]         # true tokens per prompt, EOS included
+    memory: TextMemory  # features (B, T, Ct) float32, lengths (B,)
+    token_counts: list[int]  # true tokens per prompt, EOS included
 
 
 class FeatureCache:
@@ -71,16 +71,27 @@ def _entry_bytes(prompt: str, features: torch.Tensor) -> int:
 
 
 class T5TextEncoder:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: T5EncoderModel, max_length: int = 512,
-                 cache_bytes: int = 64 * 2**20) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: T5EncoderModel,
+        max_length: int = 512,
+        cache_bytes: int = 64 * 2**20,
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
         self.cache = FeatureCache(cache_bytes)
 
     @classmethod
-    def from_dir(cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 max_length: int = 512, cache_bytes: int = 64 * 2**20) -> T5TextEncoder:
+    def from_dir(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_length: int = 512,
+        cache_bytes: int = 64 * 2**20,
+    ) -> T5TextEncoder:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder directory not found: {path}")

@@ -27,10 +27,10 @@ from model.schedules import ScaleSchedule
 class TextConditioning:
     """Everything the blocks need from the prompt, computed once per request (B rows)."""
 
-    pooled: torch.Tensor            # (B, C) float32: start token content and AdaLN condition
-    ada: torch.Tensor               # (B, 1, 6, C) float32: shared AdaLN modulation
-    head_ada: torch.Tensor          # (B, 1, 2, C) float32: modulation before the head
-    memory: TextMemory              # projected text (B, T, C) for cross-attention
+    pooled: torch.Tensor  # (B, C) float32: start token content and AdaLN condition
+    ada: torch.Tensor  # (B, 1, 6, C) float32: shared AdaLN modulation
+    head_ada: torch.Tensor  # (B, 1, 2, C) float32: modulation before the head
+    memory: TextMemory  # projected text (B, T, C) for cross-attention
 
     def select(self, index: torch.Tensor) -> TextConditioning:
         """The rows `index` (used when rows leave a running batch)."""
@@ -50,12 +50,14 @@ class Infinity(BatchInvariantModule):
         self.text_norm = RMSNorm(c.text_channels, eps=c.norm_eps)
         self.text_proj_for_sos = TextAttentivePool(c.text_channels, c.width, c.pool_heads)
         self.text_proj_for_ca = nn.Sequential(
-            nn.Linear(c.text_channels, c.width), nn.GELU(approximate="tanh"), nn.Linear(c.width, c.width))
+            nn.Linear(c.text_channels, c.width), nn.GELU(approximate="tanh"), nn.Linear(c.width, c.width)
+        )
         self.lvl_embed = nn.Embedding(c.num_levels, c.width)
         self.word_embed = nn.Linear(c.token_bits, c.width)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c.width, 6 * c.width))
         self.blocks = nn.ModuleList(
-            CrossAttnBlock(c.width, c.num_heads, c.ffn_hidden, c.norm_eps) for _ in range(c.depth))
+            CrossAttnBlock(c.width, c.num_heads, c.ffn_hidden, c.norm_eps) for _ in range(c.depth)
+        )
         self.head_nm = AdaLNBeforeHead(c.width, c.norm_eps)
         self.head = nn.Linear(c.width, 2 * c.token_bits)
         self._init_free_parameters()
@@ -76,7 +78,7 @@ class Infinity(BatchInvariantModule):
         if self.cfg_uncond.device.type != "meta":
             std = 1.2
             u = torch.empty_like(self.cfg_uncond, device="cpu")
-            nn.init.trunc_normal_(u, std=std, generator=g)      # cut at absolute +-2, as the official init
+            nn.init.trunc_normal_(u, std=std, generator=g)  # cut at absolute +-2, as the official init
             self.cfg_uncond.data.copy_(u / math.sqrt(self.config.text_channels))
         nn.init.trunc_normal_(self.pos_start, std=0.02)
 
@@ -91,8 +93,7 @@ class Infinity(BatchInvariantModule):
         pooled = self.text_proj_for_sos(TextMemory(normed, text.lengths), backend).float()
         projected = self.text_proj_for_ca(normed.to(self.text_proj_for_ca[0].weight.dtype))
         ada = self.shared_ada_lin(pooled).view(pooled.shape[0], 1, 6, -1).float()
-        return TextConditioning(pooled, ada, self.head_nm.modulation(pooled),
-                                TextMemory(projected, text.lengths))
+        return TextConditioning(pooled, ada, self.head_nm.modulation(pooled), TextMemory(projected, text.lengths))
 
     def unconditional_text(self, lengths: torch.Tensor) -> TextMemory:
         """The learned null prompt, cut to each prompt's own token count. lengths: (B,)"""
@@ -107,7 +108,7 @@ class Infinity(BatchInvariantModule):
             return [block.ca.project_memory(memory.features) for block in self.block_list]
         T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.lengths))]
         out = []
-        for block in self.block_list:    # each row's own tokens only, zero-padded back to T
+        for block in self.block_list:  # each row's own tokens only, zero-padded back to T
             pairs = [block.ca.project_memory(r) for r in rows]
             out.append((_cat_padded([k for k, _ in pairs], T, dim=2), _cat_padded([v for _, v in pairs], T, dim=2)))
         return out
@@ -130,26 +131,42 @@ class Infinity(BatchInvariantModule):
         return linear(self.head, h, batch_invariant=self.batch_invariant).float()
 
     # ---- stack ------------------------------------------------------------------------------
-    def run_blocks(self, x: torch.Tensor, cond: TextConditioning, ca_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                   rope: torch.Tensor, backend: Backend, mask: torch.Tensor | None = None,
-                   cache: KVCache | None = None) -> torch.Tensor:
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        cond: TextConditioning,
+        ca_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        rope: torch.Tensor,
+        backend: Backend,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             x = block(x, cond.ada, ca_kv[i], cond.memory, rope, backend, mask, cache, i)
         return x
 
-    def step(self, x: torch.Tensor, scale_index: int, schedule: ScaleSchedule, cond: TextConditioning,
-             ca_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache, backend: Backend) -> torch.Tensor:
+    def step(
+        self,
+        x: torch.Tensor,
+        scale_index: int,
+        schedule: ScaleSchedule,
+        cond: TextConditioning,
+        ca_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        cache: KVCache,
+        backend: Backend,
+    ) -> torch.Tensor:
         """One scale with the KV cache: token embeddings (B, l, C) -> logits (B, l, 2 * token_bits)."""
         start, n = schedule.offsets[scale_index], schedule.lengths[scale_index]
         if cache.filled != start:
             raise RuntimeError(f"KV cache holds {cache.filled} tokens, scale {scale_index} starts at {start}")
-        rope = rope_table(schedule, self.config.head_dim, x.device)[:, start:start + n]
+        rope = rope_table(schedule, self.config.head_dim, x.device)[:, start : start + n]
         h = self.run_blocks(self.add_level(x, scale_index), cond, ca_kv, rope, backend, cache=cache)
         cache.advance(n)
         return self.logits(h, cond)
 
-    def forward(self, cond: TextConditioning, schedule: ScaleSchedule, inputs: torch.Tensor,
-                backend: Backend = "sdpa") -> list[torch.Tensor]:
+    def forward(
+        self, cond: TextConditioning, schedule: ScaleSchedule, inputs: torch.Tensor, backend: Backend = "sdpa"
+    ) -> list[torch.Tensor]:
         """Teacher forcing: all scales at once under the block-causal mask.
 
         inputs: (B, L_total - 1, token_bits) next-scale inputs of scales 1.. (scale 0 is the start
@@ -159,8 +176,9 @@ class Infinity(BatchInvariantModule):
         if inputs.shape[1] != expected:
             raise ValueError(f"inputs hold {inputs.shape[1]} tokens, schedule needs {expected}")
         x = torch.cat((self.start_tokens(cond), self.embed_bits(inputs)), dim=1)
-        level = torch.repeat_interleave(torch.arange(schedule.num_scales, device=x.device),
-                                        torch.tensor(schedule.lengths, device=x.device))
+        level = torch.repeat_interleave(
+            torch.arange(schedule.num_scales, device=x.device), torch.tensor(schedule.lengths, device=x.device)
+        )
         x = x + self.lvl_embed.weight.float()[level]
         mask = block_causal_mask(schedule.lengths, x.device)
         rope = rope_table(schedule, self.config.head_dim, x.device)
@@ -171,20 +189,25 @@ class Infinity(BatchInvariantModule):
 def _row(text: TextMemory, i: int) -> TextMemory:
     """Row i alone, cut to its own length."""
     n = int(text.lengths[i])
-    return TextMemory(text.features[i:i + 1, :n], text.lengths[i:i + 1])
+    return TextMemory(text.features[i : i + 1, :n], text.lengths[i : i + 1])
 
 
 def _cat_padded(tensors: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:
     """Concatenate along the batch axis, each zero-padded to `length` along `dim`."""
+
     def pad(t: torch.Tensor) -> torch.Tensor:
         widths = [0, 0] * (t.dim() - 1 - dim) + [0, length - t.shape[dim]]
         return F.pad(t, widths)
+
     return torch.cat([pad(t) for t in tensors])
 
 
 def _stack_conditionings(rows: list[TextConditioning]) -> TextConditioning:
     T = max(r.memory.features.shape[1] for r in rows)
     features = _cat_padded([r.memory.features for r in rows], T, dim=1)
-    return TextConditioning(torch.cat([r.pooled for r in rows]), torch.cat([r.ada for r in rows]),
-                            torch.cat([r.head_ada for r in rows]),
-                            TextMemory(features, torch.cat([r.memory.lengths for r in rows])))
+    return TextConditioning(
+        torch.cat([r.pooled for r in rows]),
+        torch.cat([r.ada for r in rows]),
+        torch.cat([r.head_ada for r in rows]),
+        TextMemory(features, torch.cat([r.memory.lengths for r in rows])),
+    )

@@ -39,7 +39,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))          # pad right and bottom only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom only
 
 
 class Upsample(nn.Module):
@@ -118,13 +118,13 @@ class Decoder(nn.Module):
         self.mid = Mid(top, config)
         levels: list[Level] = [None] * len(mult)  # type: ignore[list-item]
         cin = top
-        for i in reversed(range(len(mult))):       # built (and run) from the coarsest level down
+        for i in reversed(range(len(mult))):  # built (and run) from the coarsest level down
             cout = ch * mult[i]
             blocks = [ResnetBlock(cin if j == 0 else cout, cout, config) for j in range(config.num_res_blocks + 1)]
             up = i > 0
             levels[i] = Level(blocks, "upsample" if up else None, Upsample(cout) if up else None)
             cin = cout
-        self.up = nn.ModuleList(levels)              # index = resolution level, as the official names
+        self.up = nn.ModuleList(levels)  # index = resolution level, as the official names
         self.norm_out = _norm(cin, config)
         self.conv_out = nn.Conv2d(cin, 3, 3, padding=1)
 

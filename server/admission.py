@@ -17,7 +17,7 @@ from server.errors import ServingError, deadline_unreachable, invalid
 from server.jobs import GenerationRequest
 from server.metrics import Metrics
 
-EMA_WEIGHT = 0.3           # weight of the newest batch time in the moving average
+EMA_WEIGHT = 0.3  # weight of the newest batch time in the moving average
 MAX_RETRY_AFTER_S = 60.0
 
 
@@ -31,8 +31,9 @@ class BatchTimes:
     def record(self, device: str, key: str, seconds: float) -> None:
         with self._lock:
             previous = self._ema.get((device, key))
-            self._ema[(device, key)] = seconds if previous is None else (
-                (1 - EMA_WEIGHT) * previous + EMA_WEIGHT * seconds)
+            self._ema[(device, key)] = (
+                seconds if previous is None else ((1 - EMA_WEIGHT) * previous + EMA_WEIGHT * seconds)
+            )
 
     def fastest(self, key: str) -> float | None:
         """The fastest replica's recent time for this schedule; None before any batch of it ran."""
@@ -42,8 +43,9 @@ class BatchTimes:
 
 
 class Admission:
-    def __init__(self, queue: Batcher, metrics: Metrics, replicas: int,
-                 kv_bytes_per_image: Callable[[ScaleSchedule, bool], int]) -> None:
+    def __init__(
+        self, queue: Batcher, metrics: Metrics, replicas: int, kv_bytes_per_image: Callable[[ScaleSchedule, bool], int]
+    ) -> None:
         self.queue, self.metrics, self.replicas = queue, metrics, replicas
         self.times = BatchTimes()
         self._kv_bytes_per_image = kv_bytes_per_image
@@ -54,8 +56,11 @@ class Admission:
         kv = self._kv_bytes_per_image(request.schedule, request.guided) * request.images
         budget = self.queue.memory_budget
         if budget is not None and kv > budget:
-            raise invalid(f"{request.images} images at this size need {kv} bytes of KV cache, more than the "
-                          f"server's budget of {budget}; ask for fewer images or a smaller size", "n")
+            raise invalid(
+                f"{request.images} images at this size need {kv} bytes of KV cache, more than the "
+                f"server's budget of {budget}; ask for fewer images or a smaller size",
+                "n",
+            )
         estimate = self.estimated_wait(request.schedule.key)
         retry_after = min(MAX_RETRY_AFTER_S, max(1.0, estimate))
         if request.deadline - estimate < self.queue.now():

@@ -44,7 +44,7 @@ def error_response(error: ServingError) -> JSONResponse:
 
 def _field(error: dict) -> str:
     loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
-    return loc[0] if loc else "body"              # the top-level field (union members add noise below it)
+    return loc[0] if loc else "body"  # the top-level field (union members add noise below it)
 
 
 def _validation_error(exc: RequestValidationError) -> ServingError:
@@ -76,15 +76,20 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = ServingError(f"request body larger than {self.max_bytes} bytes", 413, "invalid_request_error",
-                               "body_too_large", retryable=False)
+        too_big = ServingError(
+            f"request body larger than {self.max_bytes} bytes",
+            413,
+            "invalid_request_error",
+            "body_too_large",
+            retryable=False,
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
         chunks, seen = [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":            # the client left before sending its body
+            if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
@@ -111,8 +116,12 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
             finished = engine.drain(settings.drain_timeout_s)
             log.info("drained%s", "" if finished else " (timeout: work was left unfinished)")
 
-    app = FastAPI(title="infinity-serve", version="0.1.0", lifespan=lifespan,
-                  description="Infinity text-to-image: REST and OpenAI-compatible images API")
+    app = FastAPI(
+        title="infinity-serve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Infinity text-to-image: REST and OpenAI-compatible images API",
+    )
     app.state.settings, app.state.engine, app.state.limits = settings, engine, limits
     app.state.metrics = engine.metrics
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
@@ -123,7 +132,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     AppStatus.disable_automatic_graceful_drain()
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=engine.metrics)      # sees every response
+    app.add_middleware(RequestContext, metrics=engine.metrics)  # sees every response
     # Outermost, so every layer sees the real client: X-Forwarded-For is applied only when the peer is
     # one of `trusted_proxies` (the rightmost untrusted address wins); anyone else's header is ignored.
     # Here rather than uvicorn's own option, so in-process tests and `serve` behave the same.
@@ -133,8 +142,9 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     async def healthz() -> Response:
         """Liveness: fails once no replica can ever serve again, so that the orchestrator restarts us."""
         if engine.broken:
-            return JSONResponse({"status": "broken", "reason": "every replica worker died past its restart budget"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "broken", "reason": "every replica worker died past its restart budget"}, status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["health"])
@@ -144,13 +154,15 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
 
     @app.get("/metrics", tags=["health"])
     async def metrics() -> Response:
-        engine.observe_memory()               # at scrape time too: a quiet server still reports memory now
+        engine.observe_memory()  # at scrape time too: a quiet server still reports memory now
         return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)], tags=["openai"])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": limits.name, "object": "model", "created": 0,
-                                            "owned_by": "infinity-serve"}]}
+        return {
+            "object": "list",
+            "data": [{"id": limits.name, "object": "model", "created": 0, "owned_by": "infinity-serve"}],
+        }
 
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)
@@ -173,9 +185,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = exc.status_code
         message = {404: "not found", 405: f"method {request.method} not allowed"}.get(status, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_body"}.get(status, "invalid_request")
-        return error_response(ServingError(message, status, "invalid_request_error", code,
-                                           "body" if status == 400 else None, retryable=False,
-                                           headers=dict(exc.headers or {})))
+        return error_response(
+            ServingError(
+                message,
+                status,
+                "invalid_request_error",
+                code,
+                "body" if status == 400 else None,
+                retryable=False,
+                headers=dict(exc.headers or {}),
+            )
+        )
 
     # Unexpected exceptions are answered by RequestContext, inside Starlette's ServerErrorMiddleware,
     # so that the 500 carries x-request-id like every other response.
@@ -215,14 +235,16 @@ class RequestContext:
             self.metrics.errors.labels("unhandled").inc()
             if not started:
                 await error_response(ServingError("internal error; it was logged with the request id", 500))(
-                    scope, receive, send_with_id)
+                    scope, receive, send_with_id
+                )
         finally:
             elapsed = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None)
             self.metrics.requests.labels(route or "unmatched", f"{status // 100}xx").inc()
             self.metrics.request_duration.labels(route or "unmatched").observe(elapsed)
-            log.info("request %s %s %s -> %d in %.3fs", rid, scope["method"], route or _loggable_path(scope),
-                     status, elapsed)
+            log.info(
+                "request %s %s %s -> %d in %.3fs", rid, scope["method"], route or _loggable_path(scope), status, elapsed
+            )
 
 
 def _loggable_path(scope: Scope) -> str:

@@ -16,8 +16,14 @@ from server.ratelimit import check_rate_limit
 
 
 def unauthorized(message: str) -> ServingError:
-    return ServingError(message, 401, "invalid_request_error", "invalid_api_key", retryable=False,
-                        headers={"WWW-Authenticate": "Bearer"})
+    return ServingError(
+        message,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        retryable=False,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def check_api_key(request: Request) -> None:

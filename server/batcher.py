@@ -24,12 +24,12 @@ P = TypeVar("P")
 class Ticket(Generic[P]):
     """One admitted request as the batcher sees it; the engine's request rides along as `payload`."""
 
-    key: str                         # scale-schedule key: only equal keys share a batch
-    rows: int                        # images
-    kv_bytes: int                    # KV cache bytes of all its rows
-    deadline: float                  # monotonic
-    payload: P                       # the engine's request (server.jobs.GenerationRequest)
-    enqueued: float = 0.0            # the batcher's clock when `put` queued it
+    key: str  # scale-schedule key: only equal keys share a batch
+    rows: int  # images
+    kv_bytes: int  # KV cache bytes of all its rows
+    deadline: float  # monotonic
+    payload: P  # the engine's request (server.jobs.GenerationRequest)
+    enqueued: float = 0.0  # the batcher's clock when `put` queued it
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
 
@@ -43,10 +43,16 @@ class Ticket(Generic[P]):
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int, max_wait_s: float, max_queue_rows: int,
-                 memory_budget: int | None = None, on_change: Callable[[int], None] | None = None,
-                 on_take: Callable[[list[Ticket]], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_rows: int,
+        memory_budget: int | None = None,
+        on_change: Callable[[int], None] | None = None,
+        on_take: Callable[[list[Ticket]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.max_queue_rows, self.memory_budget = max_queue_rows, memory_budget
         self._on_change = on_change or (lambda depth: None)
@@ -55,8 +61,8 @@ class Batcher:
         self._clock = clock
         self._queue: list[Ticket] = []
         self._cond = threading.Condition()
-        self._closed: ServingError | None = None       # once closed: what a late request is told
-        self._last_batch_requests = 2         # start patient: the first burst is batched
+        self._closed: ServingError | None = None  # once closed: what a late request is told
+        self._last_batch_requests = 2  # start patient: the first burst is batched
 
     def now(self) -> float:
         """The batcher's clock (monotonic seconds; a test may pass its own)."""
@@ -78,8 +84,8 @@ class Batcher:
 
     def put(self, ticket: Ticket, retry_after: float = 1.0) -> None:
         with self._cond:
-            if self._closed is not None:               # raced a drain or the last worker's death
-                raise replace(self._closed)            # a fresh exception per request (tracebacks)
+            if self._closed is not None:  # raced a drain or the last worker's death
+                raise replace(self._closed)  # a fresh exception per request (tracebacks)
             if sum(t.rows for t in self._queue) + ticket.rows > self.max_queue_rows:
                 raise queue_full(retry_after)
             ticket.enqueued = self._clock()
@@ -119,7 +125,7 @@ class Batcher:
                 batch, wait_s = self._ready()
                 if batch is not None:
                     return batch
-                if wait_s is None:                     # nothing queued
+                if wait_s is None:  # nothing queued
                     if self._closed is not None:
                         return None
                     wait_s = None if idle_deadline is None else idle_deadline - self._clock()

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 from model.config import ATTENTION_CHOICES, ATTENTION_MODES, COMPILE_MODES, PRECISIONS, default_precision
 from model.schedules import LARGEST_PN, PN_NAMES  # plain Python: --help stays fast
 
-if TYPE_CHECKING:                                   # commands import what they use when run: --help stays fast
+if TYPE_CHECKING:  # commands import what they use when run: --help stays fast
     from server.settings import Settings
 
 log = logging.getLogger("infinity_serve.cli")
 
 
 def _scale_values(text: str) -> float | tuple[float, ...]:
-    """"3" -> 3.0; "3,3,2.5" -> one value per scale (as the official --cfg / --tau accept)."""
+    """ "3" -> 3.0; "3,3,2.5" -> one value per scale (as the official --cfg / --tau accept)."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -58,8 +58,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=PRECISIONS,
-                   help="default: bfloat16 on CUDA (as the official run), float32 on CPU")
+    p.add_argument(
+        "--dtype", choices=PRECISIONS, help="default: bfloat16 on CUDA (as the official run), float32 on CPU"
+    )
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=_attention_help())
     p.add_argument("--save-bits", type=Path, help="write the sampled bits of every scale to this .npz")
     p.set_defaults(func=_generate)
@@ -89,13 +90,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-pn", choices=PN_NAMES)
     p.add_argument("--max-pn", choices=PN_NAMES)
     p.add_argument("--api-key", dest="api_keys", action="append", help="repeat for several keys")
-    p.add_argument("--allow-unauthenticated", action="store_true", default=None,
-                   help="serve without --api-key on a non-loopback --host (refused otherwise)")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="serve without --api-key on a non-loopback --host (refused otherwise)",
+    )
     p.add_argument("--rate-limit", help='requests per authenticated key, else client address, e.g. "30/minute"')
-    p.add_argument("--trusted-proxy", dest="trusted_proxies", action="append",
-                   help="IP or CIDR whose X-Forwarded-For names the client (repeat for several)")
-    p.add_argument("--compile", choices=COMPILE_MODES,
-                   help="torch.compile the transformer blocks (reduce-overhead: + CUDA graphs)")
+    p.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        help="IP or CIDR whose X-Forwarded-For names the client (repeat for several)",
+    )
+    p.add_argument(
+        "--compile", choices=COMPILE_MODES, help="torch.compile the transformer blocks (reduce-overhead: + CUDA graphs)"
+    )
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
     p.set_defaults(func=_serve)
 
@@ -104,9 +114,26 @@ def serve_settings(args: argparse.Namespace) -> Settings:
     """The `serve` flags given, over the INFINITY_* environment; raises pydantic's ValidationError."""
     from server.settings import Settings
 
-    fields = ("transformer", "vae", "text_encoder", "devices", "dtype", "host", "port", "max_batch_size",
-              "max_wait_ms", "max_queue", "default_pn", "max_pn", "api_keys", "allow_unauthenticated", "rate_limit",
-              "trusted_proxies", "compile", "warmup")
+    fields = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "devices",
+        "dtype",
+        "host",
+        "port",
+        "max_batch_size",
+        "max_wait_ms",
+        "max_queue",
+        "default_pn",
+        "max_pn",
+        "api_keys",
+        "allow_unauthenticated",
+        "rate_limit",
+        "trusted_proxies",
+        "compile",
+        "warmup",
+    )
     return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
 
 
@@ -154,8 +181,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.vae_steps:
         recipe = replace(recipe, vae_training=replace(recipe.vae_training, steps=args.vae_steps))
     if args.transformer_steps:
-        recipe = replace(recipe,
-                         transformer_training=replace(recipe.transformer_training, steps=args.transformer_steps))
+        recipe = replace(
+            recipe, transformer_training=replace(recipe.transformer_training, steps=args.transformer_steps)
+        )
     log.info("training the default model: %s", recipe)
     train_default(args.workdir, args.out, recipe)
     return 0
@@ -168,8 +196,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
-    p.add_argument("--min", dest="minimums", action="append", default=[], metavar="CATEGORY=VALUE",
-                   help='exit 1 if a score is lower, e.g. --min overall=0.6 --min "single colour=0.9"')
+    p.add_argument(
+        "--min",
+        dest="minimums",
+        action="append",
+        default=[],
+        metavar="CATEGORY=VALUE",
+        help='exit 1 if a score is lower, e.g. --min overall=0.6 --min "single colour=0.9"',
+    )
     p.add_argument("--card", type=Path, help="also write the scores into this model card (markdown)")
     p.add_argument("--grid", type=Path, help="also save a captioned grid of sample images (PNG)")
     p.set_defaults(func=_eval)
@@ -184,8 +218,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     pipe, default = load_default_pipeline(RuntimeConfig(), args.weights or DEFAULT_DIR)
     if default.placeholder or default.schedule is None:
-        log.error("no trained default model in %s (train one with `infinity-serve train-default`)",
-                  args.weights or DEFAULT_DIR)
+        log.error(
+            "no trained default model in %s (train one with `infinity-serve train-default`)",
+            args.weights or DEFAULT_DIR,
+        )
         return 2
     report = evaluate(pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau)
     ceiling = reconstruction_ceiling(pipe.vae, default.schedule, IMAGE_SIZE, args.per_category, args.held_out)
@@ -242,22 +278,31 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     dtype = args.dtype or default_precision(args.device)
     runtime = RuntimeConfig(args.device, dtype, attention=args.attention)
-    params = SamplingParams(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            negative_prompt=args.negative_prompt)
+    params = SamplingParams(
+        cfg=args.cfg,
+        tau=args.tau,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        negative_prompt=args.negative_prompt,
+    )
     if given:
         pipe, schedule = load_pipeline(args.transformer, args.vae, args.text_encoder, runtime), _schedule(args)
     else:
         pipe, default = load_default_pipeline(runtime)
         schedule = default.schedule or _schedule(args)
         if default.schedule is not None and (args.size or args.h_div_w or args.pn):
-            log.warning("the default model makes %dx%d images only: --size/--h-div-w/--pn ignored",
-                        *pipe.image_size(schedule)[::-1])
+            log.warning(
+                "the default model makes %dx%d images only: --size/--h-div-w/--pn ignored",
+                *pipe.image_size(schedule)[::-1],
+            )
     h, w = pipe.image_size(schedule)
-    log.info("generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn,
-             schedule.num_scales)
+    log.info(
+        "generating %dx%d (template %s, pn %s, %d scales)", w, h, schedule.h_div_w, schedule.pn, schedule.num_scales
+    )
     with tqdm(total=schedule.num_scales, desc="scales", unit="scale", file=sys.stderr) as bar:
 
-        def advance(event) -> None:         # returns None: no row is dropped
+        def advance(event) -> None:  # returns None: no row is dropped
             bar.update(1)
 
         result = pipe.generate([args.prompt], schedule, params, on_scale=advance)
@@ -266,11 +311,16 @@ def _generate(args: argparse.Namespace) -> int:
     if args.save_bits is not None:
         arrays = {f"scale_{i:02d}": b for i, b in enumerate(result.bits)}
         # ignore: numpy's stub reads a **dict as possibly holding allow_pickle (a bool); ours holds arrays
-        np.savez_compressed(args.save_bits, scales=np.array(schedule.scales), seed=np.array(result.seeds[0]),
-                            **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(args.save_bits, scales=np.array(schedule.scales), seed=np.array(result.seeds[0]), **arrays)  # type: ignore[arg-type]
     t = result.timings
-    log.info("wrote %s (seed %d): text %.2fs, transformer %.2fs, VAE %.2fs", args.out, result.seeds[0],
-             t.text_encode, t.transformer, t.vae_decode)
+    log.info(
+        "wrote %s (seed %d): text %.2fs, transformer %.2fs, VAE %.2fs",
+        args.out,
+        result.seeds[0],
+        t.text_encode,
+        t.transformer,
+        t.vae_decode,
+    )
     return 0
 
 
@@ -295,11 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:      # CheckpointError is a ValueError
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         log.error("%s", e)
         return 2
 

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class BatchDelivery:
-    def __init__(self, tickets: Sequence[Ticket[GenerationRequest]], pipeline: InfinityPipeline,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self, tickets: Sequence[Ticket[GenerationRequest]], pipeline: InfinityPipeline, metrics: Metrics
+    ) -> None:
         self.tickets, self.pipeline, self.metrics = list(tickets), pipeline, metrics
         self.requests = [t.payload for t in self.tickets]
-        self.owners = [i for i, r in enumerate(self.requests) for _ in r.params]     # ticket index of each row
+        self.owners = [i for i, r in enumerate(self.requests) for _ in r.params]  # ticket index of each row
 
     @property
     def prompts(self) -> list[str]:
@@ -59,19 +60,30 @@ class BatchDelivery:
                 ticket.fail(nonfinite_sampling())
                 continue
             kept = [k for k, row in enumerate(result.rows) if self.owners[row] == i]
-            if not kept:                                   # every image of it was dropped (cancelled)
+            if not kept:  # every image of it was dropped (cancelled)
                 ticket.fail(cancelled())
                 continue
             ticket.future.set_result(self._output(ticket, result, kept, started))
 
     @staticmethod
-    def _output(ticket: Ticket[GenerationRequest], result: GenerationResult, kept: list[int],
-                started: float) -> GenerationOutput:
+    def _output(
+        ticket: Ticket[GenerationRequest], result: GenerationResult, kept: list[int], started: float
+    ) -> GenerationOutput:
         height, width = result.images[kept[0]].shape[:2]
         t = result.timings
-        timings = {"queue_wait": started - ticket.enqueued, "text_encode": t.text_encode,
-                   "transformer": t.transformer, "vae_decode": t.vae_decode}
+        timings = {
+            "queue_wait": started - ticket.enqueued,
+            "text_encode": t.text_encode,
+            "transformer": t.transformer,
+            "vae_decode": t.vae_decode,
+        }
         return GenerationOutput(
-            schedule=ticket.payload.schedule, images=[result.images[k] for k in kept],
-            seeds=[result.seeds[k] for k in kept], width=width, height=height,
-            prompt_tokens=result.prompt_tokens[kept[0]], image_tokens=result.image_tokens, timings=timings)
+            schedule=ticket.payload.schedule,
+            images=[result.images[k] for k in kept],
+            seeds=[result.seeds[k] for k in kept],
+            width=width,
+            height=height,
+            prompt_tokens=result.prompt_tokens[kept[0]],
+            image_tokens=result.image_tokens,
+            timings=timings,
+        )

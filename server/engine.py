@@ -27,24 +27,50 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, pipelines: dict[str, InfinityPipeline], metrics: Metrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 10.0, max_queue: int = 64, memory_budget_bytes: int | None = None,
-                 worker_restarts: int = 3, restart_window_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        pipelines: dict[str, InfinityPipeline],
+        metrics: Metrics,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 64,
+        memory_budget_bytes: int | None = None,
+        worker_restarts: int = 3,
+        restart_window_s: float = 600.0,
+    ) -> None:
         self.metrics = metrics
         first = next(iter(pipelines.values()))
         self._admission = Admission(
-            Batcher(max_batch_size, max_wait_ms / 1000, max_queue, memory_budget_bytes,
-                    on_change=metrics.queue_depth.set, on_take=lambda batch: self._admission.running(batch)),
-            metrics, replicas=len(pipelines), kv_bytes_per_image=first.kv_cache_bytes_per_image)
+            Batcher(
+                max_batch_size,
+                max_wait_ms / 1000,
+                max_queue,
+                memory_budget_bytes,
+                on_change=metrics.queue_depth.set,
+                on_take=lambda batch: self._admission.running(batch),
+            ),
+            metrics,
+            replicas=len(pipelines),
+            kv_bytes_per_image=first.kv_cache_bytes_per_image,
+        )
         policy = RestartPolicy(worker_restarts, restart_window_s)
-        self.replicas = [Replica(device, pipeline, self._admission, metrics, policy,
-                                 may_restart=lambda: self._accepting, on_retired=self._retired)
-                         for device, pipeline in pipelines.items()]
+        self.replicas = [
+            Replica(
+                device,
+                pipeline,
+                self._admission,
+                metrics,
+                policy,
+                may_restart=lambda: self._accepting,
+                on_retired=self._retired,
+            )
+            for device, pipeline in pipelines.items()
+        ]
         self._fault_hook: FaultHook | None = None
         self._accepting = False
         self._started = False
-        self._broken = False                   # every replica retired
-        self._drain_deadline: float | None = None   # monotonic; set once shutdown begins
+        self._broken = False  # every replica retired
+        self._drain_deadline: float | None = None  # monotonic; set once shutdown begins
 
     @property
     def batcher(self) -> Batcher:
@@ -115,7 +141,7 @@ class Engine:
         now = time.monotonic()
         self.begin_drain(now + timeout)
         deadline = self._drain_deadline
-        assert deadline is not None                 # begin_drain set it
+        assert deadline is not None  # begin_drain set it
         finished = self.wait_idle(max(0.0, deadline - now))
         self.batcher.close()
         for r in self.replicas:
@@ -130,8 +156,11 @@ class Engine:
         self._broken = True
         self.metrics.ready.set(0)
         failed = self.batcher.fail_all(not_ready())
-        log.critical("no replica left: %d queued requests failed with 503; /healthz now fails so that the "
-                     "orchestrator restarts this process", failed)
+        log.critical(
+            "no replica left: %d queued requests failed with 503; /healthz now fails so that the "
+            "orchestrator restarts this process",
+            failed,
+        )
 
     def observe_memory(self) -> None:
         """Memory gauges (in use now and peak) of every replica."""

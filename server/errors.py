@@ -20,8 +20,8 @@ class ServingError(Exception):
     type: str = "server_error"
     code: str | None = None
     param: str | None = None
-    retry_after: float | None = None           # seconds, sent as Retry-After (<= 60: the SDK ignores more)
-    retryable: bool | None = None              # sent as x-should-retry when known
+    retry_after: float | None = None  # seconds, sent as Retry-After (<= 60: the SDK ignores more)
+    retryable: bool | None = None  # sent as x-should-retry when known
     headers: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -38,13 +38,18 @@ def invalid(message: str, param: str | None, code: str = "invalid_value") -> Ser
 
 
 def queue_full(retry_after: float) -> ServingError:
-    return ServingError("the server is busy: the queue is full, retry later", 429, "rate_limit_error",
-                        "queue_full", retry_after=retry_after, retryable=True)
+    return ServingError(
+        "the server is busy: the queue is full, retry later",
+        429,
+        "rate_limit_error",
+        "queue_full",
+        retry_after=retry_after,
+        retryable=True,
+    )
 
 
 def draining() -> ServingError:
-    return ServingError("the server is shutting down", 503, "server_error", "draining", retry_after=5,
-                        retryable=True)
+    return ServingError("the server is shutting down", 503, "server_error", "draining", retry_after=5, retryable=True)
 
 
 def not_ready() -> ServingError:
@@ -52,28 +57,51 @@ def not_ready() -> ServingError:
 
 
 def deadline_unreachable(retry_after: float) -> ServingError:
-    return ServingError("the request cannot start before its deadline (queue too long)", 503, "server_error",
-                        "deadline_unreachable", retry_after=retry_after, retryable=True)
+    return ServingError(
+        "the request cannot start before its deadline (queue too long)",
+        503,
+        "server_error",
+        "deadline_unreachable",
+        retry_after=retry_after,
+        retryable=True,
+    )
 
 
 def deadline_exceeded() -> ServingError:
-    return ServingError("the request did not finish before its deadline", 504, "server_error",
-                        "deadline_exceeded", retryable=True)
+    return ServingError(
+        "the request did not finish before its deadline", 504, "server_error", "deadline_exceeded", retryable=True
+    )
 
 
 def generation_failed() -> ServingError:
-    return ServingError("image generation failed; the error was logged with the request id", 500,
-                        "server_error", "generation_failed", retryable=True)
+    return ServingError(
+        "image generation failed; the error was logged with the request id",
+        500,
+        "server_error",
+        "generation_failed",
+        retryable=True,
+    )
 
 
 def nonfinite_sampling() -> ServingError:
-    return ServingError("the sampling parameters made this model's logits non-finite; lower `cfg` or raise `tau`",
-                        422, "invalid_request_error", "non_finite_logits", retryable=False)
+    return ServingError(
+        "the sampling parameters made this model's logits non-finite; lower `cfg` or raise `tau`",
+        422,
+        "invalid_request_error",
+        "non_finite_logits",
+        retryable=False,
+    )
 
 
 def out_of_memory() -> ServingError:
-    return ServingError("the device ran out of memory for this request; ask for fewer or smaller images", 503,
-                        "server_error", "out_of_memory", retry_after=10, retryable=True)
+    return ServingError(
+        "the device ran out of memory for this request; ask for fewer or smaller images",
+        503,
+        "server_error",
+        "out_of_memory",
+        retry_after=10,
+        retryable=True,
+    )
 
 
 def cancelled() -> ServingError:
@@ -83,6 +111,15 @@ def cancelled() -> ServingError:
 def stream_statuses() -> dict[str, int]:
     """The HTTP status of each error code that can end a running request, for clients that receive it
     inside a stream (where the response status is already 200): the playground shows it."""
-    errors = (queue_full(1), draining(), not_ready(), deadline_unreachable(1), deadline_exceeded(),
-              generation_failed(), nonfinite_sampling(), out_of_memory(), cancelled())
+    errors = (
+        queue_full(1),
+        draining(),
+        not_ready(),
+        deadline_unreachable(1),
+        deadline_exceeded(),
+        generation_failed(),
+        nonfinite_sampling(),
+        out_of_memory(),
+        cancelled(),
+    )
     return {e.code: e.status for e in errors if e.code is not None}

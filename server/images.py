@@ -13,9 +13,10 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
-OutputFormat = Literal["png", "jpeg", "webp"]        # the one list of formats (pydantic fields validate it)
-CONTENT_TYPES: dict[str, str] = dict(zip(get_args(OutputFormat), ("image/png", "image/jpeg", "image/webp"),
-                                         strict=True))
+OutputFormat = Literal["png", "jpeg", "webp"]  # the one list of formats (pydantic fields validate it)
+CONTENT_TYPES: dict[str, str] = dict(
+    zip(get_args(OutputFormat), ("image/png", "image/jpeg", "image/webp"), strict=True)
+)
 
 
 def encode_image(pixels: np.ndarray, fmt: OutputFormat, quality: int | None = None) -> bytes:
@@ -32,7 +33,7 @@ def encode_image(pixels: np.ndarray, fmt: OutputFormat, quality: int | None = No
 class StoredImage:
     data: bytes
     content_type: str
-    expires: float                     # monotonic
+    expires: float  # monotonic
 
 
 class ImageStore:

@@ -18,7 +18,7 @@ from model.schedules import ScaleSchedule
 class Preview:
     scale_index: int
     num_scales: int
-    images: list[np.ndarray]         # one per image of the request still running
+    images: list[np.ndarray]  # one per image of the request still running
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class GenerationRequest:
     request_id: str
     prompt: str
     schedule: ScaleSchedule
-    params: tuple[SamplingParams, ...]     # one per image, each with its seed
-    deadline: float                         # time.monotonic() by which it must finish
+    params: tuple[SamplingParams, ...]  # one per image, each with its seed
+    deadline: float  # time.monotonic() by which it must finish
     preview_scales: frozenset[int] = frozenset()
     on_preview: Callable[[Preview], None] | None = None
 
@@ -43,11 +43,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    schedule: ScaleSchedule                 # what was generated (the requested size snapped)
-    images: list[np.ndarray]                # (H, W, 3) uint8 RGB
+    schedule: ScaleSchedule  # what was generated (the requested size snapped)
+    images: list[np.ndarray]  # (H, W, 3) uint8 RGB
     seeds: list[int]
     width: int
     height: int
     prompt_tokens: int
-    image_tokens: int                       # per image
-    timings: dict[str, float]               # seconds: queue_wait, text_encode, transformer, vae_decode
+    image_tokens: int  # per image
+    timings: dict[str, float]  # seconds: queue_wait, text_encode, transformer, vae_decode

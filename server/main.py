@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def _runtime(settings: Settings, device: str) -> RuntimeConfig:
-    return RuntimeConfig(device=device, dtype=settings.dtype_for(device), attention=settings.attention,
-                         compile=settings.compile, batch_invariant=settings.batch_invariant)
+    return RuntimeConfig(
+        device=device,
+        dtype=settings.dtype_for(device),
+        attention=settings.attention,
+        compile=settings.compile,
+        batch_invariant=settings.batch_invariant,
+    )
 
 
 def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
@@ -42,8 +47,12 @@ def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], Mod
     for device in settings.devices:
         if paths is None:
             pipelines[device], default = load_default_pipeline(_runtime(settings, device))
-            limits = ModelLimits(default.name, settings.default_pn or default.default_pn,
-                                 settings.max_pn or default.max_pn, default.schedule)
+            limits = ModelLimits(
+                default.name,
+                settings.default_pn or default.default_pn,
+                settings.max_pn or default.max_pn,
+                default.schedule,
+            )
         else:
             pipelines[device] = load_pipeline(*paths, _runtime(settings, device))
     return pipelines, limits
@@ -67,10 +76,19 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
     except PackageNotFoundError:
         package_version = "dev"
     metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
-    engine = Engine(pipelines, metrics, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                    settings.memory_budget_bytes, settings.worker_restarts)
-    engine.start(warmup=limits.warmup_schedule if settings.warmup else None,
-                 warmup_batches=(1, settings.max_batch_size) if settings.compile != "off" else (1,))
+    engine = Engine(
+        pipelines,
+        metrics,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.max_queue,
+        settings.memory_budget_bytes,
+        settings.worker_restarts,
+    )
+    engine.start(
+        warmup=limits.warmup_schedule if settings.warmup else None,
+        warmup_batches=(1, settings.max_batch_size) if settings.compile != "off" else (1,),
+    )
     return engine, limits
 
 
@@ -86,13 +104,17 @@ class DrainingServer(uvicorn.Server):
         self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        if self._draining:                       # second signal: exit now
+        if self._draining:  # second signal: exit now
             return super().handle_exit(sig, frame)
         self._draining = True
         deadline = time.monotonic() + self.drain_timeout
         refused = self.engine.begin_drain(deadline)
-        log.info("signal %s: draining for up to %.0fs; %d queued requests refused with 503, new ones too",
-                 sig, self.drain_timeout, refused)
+        log.info(
+            "signal %s: draining for up to %.0fs; %d queued requests refused with 503, new ones too",
+            sig,
+            self.drain_timeout,
+            refused,
+        )
 
         def finish() -> None:
             finished = self.engine.wait_idle(max(0.0, deadline - time.monotonic()))
@@ -112,16 +134,26 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     # letting any local client pick its rate-limit identity; create_app applies `trusted_proxies` instead.
     # access_log=False: RequestContext logs every request once, with its id, and without the secret part
     # of `/v1/images/{id}` paths, which uvicorn's access log would print.
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, proxy_headers=False,
-                          access_log=False, timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=False,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
 
 
 def warn_if_open(settings: Settings) -> None:
     """Loud, because serving without keys beyond loopback is allowed only on purpose (Settings refuses it)."""
     if settings.open_to_network:
-        log.warning("!!! NO API KEYS on %s: anyone who can reach port %d may generate images "
-                    "(allow_unauthenticated is set; give api_keys to require a key) !!!",
-                    settings.host, settings.port)
+        log.warning(
+            "!!! NO API KEYS on %s: anyone who can reach port %d may generate images "
+            "(allow_unauthenticated is set; give api_keys to require a key) !!!",
+            settings.host,
+            settings.port,
+        )
 
 
 def serve(settings: Settings) -> None:

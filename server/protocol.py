@@ -28,9 +28,11 @@ class SamplingFields(BaseModel):
     negative_prompt: str | None = Field(None, max_length=10_000)
     seed: Seed | None = Field(None, description="seed of the first image; image i uses seed + i")
     cfg: Cfg | Annotated[list[Cfg], Field(min_length=1, max_length=16)] | None = Field(
-        None, description=f"guidance scale in [{CFG_MIN:g}, {CFG_MAX:g}], one value or one per scale")
+        None, description=f"guidance scale in [{CFG_MIN:g}, {CFG_MAX:g}], one value or one per scale"
+    )
     tau: Tau | Annotated[list[Tau], Field(min_length=1, max_length=16)] | None = Field(
-        None, description=f"temperature in [{TAU_MIN:g}, {TAU_MAX:g}], one value or one per scale")
+        None, description=f"temperature in [{TAU_MIN:g}, {TAU_MAX:g}], one value or one per scale"
+    )
     top_k: int | None = Field(None, ge=0, le=1000, description="1 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
 
@@ -165,4 +167,5 @@ class ErrorResponse(BaseModel):
 
 # The error statuses the generation endpoints document in the OpenAPI schema (both share them).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)}
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503, 504)
+}

@@ -19,8 +19,14 @@ from server.errors import ServingError
 
 
 def rate_limited(retry_after: float, limit: str) -> ServingError:
-    return ServingError(f"rate limit exceeded ({limit} per client); retry later", 429, "rate_limit_error",
-                        "rate_limited", retry_after=retry_after, retryable=True)
+    return ServingError(
+        f"rate limit exceeded ({limit} per client); retry later",
+        429,
+        "rate_limit_error",
+        "rate_limited",
+        retry_after=retry_after,
+        retryable=True,
+    )
 
 
 class RateLimiter:
@@ -36,11 +42,11 @@ class RateLimiter:
     """
 
     def __init__(self, limit: str, clock: Callable[[], float] = time.monotonic) -> None:
-        item = parse(limit)                         # e.g. "30/minute"; raises ValueError when malformed
+        item = parse(limit)  # e.g. "30/minute"; raises ValueError when malformed
         self.text, self.amount, self.window_s = limit, item.amount, float(item.get_expiry())
         self._clock = clock
-        self._hits: dict[str, list[float]] = {}     # client -> its accepted hit times, oldest first
-        self._lock = threading.Lock()               # hits come from FastAPI's threadpool
+        self._hits: dict[str, list[float]] = {}  # client -> its accepted hit times, oldest first
+        self._lock = threading.Lock()  # hits come from FastAPI's threadpool
         self._next_sweep = clock() + self.window_s
 
     def __len__(self) -> int:
@@ -57,7 +63,7 @@ class RateLimiter:
             if len(hits) == self.amount and now - hits[0] < self.window_s:
                 raise rate_limited(max(1.0, hits[0] + self.window_s - now), self.text)
             hits.append(now)
-            if len(hits) > self.amount:             # only the last `amount` hits decide the next answer
+            if len(hits) > self.amount:  # only the last `amount` hits decide the next answer
                 del hits[0]
 
     def _sweep(self, now: float) -> None:

@@ -28,46 +28,54 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-FaultHook = Callable[[list[GenerationRequest]], None]      # tests inject failures before a batch runs
+FaultHook = Callable[[list[GenerationRequest]], None]  # tests inject failures before a batch runs
 
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    restarts: int = 3                  # deaths tolerated within the window
+    restarts: int = 3  # deaths tolerated within the window
     window_s: float = 600.0
 
 
 @dataclass(frozen=True)
 class Warmup:
-    schedule: ScaleSchedule | None     # None: no warm-up
-    batches: tuple[int, ...] = (1,)    # batch sizes to run once each
+    schedule: ScaleSchedule | None  # None: no warm-up
+    batches: tuple[int, ...] = (1,)  # batch sizes to run once each
 
 
 @dataclass
 class _Health:
-    deaths: list[float] = field(default_factory=list)     # monotonic times, recent only
+    deaths: list[float] = field(default_factory=list)  # monotonic times, recent only
     warmup_failed: bool = False
-    retired: bool = False                                  # died past its restart budget
+    retired: bool = False  # died past its restart budget
 
 
 class Replica:
-    def __init__(self, device: str, pipeline: InfinityPipeline, admission: Admission, metrics: Metrics,
-                 policy: RestartPolicy, may_restart: Callable[[], bool],
-                 on_retired: Callable[[Replica], None]) -> None:
+    def __init__(
+        self,
+        device: str,
+        pipeline: InfinityPipeline,
+        admission: Admission,
+        metrics: Metrics,
+        policy: RestartPolicy,
+        may_restart: Callable[[], bool],
+        on_retired: Callable[[Replica], None],
+    ) -> None:
         self.device, self.pipeline = device, pipeline
         self.admission, self.metrics, self.policy = admission, metrics, policy
         self._may_restart, self._on_retired = may_restart, on_retired
         self.health = _Health()
         self.fault_hook: FaultHook | None = None
         self._thread: threading.Thread | None = None
-        stats = pipeline.text_cache_stats()          # counters start from what the pipeline has seen so far
+        stats = pipeline.text_cache_stats()  # counters start from what the pipeline has seen so far
         self._text_cache_seen = {"hits": stats["hits"], "misses": stats["misses"]}
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self, warmup: Warmup | None = None, warmed: threading.Event | None = None) -> None:
         """Start the worker; with `warmup`, it first runs the warm-up batches and then sets `warmed`."""
-        self._thread = threading.Thread(target=self._work, args=(warmup, warmed),
-                                        name=f"replica-{self.device}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(warmup, warmed), name=f"replica-{self.device}", daemon=True
+        )
         # up before the thread runs: a worker that dies at once (and retires) must leave the gauge at 0
         self.metrics.replica_up.labels(self.device).set(1)
         self._thread.start()
@@ -87,7 +95,7 @@ class Replica:
     # ---- the worker thread ------------------------------------------------------------------
     def _work(self, warmup: Warmup | None, warmed: threading.Event | None) -> None:
         try:
-            if warmup is not None:                 # first start only; a restarted worker is warm
+            if warmup is not None:  # first start only; a restarted worker is warm
                 try:
                     self._warm_up(warmup)
                 except BaseException:
@@ -97,7 +105,7 @@ class Replica:
                     if warmed is not None:
                         warmed.set()
             self._serve()
-        except BaseException as exc:      # noqa: BLE001 - a worker must never vanish unnoticed
+        except BaseException as exc:  # noqa: BLE001 - a worker must never vanish unnoticed
             self._died(exc)
 
     def _warm_up(self, warmup: Warmup) -> None:
@@ -107,8 +115,13 @@ class Replica:
         for batch in warmup.batches:
             t0 = time.perf_counter()
             self.pipeline.generate(["warm-up"] * batch, schedule, SamplingParams(seed=0))
-            log.info("replica %s warmed up on %s, batch %d, in %.2fs", self.device, schedule.key, batch,
-                     time.perf_counter() - t0)
+            log.info(
+                "replica %s warmed up on %s, batch %d, in %.2fs",
+                self.device,
+                schedule.key,
+                batch,
+                time.perf_counter() - t0,
+            )
 
     def _serve(self) -> None:
         while True:
@@ -120,7 +133,7 @@ class Replica:
                 if live:
                     self._run(live)
             except BaseException:
-                for t in batch:                # the thread is going down: nobody else would answer them
+                for t in batch:  # the thread is going down: nobody else would answer them
                     t.fail(generation_failed())
                 raise
             finally:
@@ -134,8 +147,13 @@ class Replica:
         deaths = self.health.deaths = [t for t in self.health.deaths if now - t < self.policy.window_s] + [now]
         if self._may_restart() and len(deaths) <= self.policy.restarts:
             self.metrics.worker_restarts.labels(self.device).inc()
-            log.warning("replica %s: restarting its worker (%d of %d allowed in %.0fs)", self.device,
-                        len(deaths), self.policy.restarts, self.policy.window_s)
+            log.warning(
+                "replica %s: restarting its worker (%d of %d allowed in %.0fs)",
+                self.device,
+                len(deaths),
+                self.policy.restarts,
+                self.policy.window_s,
+            )
             self.start()
             return
         self.health.retired = True
@@ -158,11 +176,13 @@ class Replica:
         try:
             if self.fault_hook is not None:
                 self.fault_hook(delivery.requests)
-            result = self.pipeline.generate(delivery.prompts, schedule, delivery.params,
-                                            on_scale=lambda event: self._on_scale(delivery, event))
+            result = self.pipeline.generate(
+                delivery.prompts, schedule, delivery.params, on_scale=lambda event: self._on_scale(delivery, event)
+            )
         except DeviceOutOfMemory:
-            log.warning("out of device memory for %d images (requests %s)", rows,
-                        [r.request_id for r in delivery.requests])
+            log.warning(
+                "out of device memory for %d images (requests %s)", rows, [r.request_id for r in delivery.requests]
+            )
             return self._bisect(tickets, start, "out_of_memory")
         except Exception:
             log.exception("batch failed: requests %s", [r.request_id for r in delivery.requests])
@@ -176,7 +196,7 @@ class Replica:
     def _bisect(self, tickets: list[Ticket[GenerationRequest]], start: float, reason: str) -> None:
         """A failed batch: one request fails with its error; more are retried in two halves."""
         for t in tickets:
-            if t.cancelled:                                  # gone while it ran: nothing to retry for it
+            if t.cancelled:  # gone while it ran: nothing to retry for it
                 t.fail(cancelled())
         live = [t for t in tickets if not t.cancelled]
         if len(live) <= 1:
@@ -203,7 +223,7 @@ class Replica:
         m.prompt_tokens.inc(sum(result.prompt_tokens))
         self.observe_memory()
         cache = self.pipeline.text_cache_stats()
-        for label, key in (("hit", "hits"), ("miss", "misses")):     # counters move by what changed since
+        for label, key in (("hit", "hits"), ("miss", "misses")):  # counters move by what changed since
             m.text_cache_lookups.labels(self.device, label).inc(cache[key] - self._text_cache_seen[key])
             self._text_cache_seen[key] = cache[key]
         m.text_cache_bytes.labels(self.device).set(cache["bytes"])

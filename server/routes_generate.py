@@ -33,11 +33,15 @@ from server.service import (
 )
 
 router = APIRouter(tags=["generate"])
-QUEUE_UPDATE_S = 0.5                      # while queued, a new `queued` event when the position changes
+QUEUE_UPDATE_S = 0.5  # while queued, a new `queued` event when the position changes
 
 
-@router.post("/generate", dependencies=GENERATION_GUARDS, response_model=GenerateResponse,
-             responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}, "text/event-stream": {}}}})
+@router.post(
+    "/generate",
+    dependencies=GENERATION_GUARDS,
+    response_model=GenerateResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}, "text/event-stream": {}}}},
+)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""
     app = request.app.state
@@ -49,8 +53,15 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     rid = request.state.request_id
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
-        gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline,
-                                preview_scales(schedule.num_scales, body.partial_images), preview_sink(previews))
+        gen = GenerationRequest(
+            rid,
+            body.prompt,
+            schedule,
+            rows,
+            deadline,
+            preview_scales(schedule.num_scales, body.partial_images),
+            preview_sink(previews),
+        )
         ticket = app.engine.submit(gen)
         return event_stream(request, _events(request, body, ticket, previews, deadline))
     ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
@@ -72,20 +83,34 @@ def _image_headers(out: GenerationOutput) -> dict[str, str]:
 
 async def _response(request: Request, body: GenerateRequest, out: GenerationOutput) -> GenerateResponse:
     app = request.app.state
-    images = [GeneratedImage(b64=await encode_b64(img, body.output_format), seed=seed)
-              for img, seed in zip(out.images, out.seeds, strict=True)]
+    images = [
+        GeneratedImage(b64=await encode_b64(img, body.output_format), seed=seed)
+        for img, seed in zip(out.images, out.seeds, strict=True)
+    ]
     image_tokens = out.image_tokens * len(out.images)
     return GenerateResponse(
-        id=request.state.request_id, created=int(time.time()), model=app.limits.name, width=out.width,
-        height=out.height, h_div_w=out.schedule.h_div_w, pn=out.schedule.pn, num_scales=out.schedule.num_scales,
-        output_format=body.output_format, images=images,
-        usage={"prompt_tokens": out.prompt_tokens, "image_tokens": image_tokens,
-               "total_tokens": out.prompt_tokens + image_tokens},
-        timings=out.timings)
+        id=request.state.request_id,
+        created=int(time.time()),
+        model=app.limits.name,
+        width=out.width,
+        height=out.height,
+        h_div_w=out.schedule.h_div_w,
+        pn=out.schedule.pn,
+        num_scales=out.schedule.num_scales,
+        output_format=body.output_format,
+        images=images,
+        usage={
+            "prompt_tokens": out.prompt_tokens,
+            "image_tokens": image_tokens,
+            "total_tokens": out.prompt_tokens + image_tokens,
+        },
+        timings=out.timings,
+    )
 
 
-async def _events(request: Request, body: GenerateRequest, ticket, previews: PreviewMailbox,
-                  deadline: float) -> AsyncIterator[ServerSentEvent]:
+async def _events(
+    request: Request, body: GenerateRequest, ticket, previews: PreviewMailbox, deadline: float
+) -> AsyncIterator[ServerSentEvent]:
     engine = request.app.state.engine
     start = time.monotonic()
     ahead = engine.images_ahead(ticket)
@@ -93,16 +118,25 @@ async def _events(request: Request, body: GenerateRequest, ticket, previews: Pre
     # aclosing: when this stream ends early, progress() cancels the request now, not at garbage collection
     async with aclosing(progress(request, engine, ticket, previews, deadline, tick_s=QUEUE_UPDATE_S)) as items:
         async for item in items:
-            if item is None:                                   # no news: has the queue moved?
+            if item is None:  # no news: has the queue moved?
                 now = engine.images_ahead(ticket)
                 if now is not None and now != ahead:
                     ahead = now
-                    yield sse({"id": request.state.request_id, "queue_depth": engine.queue_depth,
-                               "images_ahead": ahead}, "queued")
+                    yield sse(
+                        {"id": request.state.request_id, "queue_depth": engine.queue_depth, "images_ahead": ahead},
+                        "queued",
+                    )
             elif isinstance(item, Preview):
                 images = [await encode_b64(img, "png") for img in item.images]
-                yield sse({"scale_index": item.scale_index, "num_scales": item.num_scales,
-                           "elapsed": round(time.monotonic() - start, 3), "images": images}, "preview")
+                yield sse(
+                    {
+                        "scale_index": item.scale_index,
+                        "num_scales": item.num_scales,
+                        "elapsed": round(time.monotonic() - start, 3),
+                        "images": images,
+                    },
+                    "preview",
+                )
             elif isinstance(item, ServingError):
                 yield sse(error_body(item), "error")
             else:

@@ -41,11 +41,15 @@ from server.service import (
 )
 
 router = APIRouter(tags=["openai"])
-QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}      # others: the server default
+QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}  # others: the server default
 
 
-@router.post("/v1/images/generations", dependencies=GENERATION_GUARDS, response_model=OpenAIImagesResponse,
-             responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+@router.post(
+    "/v1/images/generations",
+    dependencies=GENERATION_GUARDS,
+    response_model=OpenAIImagesResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+)
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
     app = request.app.state
     n = body.n or 1
@@ -59,8 +63,15 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Resp
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
         count = 0 if body.partial_images is None else body.partial_images
-        gen = GenerationRequest(rid, body.prompt, schedule, rows, deadline, preview_scales(schedule.num_scales, count),
-                                preview_sink(previews))
+        gen = GenerationRequest(
+            rid,
+            body.prompt,
+            schedule,
+            rows,
+            deadline,
+            preview_scales(schedule.num_scales, count),
+            preview_sink(previews),
+        )
         ticket = app.engine.submit(gen)
         return event_stream(request, _events(request, body, ticket, previews, deadline))
     ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
@@ -74,8 +85,9 @@ async def stored_image(image_id: str, request: Request) -> Response:
     """Images of `response_format=url`, served for `url_ttl_s` seconds; ids are random, not paths."""
     stored = request.app.state.images.get(image_id)
     if stored is None:
-        raise ServingError("image not found or expired", 404, "invalid_request_error", "image_not_found",
-                           retryable=False)
+        raise ServingError(
+            "image not found or expired", 404, "invalid_request_error", "image_not_found", retryable=False
+        )
     return Response(stored.data, media_type=stored.content_type, headers={"Cache-Control": "private, max-age=60"})
 
 
@@ -89,9 +101,12 @@ def _fmt(body: OpenAIImageRequest) -> OutputFormat:
 
 def _usage(out: GenerationOutput) -> Usage:
     output = out.image_tokens * len(out.images)
-    return Usage(input_tokens=out.prompt_tokens, input_tokens_details={"text_tokens": out.prompt_tokens,
-                                                                        "image_tokens": 0},
-                 output_tokens=output, total_tokens=out.prompt_tokens + output)
+    return Usage(
+        input_tokens=out.prompt_tokens,
+        input_tokens_details={"text_tokens": out.prompt_tokens, "image_tokens": 0},
+        output_tokens=output,
+        total_tokens=out.prompt_tokens + output,
+    )
 
 
 async def _response(request: Request, body: OpenAIImageRequest, out: GenerationOutput) -> OpenAIImagesResponse:
@@ -103,16 +118,23 @@ async def _response(request: Request, body: OpenAIImageRequest, out: GenerationO
             data.append(ImageData(url=str(request.url_for("stored_image", image_id=image_id)), seed=seed))
         else:
             data.append(ImageData(b64_json=await encode_b64(image, fmt, body.output_compression), seed=seed))
-    return OpenAIImagesResponse(created=int(time.time()), data=data, output_format=fmt,
-                                size=f"{out.width}x{out.height}", quality=body.quality, usage=_usage(out))
+    return OpenAIImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=fmt,
+        size=f"{out.width}x{out.height}",
+        quality=body.quality,
+        usage=_usage(out),
+    )
 
 
 def _event(data: dict) -> ServerSentEvent:
     return sse(data, data["type"])
 
 
-async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: PreviewMailbox,
-                  deadline: float) -> AsyncIterator[ServerSentEvent]:
+async def _events(
+    request: Request, body: OpenAIImageRequest, ticket, previews: PreviewMailbox, deadline: float
+) -> AsyncIterator[ServerSentEvent]:
     fmt = _fmt(body)
     common = {"background": "opaque", "output_format": fmt, "quality": body.quality or "auto"}
     index = 0
@@ -122,15 +144,29 @@ async def _events(request: Request, body: OpenAIImageRequest, ticket, previews: 
             if isinstance(item, Preview):
                 for image in item.images:
                     h, w = image.shape[:2]
-                    yield _event({"type": "image_generation.partial_image", "created_at": int(time.time()),
-                                  "size": f"{w}x{h}", "partial_image_index": index,
-                                  "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
+                    yield _event(
+                        {
+                            "type": "image_generation.partial_image",
+                            "created_at": int(time.time()),
+                            "size": f"{w}x{h}",
+                            "partial_image_index": index,
+                            "b64_json": await encode_b64(image, fmt, body.output_compression),
+                            **common,
+                        }
+                    )
                 index += 1
-            elif isinstance(item, ServingError):         # no event name: the SDK reads a bare `error` field
+            elif isinstance(item, ServingError):  # no event name: the SDK reads a bare `error` field
                 yield sse(error_body(item))
-            elif item is not None:                      # the output (None comes only with tick_s)
+            elif item is not None:  # the output (None comes only with tick_s)
                 usage = _usage(item).model_dump()
                 for image in item.images:
-                    yield _event({"type": "image_generation.completed", "created_at": int(time.time()),
-                                  "size": f"{item.width}x{item.height}", "usage": usage,
-                                  "b64_json": await encode_b64(image, fmt, body.output_compression), **common})
+                    yield _event(
+                        {
+                            "type": "image_generation.completed",
+                            "created_at": int(time.time()),
+                            "size": f"{item.width}x{item.height}",
+                            "usage": usage,
+                            "b64_json": await encode_b64(image, fmt, body.output_compression),
+                            **common,
+                        }
+                    )

@@ -22,18 +22,24 @@ from server.errors import ServingError, stream_statuses
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 # The page runs only its own files and talks only to this server; the browser enforces it.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-           "Cache-Control": "no-cache"}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 router = APIRouter(tags=["playground"])
 
 
 class Template(BaseModel):
-    aspect_ratio: str                       # "W:H", as the page sends it in `aspect_ratio`
-    h_div_w: float                          # the official template
-    sizes: dict[str, tuple[int, int]]       # pixel budget -> (width, height) in pixels
+    aspect_ratio: str  # "W:H", as the page sends it in `aspect_ratio`
+    h_div_w: float  # the official template
+    sizes: dict[str, tuple[int, int]]  # pixel budget -> (width, height) in pixels
 
 
 class PlaygroundConfig(BaseModel):
@@ -44,10 +50,10 @@ class PlaygroundConfig(BaseModel):
     default_cfg: float
     default_tau: float
     default_pn: str
-    pixel_budgets: list[str]                # the allowed ones, smallest first
-    templates: list[Template]               # tallest first
-    fixed_size: tuple[int, int] | None      # (width, height) of a model trained for one schedule only
-    error_statuses: dict[str, int]          # error code -> HTTP status, for errors that arrive in a stream
+    pixel_budgets: list[str]  # the allowed ones, smallest first
+    templates: list[Template]  # tallest first
+    fixed_size: tuple[int, int] | None  # (width, height) of a model trained for one schedule only
+    error_statuses: dict[str, int]  # error code -> HTTP status, for errors that arrive in a stream
 
 
 @router.get("/", include_in_schema=False)
@@ -61,22 +67,34 @@ async def playground_config(request: Request) -> PlaygroundConfig:
     app = request.app.state
     limits, image_size = app.limits, app.engine.image_size
     budgets = list(PN_NAMES[: PN_NAMES.index(limits.max_pn) + 1])
-    templates = [Template(aspect_ratio=aspect_label(t), h_div_w=t,
-                          sizes={pn: _width_height(image_size(ScaleSchedule.official(t, pn))) for pn in budgets})
-                 for t in sorted(TEMPLATES, reverse=True)]
+    templates = [
+        Template(
+            aspect_ratio=aspect_label(t),
+            h_div_w=t,
+            sizes={pn: _width_height(image_size(ScaleSchedule.official(t, pn))) for pn in budgets},
+        )
+        for t in sorted(TEMPLATES, reverse=True)
+    ]
     fixed = limits.fixed_schedule
     defaults = SamplingParams()
     return PlaygroundConfig(
-        model=limits.name, auth_required=bool(app.api_keys), max_n=app.settings.max_n,
-        max_prompt_chars=app.settings.max_prompt_chars, default_cfg=defaults.cfg_at(0), default_tau=defaults.tau_at(0),
-        default_pn=limits.default_pn, pixel_budgets=budgets, templates=templates,
+        model=limits.name,
+        auth_required=bool(app.api_keys),
+        max_n=app.settings.max_n,
+        max_prompt_chars=app.settings.max_prompt_chars,
+        default_cfg=defaults.cfg_at(0),
+        default_tau=defaults.tau_at(0),
+        default_pn=limits.default_pn,
+        pixel_budgets=budgets,
+        templates=templates,
         fixed_size=_width_height(image_size(fixed)) if fixed is not None else None,
-        error_statuses=stream_statuses())
+        error_statuses=stream_statuses(),
+    )
 
 
 @router.get("/playground/{name}", include_in_schema=False)
 async def asset(name: str) -> FileResponse:
-    if name not in ASSETS:          # a fixed list: no path from the URL ever reaches the file system
+    if name not in ASSETS:  # a fixed list: no path from the URL ever reaches the file system
         raise ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False)
     return FileResponse(STATIC / name, media_type=ASSETS[name], headers=HEADERS)
 

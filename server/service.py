@@ -41,15 +41,16 @@ class ModelLimits:
     name: str
     default_pn: str
     max_pn: str
-    fixed_schedule: ScaleSchedule | None = None     # a model trained for one schedule only (the default model)
+    fixed_schedule: ScaleSchedule | None = None  # a model trained for one schedule only (the default model)
 
     @property
     def warmup_schedule(self) -> ScaleSchedule:
         return self.fixed_schedule or ScaleSchedule.official(1.0, self.default_pn)
 
 
-def resolve_schedule(limits: ModelLimits, width: int | None, height: int | None, h_div_w: float | None,
-                     pn: str | None) -> ScaleSchedule:
+def resolve_schedule(
+    limits: ModelLimits, width: int | None, height: int | None, h_div_w: float | None, pn: str | None
+) -> ScaleSchedule:
     """Requested shape -> the nearest official template at an allowed pixel budget.
 
     A model trained for one schedule only always gets that schedule; the response says what was made.
@@ -81,18 +82,20 @@ def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tu
             return getattr(defaults, name)
         return tuple(value) if isinstance(value, list) else float(value)
 
-    shared = SamplingParams(cfg=per_scale("cfg", fields.cfg), tau=per_scale("tau", fields.tau),
-                            negative_prompt=fields.negative_prompt,
-                            top_k=defaults.top_k if fields.top_k is None else fields.top_k,
-                            top_p=defaults.top_p if fields.top_p is None else fields.top_p)
+    shared = SamplingParams(
+        cfg=per_scale("cfg", fields.cfg),
+        tau=per_scale("tau", fields.tau),
+        negative_prompt=fields.negative_prompt,
+        top_k=defaults.top_k if fields.top_k is None else fields.top_k,
+        top_p=defaults.top_p if fields.top_p is None else fields.top_p,
+    )
     try:
         shared.check_scales(schedule.num_scales)
     except ScaleListError as e:
         raise invalid(str(e), e.param) from None
     first = fields.seed if fields.seed is not None else None
     rng = random.SystemRandom()
-    return tuple(shared.with_seed((first + i) % 2**63 if first is not None else rng.randrange(2**32))
-                 for i in range(n))
+    return tuple(shared.with_seed((first + i) % 2**63 if first is not None else rng.randrange(2**32)) for i in range(n))
 
 
 def check_common(request: Request, body: GenerateRequest | OpenAIImageRequest, n: int) -> None:
@@ -159,7 +162,6 @@ async def encode_b64(pixels, fmt: OutputFormat, quality: int | None = None) -> s
     return base64.b64encode(data).decode("ascii")
 
 
-
 class PreviewMailbox:
     """The newest unread Preview of one streaming request; a newer one replaces it (latest wins).
 
@@ -172,7 +174,7 @@ class PreviewMailbox:
         self._latest: Preview | None = None
         self._arrived = asyncio.Event()
         self._on_replace = on_replace
-        self.replaced = 0                                  # previews dropped unread
+        self.replaced = 0  # previews dropped unread
 
     def put(self, preview: Preview) -> None:
         if self._latest is not None:
@@ -199,8 +201,9 @@ class PreviewMailbox:
 Progress = Preview | GenerationOutput | ServingError | None
 
 
-async def progress(request: Request, engine: Engine, ticket, previews: PreviewMailbox,
-                   deadline: float, tick_s: float | None = None) -> AsyncGenerator[Progress, None]:
+async def progress(
+    request: Request, engine: Engine, ticket, previews: PreviewMailbox, deadline: float, tick_s: float | None = None
+) -> AsyncGenerator[Progress, None]:
     """Yield each Preview as it arrives, then the GenerationOutput or the ServingError that ended it;
     with `tick_s`, also None after every `tick_s` seconds without news (to report the queue position).
 
@@ -218,7 +221,7 @@ async def progress(request: Request, engine: Engine, ticket, previews: PreviewMa
             if not done:
                 yield None
                 continue
-            preview = previews.take()              # also the last one, when the output won the race
+            preview = previews.take()  # also the last one, when the output won the race
             if preview is not None:
                 yield preview
             if waiter.done():
@@ -245,7 +248,7 @@ def preview_sink(previews: PreviewMailbox) -> Callable[[Preview], None]:
     return sink
 
 
-SSE_SEP = "\n"     # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it
+SSE_SEP = "\n"  # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it
 
 
 def sse(data: dict, event: str | None = None) -> ServerSentEvent:
@@ -258,8 +261,13 @@ def event_stream(request: Request, events: AsyncIterator[ServerSentEvent]) -> Ev
     for ~60 s, and a queued request or a long scale sends nothing) and a per-send timeout that ends the
     stream of a client that stopped reading."""
     settings: Settings = request.app.state.settings
-    return _EventStream(events, ping=settings.stream_ping_s, send_timeout=settings.stream_send_timeout_s,
-                        sep=SSE_SEP, ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SSE_SEP))
+    return _EventStream(
+        events,
+        ping=settings.stream_ping_s,
+        send_timeout=settings.stream_send_timeout_s,
+        sep=SSE_SEP,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SSE_SEP),
+    )
 
 
 class _EventStream(EventSourceResponse):

@@ -22,40 +22,40 @@ class Settings(BaseSettings):
     transformer: Path | None = None
     vae: Path | None = None
     text_encoder: Path | None = None
-    model_name: str = "infinity"                    # id reported by /v1/models and accepted in requests
+    model_name: str = "infinity"  # id reported by /v1/models and accepted in requests
 
     # --- devices ---
     devices: list[str] = Field(default_factory=lambda: ["cpu"])  # one replica per device
-    dtype: Precision | None = None                  # None: bfloat16 on CUDA, float32 on CPU
+    dtype: Precision | None = None  # None: bfloat16 on CUDA, float32 on CPU
     # Cross-attention kernel. auto: exact sdpa on CPU (float32 runs give the official model's float32
     # math bit for bit); flash-attn on CUDA when installed, else sdpa-bf16io. What each mode matches and
     # does not: model.config.ATTENTION_MODES (logged at start-up).
     attention: AttentionChoice = "auto"
-    compile: CompileMode = "off"                    # torch.compile the blocks
-    batch_invariant: bool = True                    # a seed's image never depends on its batch (docs/serving.md)
+    compile: CompileMode = "off"  # torch.compile the blocks
+    batch_invariant: bool = True  # a seed's image never depends on its batch (docs/serving.md)
     warmup: bool = True
 
     # --- batching and admission ---
-    max_batch_size: int = Field(8, ge=1, le=256)    # rows (images) per batch
+    max_batch_size: int = Field(8, ge=1, le=256)  # rows (images) per batch
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
-    max_queue: int = Field(64, ge=1)                # queued images before 429
+    max_queue: int = Field(64, ge=1)  # queued images before 429
     memory_budget_bytes: int | None = Field(None, ge=1)  # KV cache bytes per batch; None = no cap
-    request_timeout_s: float = Field(600.0, gt=0)   # server-side deadline of a request
-    worker_restarts: int = Field(3, ge=0)           # restarts of a dead worker per 10 minutes, then not-ready
+    request_timeout_s: float = Field(600.0, gt=0)  # server-side deadline of a request
+    worker_restarts: int = Field(3, ge=0)  # restarts of a dead worker per 10 minutes, then not-ready
 
     # --- limits ---
-    default_pn: PixelBudget | None = None           # None: the model's own default
-    max_pn: PixelBudget | None = None               # None: the model's own limit
+    default_pn: PixelBudget | None = None  # None: the model's own default
+    max_pn: PixelBudget | None = None  # None: the model's own limit
     max_n: int = Field(4, ge=1, le=64)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
-    url_ttl_s: float = Field(600.0, gt=0)           # lifetime of `response_format=url` images
+    url_ttl_s: float = Field(600.0, gt=0)  # lifetime of `response_format=url` images
     url_store_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
 
     # --- security ---
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty = no authentication
-    allow_unauthenticated: bool = False             # no keys on a non-loopback host: refused unless this
-    rate_limit: str | None = None                   # per authenticated key, else client address: "30/minute"
+    allow_unauthenticated: bool = False  # no keys on a non-loopback host: refused unless this
+    rate_limit: str | None = None  # per authenticated key, else client address: "30/minute"
     trusted_proxies: list[str] = Field(default_factory=list)  # IPs/CIDRs whose X-Forwarded-For is believed
 
     # --- http ---
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_requests_body: bool = False
     drain_timeout_s: float = Field(60.0, ge=0)
-    stream_ping_s: float = Field(15.0, gt=0)        # `: ping` comment on streams (proxies cut idle ones at ~60 s)
+    stream_ping_s: float = Field(15.0, gt=0)  # `: ping` comment on streams (proxies cut idle ones at ~60 s)
     stream_send_timeout_s: float = Field(30.0, gt=0)  # a stream's client reading nothing this long: closed, cancelled
 
     @field_validator("devices")
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         if value is not None:
             from limits import parse
 
-            if parse(value).amount < 1:             # parse: a ValueError names what is wrong
+            if parse(value).amount < 1:  # parse: a ValueError names what is wrong
                 raise ValueError(f"rate_limit must allow at least one request, got {value!r}")
         return value
 
@@ -104,8 +104,9 @@ class Settings(BaseSettings):
             try:
                 ipaddress.ip_network(entry)
             except ValueError:
-                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or CIDR network "
-                                 f"(such as 10.0.0.7 or 10.0.0.0/8)") from None
+                raise ValueError(
+                    f"trusted_proxies: {entry!r} is not an IP address or CIDR network (such as 10.0.0.7 or 10.0.0.0/8)"
+                ) from None
         return proxies
 
     @model_validator(mode="after")
@@ -121,19 +122,25 @@ class Settings(BaseSettings):
         if self.default_pn and self.max_pn and PN_NAMES.index(self.default_pn) > PN_NAMES.index(self.max_pn):
             raise ValueError(f"default_pn {self.default_pn} exceeds max_pn {self.max_pn}")
         if self.max_n > self.max_batch_size:
-            raise ValueError(f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "
-                             f"one request's images always share a batch")
+            raise ValueError(
+                f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "
+                f"one request's images always share a batch"
+            )
         if self.max_n > self.max_queue:
-            raise ValueError(f"max_n {self.max_n} exceeds max_queue {self.max_queue}: such a request could never "
-                             f"be queued, and clients would retry its 429 forever")
+            raise ValueError(
+                f"max_n {self.max_n} exceeds max_queue {self.max_queue}: such a request could never "
+                f"be queued, and clients would retry its 429 forever"
+            )
         return self
 
     @model_validator(mode="after")
     def _no_open_network_by_accident(self) -> Settings:
         if self.open_to_network and not self.allow_unauthenticated:
-            raise ValueError(f"host {self.host!r} is reachable from other machines and api_keys is empty: "
-                             f"set api_keys, or allow_unauthenticated=true (--allow-unauthenticated) "
-                             f"to serve anyone who can connect")
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and api_keys is empty: "
+                f"set api_keys, or allow_unauthenticated=true (--allow-unauthenticated) "
+                f"to serve anyone who can connect"
+            )
         return self
 
     @property

@@ -11,14 +11,35 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from model.config import TRANSFORMER_SIZES, VAE_SIZES, TransformerConfig, VAEConfig  # noqa: E402
-from model.t5_builder import build_t5_encoder_dir  # noqa: E402
-from model.transformer import Infinity  # noqa: E402
-from model.vae import BitwiseVAE  # noqa: E402
-from weights.official import official_transformer_state, official_vae_state  # noqa: E402
+from model.config import TRANSFORMER_SIZES, VAE_SIZES, TransformerConfig, VAEConfig
+from model.t5_builder import build_t5_encoder_dir
+from model.transformer import Infinity
+from model.vae import BitwiseVAE
+from weights.official import official_transformer_state, official_vae_state
 
 DATA = Path(__file__).parent / "data"
-WORDS = "a an the red green blue yellow circle square triangle star left right of to and two three big small".split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "left",
+    "right",
+    "of",
+    "to",
+    "and",
+    "two",
+    "three",
+    "big",
+    "small",
+]
 
 
 def perturbed(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:

@@ -15,8 +15,14 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def files(official_files, t5_dir):
-    return ["--transformer", str(official_files["transformer"]), "--vae", str(official_files["vae"]),
-            "--text-encoder", str(t5_dir)]
+    return [
+        "--transformer",
+        str(official_files["transformer"]),
+        "--vae",
+        str(official_files["vae"]),
+        "--text-encoder",
+        str(t5_dir),
+    ]
 
 
 def test_console_script_is_declared():
@@ -26,8 +32,24 @@ def test_console_script_is_declared():
 
 def test_generate_writes_a_png_and_the_bits(tmp_path, files):
     out, bits = tmp_path / "img.png", tmp_path / "bits.npz"
-    r = cli("generate", "--prompt", "a red circle", "--out", str(out), "--pn", "0.06M", "--seed", "7",
-            "--save-bits", str(bits), "--cfg", "3", "--tau", "0.5,0.5,0.5,0.5,0.5,0.5,1", *files)
+    r = cli(
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--out",
+        str(out),
+        "--pn",
+        "0.06M",
+        "--seed",
+        "7",
+        "--save-bits",
+        str(bits),
+        "--cfg",
+        "3",
+        "--tau",
+        "0.5,0.5,0.5,0.5,0.5,0.5,1",
+        *files,
+    )
     assert r.returncode == 0, r.stderr
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
@@ -35,19 +57,35 @@ def test_generate_writes_a_png_and_the_bits(tmp_path, files):
     assert saved["scales"].tolist() == [[1, 1], [2, 2], [4, 4], [6, 6], [8, 8], [12, 12], [16, 16]]
     assert saved["scale_06"].shape == (1, 16, 16, 8) and saved["scale_06"].dtype == np.uint8
     assert int(saved["seed"]) == 7
-    assert "scales: 100%" in r.stderr                                        # progress bar over scales
+    assert "scales: 100%" in r.stderr  # progress bar over scales
 
 
 def test_greedy_generation_ignores_the_seed_and_sizes_snap(tmp_path, files):
     results = []
     for seed in ("1", "2"):
         out, bits = tmp_path / f"g{seed}.png", tmp_path / f"g{seed}.npz"
-        r = cli("generate", "--prompt", "two blue squares", "--out", str(out), "--size", "330x200",
-                "--pn", "0.06M", "--top-k", "1", "--seed", seed, "--save-bits", str(bits), *files)
+        r = cli(
+            "generate",
+            "--prompt",
+            "two blue squares",
+            "--out",
+            str(out),
+            "--size",
+            "330x200",
+            "--pn",
+            "0.06M",
+            "--top-k",
+            "1",
+            "--seed",
+            seed,
+            "--save-bits",
+            str(bits),
+            *files,
+        )
         assert r.returncode == 0, r.stderr
         results.append((np.asarray(Image.open(out)), np.load(bits)))
     (img1, bits1), (img2, bits2) = results
-    assert img1.shape == (12 * 4, 21 * 4, 3)                       # 0.571 template at 0.06M, tiny VAE stride 4
+    assert img1.shape == (12 * 4, 21 * 4, 3)  # 0.571 template at 0.06M, tiny VAE stride 4
     assert np.array_equal(img1, img2)
     assert all(np.array_equal(bits1[k], bits2[k]) for k in bits1.files if k.startswith("scale"))
 
@@ -65,8 +103,17 @@ def test_convert_then_generate_from_safetensors(tmp_path, files, official_files,
     assert cli("convert", "vae", str(official_files["vae"]), str(v_st)).returncode == 0
     args = ["generate", "--prompt", "a star", "--pn", "0.06M", "--top-k", "1"]
     r1 = cli(*args, "--out", str(tmp_path / "a.png"), *files)
-    r2 = cli(*args, "--out", str(tmp_path / "b.png"), "--transformer", str(t_st), "--vae", str(v_st),
-             "--text-encoder", str(t5_dir))
+    r2 = cli(
+        *args,
+        "--out",
+        str(tmp_path / "b.png"),
+        "--transformer",
+        str(t_st),
+        "--vae",
+        str(v_st),
+        "--text-encoder",
+        str(t5_dir),
+    )
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
@@ -74,8 +121,19 @@ def test_convert_then_generate_from_safetensors(tmp_path, files, official_files,
 def test_errors_are_clear_and_exit_nonzero(tmp_path, files):
     r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--transformer", files[1])
     assert r.returncode == 2 and "missing --vae --text-encoder" in r.stderr
-    r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--transformer", str(tmp_path / "nope.pth"),
-            "--vae", "v", "--text-encoder", "t")
+    r = cli(
+        "generate",
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--transformer",
+        str(tmp_path / "nope.pth"),
+        "--vae",
+        "v",
+        "--text-encoder",
+        "t",
+    )
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
     r = cli("generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--cfg", "three", *files)
     assert r.returncode == 2 and "comma-separated numbers" in r.stderr
@@ -105,8 +163,18 @@ def test_serve_refuses_a_key_less_public_host_before_loading_anything():
 def test_serve_security_flags_reach_the_settings():
     from server.cli import build_parser, serve_settings
 
-    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--allow-unauthenticated",
-                                      "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "192.0.2.7"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--allow-unauthenticated",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "192.0.2.7",
+        ]
+    )
     settings = serve_settings(args)
     assert settings.allow_unauthenticated and settings.trusted_proxies == ["10.0.0.0/8", "192.0.2.7"]
     plain = serve_settings(build_parser().parse_args(["serve"]))

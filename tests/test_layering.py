@@ -11,8 +11,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB = {"fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings", "prometheus_client", "httpx",
-       "sse_starlette", "limits"}
+WEB = {
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "prometheus_client",
+    "httpx",
+    "sse_starlette",
+    "limits",
+}
 MODEL_PUBLIC_API = {"model", "model.config", "model.schedules", "model.pipeline"}
 
 
@@ -60,8 +69,10 @@ def test_server_imports_training_only_lazily_in_the_cli():
 
 
 def test_server_uses_only_the_models_public_api():
-    bad = {f: sorted(n for n in names if n.split(".")[0] == "model" and n not in MODEL_PUBLIC_API)
-           for f, names in imports_of("server").items()}
+    bad = {
+        f: sorted(n for n in names if n.split(".")[0] == "model" and n not in MODEL_PUBLIC_API)
+        for f, names in imports_of("server").items()
+    }
     assert not {f: n for f, n in bad.items() if n}, bad
 
 

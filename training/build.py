@@ -30,22 +30,41 @@ from weights.loader import vae_metadata
 log = logging.getLogger(__name__)
 
 
-def export(out: Path, model: Infinity, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer, psnr_db: float,
-           minutes: float, recipe: Recipe = Recipe()) -> None:
+def export(
+    out: Path,
+    model: Infinity,
+    vae: BitwiseVAE,
+    t5: T5EncoderModel,
+    tokenizer,
+    psnr_db: float,
+    minutes: float,
+    recipe: Recipe = Recipe(),
+) -> None:
     """Half-precision safetensors (the loader upcasts), the T5 directory and the schedule."""
     out.mkdir(parents=True, exist_ok=True)
-    half = lambda m: {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
+
+    def half(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.to(torch.float16).contiguous() for k, v in m.state_dict().items()}
+
     save_file(half(model), str(out / "transformer.safetensors"), metadata={"format": "infinity-serve"})
-    save_file(half(vae), str(out / "vae.safetensors"),
-              metadata={"format": "infinity-serve", **vae_metadata(vae.config)})
+    save_file(
+        half(vae), str(out / "vae.safetensors"), metadata={"format": "infinity-serve", **vae_metadata(vae.config)}
+    )
     t5.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
-    facts = {"scales": SCHEDULE.scales, "vae_psnr_db": round(psnr_db, 2), "training_minutes": round(minutes, 1),
-             "vae_steps": recipe.vae_training.steps,
-             "decoder_steps": recipe.vae_training.decoder_steps, "decoder_flip": recipe.vae_training.decoder_flip,
-             "grounding_steps": recipe.grounding.steps, "transformer_steps": recipe.transformer_training.steps,
-             "scale_weighting": recipe.transformer_training.scale_weighting,
-             "vae_layout": recipe.vae_training.layout, "transformer_layout": recipe.transformer_training.layout}
+    facts = {
+        "scales": SCHEDULE.scales,
+        "vae_psnr_db": round(psnr_db, 2),
+        "training_minutes": round(minutes, 1),
+        "vae_steps": recipe.vae_training.steps,
+        "decoder_steps": recipe.vae_training.decoder_steps,
+        "decoder_flip": recipe.vae_training.decoder_flip,
+        "grounding_steps": recipe.grounding.steps,
+        "transformer_steps": recipe.transformer_training.steps,
+        "scale_weighting": recipe.transformer_training.scale_weighting,
+        "vae_layout": recipe.vae_training.layout,
+        "transformer_layout": recipe.transformer_training.layout,
+    }
     (out / "schedule.json").write_text(json.dumps(facts, indent=1))
     log.info("exported the default model to %s", out)
 
@@ -56,14 +75,28 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
     t5_dir = workdir / "t5_init"
     if not (t5_dir / "config.json").exists():
         s = recipe.t5
-        build_t5_encoder_dir(t5_dir, vocabulary(), d_model=s.d_model, num_layers=s.num_layers, num_heads=s.num_heads,
-                             d_ff=s.d_ff, seed=recipe.seed)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(t5_dir)      # the class that wrote it
+        build_t5_encoder_dir(
+            t5_dir,
+            vocabulary(),
+            d_model=s.d_model,
+            num_layers=s.num_layers,
+            num_heads=s.num_heads,
+            d_ff=s.d_ff,
+            seed=recipe.seed,
+        )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(t5_dir)  # the class that wrote it
     t5 = T5EncoderModel.from_pretrained(t5_dir)
     vae = refine_decoder(recipe, train_vae(recipe, workdir), workdir)
     psnr_db = validation_psnr(vae)
-    head = pretrain_text_encoder(t5, tokenizer, recipe.grounding, recipe.transformer.text_maxlen,
-                                 recipe.transformer_training.layout, recipe.seed, workdir)
+    head = pretrain_text_encoder(
+        t5,
+        tokenizer,
+        recipe.grounding,
+        recipe.transformer.text_maxlen,
+        recipe.transformer_training.layout,
+        recipe.seed,
+        workdir,
+    )
     model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
     minutes = (time.monotonic() - start) / 60
     export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes, recipe)

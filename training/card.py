@@ -10,13 +10,16 @@ from training.evaluate import EvalReport
 from training.recipe import IMAGE_SIZE, Recipe
 from training.shapes import BACKGROUNDS, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES
 
-TARGETS = {"single colour": 0.95, "single": 0.80, "two": 0.50, "overall": 0.60}     # the issue's bars
+TARGETS = {"single colour": 0.95, "single": 0.80, "two": 0.50, "overall": 0.60}  # the issue's bars
 
 
 def limits_paragraph(report: EvalReport, split: str) -> str:
     """Which of the targets these scores meet, in words (the card never claims more than measured)."""
-    verdicts = [f"{name} {report.accuracy.get(name, 0.0):.2f} (target {bar:.2f}, "
-                f"{'met' if report.accuracy.get(name, 0.0) >= bar else 'not met'})" for name, bar in TARGETS.items()]
+    verdicts = [
+        f"{name} {report.accuracy.get(name, 0.0):.2f} (target {bar:.2f}, "
+        f"{'met' if report.accuracy.get(name, 0.0) >= bar else 'not met'})"
+        for name, bar in TARGETS.items()
+    ]
     missed = any(report.accuracy.get(name, 0.0) < bar for name, bar in TARGETS.items())
     head = "Known limits: the targets are **not all met**" if missed else "All targets are met"
     return f"{head} ({split}): " + "; ".join(verdicts) + "."
@@ -30,37 +33,48 @@ def _weighting(name: str) -> str:
 def _flips(fraction: float) -> str:
     if not fraction:
         return ""
-    return (f", corrupted as bitwise self-correction corrupts them (up to {fraction:.0%} of each scale's bits "
-            "flipped), so that it draws clean shapes from a sampler's imperfect bits")
+    return (
+        f", corrupted as bitwise self-correction corrupts them (up to {fraction:.0%} of each scale's bits "
+        "flipped), so that it draws clean shapes from a sampler's imperfect bits"
+    )
 
 
 def _layout(layout: str) -> str:
     if layout == "free":
         return "free layouts (objects anywhere they fit)"
-    return (f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
-            f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter), so it always draws a lone object near "
-            f"the centre and named objects left to right")
+    return (
+        f"composed layouts (objects where the caption reads them: one centred, a pair or three left to right "
+        f"in caption order, four in a 2x2 grid; up to {JITTER:.0%} jitter), so it always draws a lone object near "
+        f"the centre and named objects left to right"
+    )
 
 
 def _text_encoder(meta: dict, r: Recipe) -> str:
-    words = (f"T5 encoder {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the training "
-             "captions' words (words only the held-out templates use are unknown to it)")
+    words = (
+        f"T5 encoder {r.t5.num_layers} layers x {r.t5.d_model}, word-level tokenizer over the training "
+        "captions' words (words only the held-out templates use are unknown to it)"
+    )
     if not meta.get("grounding_steps"):
         return words + "; trained jointly with"
-    return (words + f"; first trained alone {meta['grounding_steps']} steps to read each caption's objects in "
-            f"reading order (colour, shape, arrangement), then jointly, that loss kept at weight "
-            f"{r.grounding.joint_weight}, with")
+    return (
+        words + f"; first trained alone {meta['grounding_steps']} steps to read each caption's objects in "
+        f"reading order (colour, shape, arrangement), then jointly, that loss kept at weight "
+        f"{r.grounding.joint_weight}, with"
+    )
 
 
-def write_card(path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float,
-               ceiling: EvalReport | None = None) -> None:
+def write_card(
+    path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float, ceiling: EvalReport | None = None
+) -> None:
     r = Recipe()
     meta = json.loads((weights / "schedule.json").read_text())
     sizes = {p.name: p.stat().st_size for p in weights.rglob("*") if p.is_file()}
     section = f"## Scores ({split}, {report.count} prompts per category)\n\n{report.table(ceiling)}\n"
     if ceiling is not None:
-        section += ("\nVAE ceiling: the same scenes' own renders encoded to bits and decoded, scored the same way "
-                    "(what a transformer that predicted every bit right would score).\n")
+        section += (
+            "\nVAE ceiling: the same scenes' own renders encoded to bits and decoded, scored the same way "
+            "(what a transformer that predicted every bit right would score).\n"
+        )
     previous = path.read_text() if path.exists() else ""
     scores = {s.split("\n", 1)[0]: s for s in previous.split("\n## ")[1:] if s.startswith("Scores")}
     scores[section.split("\n", 1)[0][3:]] = section[3:]
@@ -112,7 +126,7 @@ def sample_grid(pipe, schedule, path: Path, columns: int = 4, rows: int = 4, zoo
     prompts = [s.caption for s in picked]
     params = [SamplingParams(cfg=3.0, tau=1.0, seed=seed + i) for i in range(len(prompts))]
     result = pipe.generate(prompts, schedule, params)
-    images = result.images                  # one per row in result.rows: a non-finite row has none
+    images = result.images  # one per row in result.rows: a non-finite row has none
     cell_w, cell_h = images[0].shape[1] * zoom, images[0].shape[0] * zoom
     caption_h = 34
     grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), (255, 255, 255))

@@ -38,7 +38,7 @@ def scene_batch(first_seed: int, count: int, *, held_out: bool | None, layout: L
     return [make_scene(first_seed + i, held_out=held_out, layout=layout) for i in range(count)]
 
 
-UNKNOWN_WORD = "xyzzy"            # in no caption, so the tokenizer maps it to <unk>
+UNKNOWN_WORD = "xyzzy"  # in no caption, so the tokenizer maps it to <unk>
 
 
 def with_unknown_words(captions: list[str], rate: float, generator: torch.Generator) -> list[str]:
@@ -90,7 +90,7 @@ def fingerprint(module: torch.nn.Module) -> str:
 def save_checkpoint(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    tmp.replace(path)                       # atomic: an interrupted save never leaves a broken file
+    tmp.replace(path)  # atomic: an interrupted save never leaves a broken file
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -112,5 +112,6 @@ class Progress:
         rate = (step + 1 - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step - 1) / max(rate, 1e-9)
         shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        log.info("%s step %d/%d %s (%.2f steps/s, eta %.0f min)", self.name, step + 1, self.total, shown, rate,
-                 eta / 60)
+        log.info(
+            "%s step %d/%d %s (%.2f steps/s, eta %.0f min)", self.name, step + 1, self.total, shown, rate, eta / 60
+        )

@@ -22,16 +22,16 @@ from training.shapes import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, render
 PALETTE_NAMES = list(COLOURS) + [f"bg:{b}" for b in BACKGROUNDS]
 PALETTE = np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
 BACKGROUND_COLOURS = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
-MIN_AREA = 0.006                   # of the image: smaller regions are edge noise
+MIN_AREA = 0.006  # of the image: smaller regions are edge noise
 
 
 @dataclass(frozen=True)
 class Detection:
     colour: str
     shape: str
-    cx: float                      # centroid in [0, 1]
+    cx: float  # centroid in [0, 1]
     cy: float
-    area: float                    # fraction of the image
+    area: float  # fraction of the image
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -65,8 +65,11 @@ def _hull_area(points: np.ndarray) -> float:
     def half(seq):
         out: list[tuple[int, int]] = []
         for p in seq:
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+            while (
+                len(out) >= 2
+                and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]))
+                <= 0
+            ):
                 out.pop()
             out.append(p)
         return out
@@ -81,7 +84,7 @@ def features(region: np.ndarray) -> np.ndarray:
     h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     fill = len(region) / (h * w)
     solidity = len(region) / max(_hull_area(region), 1.0)
-    offset = (ys.mean() + 0.5 - (ys.min() + h / 2)) / h           # > 0: mass sits low (triangle)
+    offset = (ys.mean() + 0.5 - (ys.min() + h / 2)) / h  # > 0: mass sits low (triangle)
     return np.array([fill, solidity, 4 * offset], dtype=np.float32)
 
 
@@ -105,8 +108,9 @@ def _background(image: np.ndarray) -> np.ndarray:
     return BACKGROUND_COLOURS[np.argmin(((np.median(border, 0) - BACKGROUND_COLOURS) ** 2).sum(-1))]
 
 
-def _grow(core: np.ndarray, image: np.ndarray, colour: np.ndarray, background: np.ndarray,
-          blocked: np.ndarray) -> np.ndarray:
+def _grow(
+    core: np.ndarray, image: np.ndarray, colour: np.ndarray, background: np.ndarray, blocked: np.ndarray
+) -> np.ndarray:
     """The core plus the 4-connected pixels around it that blend `colour` over `background` with
     alpha > 1/2 and lie near that blend line (not another object's colour)."""
     axis = colour - background
@@ -117,7 +121,7 @@ def _grow(core: np.ndarray, image: np.ndarray, colour: np.ndarray, background: n
     mask = np.zeros(blocked.shape, bool)
     mask[core[:, 0], core[:, 1]] = True
     queue = deque(map(tuple, core))
-    h, w = blocked.shape                    # = mask.shape, which numpy's stub types as ()
+    h, w = blocked.shape  # = mask.shape, which numpy's stub types as ()
     while queue:
         y, x = queue.popleft()
         for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
@@ -132,8 +136,13 @@ def detect(image: np.ndarray) -> list[Detection]:
     h, w, _ = image.shape
     pixels = image.astype(np.float32)
     nearest = ((pixels[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1).argmin(-1)
-    cores = [(index, region) for index, name in enumerate(PALETTE_NAMES) if not name.startswith("bg:")
-             for region in _components(nearest == index) if len(region) / (h * w) >= MIN_AREA]
+    cores = [
+        (index, region)
+        for index, name in enumerate(PALETTE_NAMES)
+        if not name.startswith("bg:")
+        for region in _components(nearest == index)
+        if len(region) / (h * w) >= MIN_AREA
+    ]
     taken = np.zeros((h, w), bool)
     for _, region in cores:
         taken[region[:, 0], region[:, 1]] = True
@@ -145,8 +154,15 @@ def detect(image: np.ndarray) -> list[Detection]:
         region = _grow(core, pixels, PALETTE[index], background, others)
         f = features(region)
         shape = min(protos, key=lambda s: float(((protos[s] - f) ** 2).sum()))
-        found.append(Detection(PALETTE_NAMES[index], shape, (region[:, 1].mean() + 0.5) / w,
-                               (region[:, 0].mean() + 0.5) / h, len(region) / (h * w)))
+        found.append(
+            Detection(
+                PALETTE_NAMES[index],
+                shape,
+                (region[:, 1].mean() + 0.5) / w,
+                (region[:, 0].mean() + 0.5) / h,
+                len(region) / (h * w),
+            )
+        )
     return sorted(found, key=lambda d: -d.area)
 
 
@@ -156,8 +172,12 @@ def _has(found: list[Detection], colour: str, shape: str) -> Detection | None:
 
 def _holds(a: Detection, b: Detection, relation: str) -> bool:
     dx, dy = a.cx - b.cx, a.cy - b.cy
-    return {"left of": dx < -abs(dy) * 0.5, "right of": dx > abs(dy) * 0.5,
-            "above": dy < -abs(dx) * 0.5, "below": dy > abs(dx) * 0.5}[relation]
+    return {
+        "left of": dx < -abs(dy) * 0.5,
+        "right of": dx > abs(dy) * 0.5,
+        "above": dy < -abs(dx) * 0.5,
+        "below": dy > abs(dx) * 0.5,
+    }[relation]
 
 
 def score(scene: Scene, image: np.ndarray) -> dict[str, bool]:

@@ -24,8 +24,8 @@ from training.shapes import CATEGORIES, Scene, make_scene
 
 @dataclass(frozen=True)
 class EvalReport:
-    accuracy: dict[str, float]      # per category, plus "single colour", "single shape" and "overall"
-    count: int                      # prompts per category
+    accuracy: dict[str, float]  # per category, plus "single colour", "single shape" and "overall"
+    count: int  # prompts per category
 
     def table(self, ceiling: EvalReport | None = None) -> str:
         """Markdown; with `ceiling`, a second column: the VAE round trip's scores on the same prompts."""
@@ -34,8 +34,9 @@ class EvalReport:
             rows += [f"| {k} | {v:.3f} |" for k, v in self.accuracy.items()]
         else:
             rows = ["| category | accuracy | VAE ceiling |", "|---|---|---|"]
-            rows += [f"| {k} | {v:.3f} | {ceiling.accuracy.get(k, float('nan')):.3f} |"
-                     for k, v in self.accuracy.items()]
+            rows += [
+                f"| {k} | {v:.3f} | {ceiling.accuracy.get(k, float('nan')):.3f} |" for k, v in self.accuracy.items()
+            ]
         return "\n".join(rows)
 
 
@@ -47,25 +48,38 @@ def eval_scenes(per_category: int, held_out: bool) -> list[Scene]:
     return out
 
 
-def evaluate(pipe: InfinityPipeline, schedule: ScaleSchedule, per_category: int = 50, held_out: bool = False,
-             cfg: float = 3.0, tau: float = 1.0, batch: int = 16) -> EvalReport:
+def evaluate(
+    pipe: InfinityPipeline,
+    schedule: ScaleSchedule,
+    per_category: int = 50,
+    held_out: bool = False,
+    cfg: float = 3.0,
+    tau: float = 1.0,
+    batch: int = 16,
+) -> EvalReport:
     scenes = eval_scenes(per_category, held_out)
     images = []
     for start in range(0, len(scenes), batch):
-        chunk = scenes[start:start + batch]
+        chunk = scenes[start : start + batch]
         params = [SamplingParams(cfg=cfg, tau=tau, seed=start + i) for i in range(len(chunk))]
         images += pipe.generate([s.caption for s in chunk], schedule, params).images
     return judge(scenes, images, per_category)
 
 
 @torch.inference_mode()
-def reconstruction_ceiling(vae: BitwiseVAE, schedule: ScaleSchedule, image_size: int, per_category: int = 50,
-                           held_out: bool = False, batch: int = 50) -> EvalReport:
+def reconstruction_ceiling(
+    vae: BitwiseVAE,
+    schedule: ScaleSchedule,
+    image_size: int,
+    per_category: int = 50,
+    held_out: bool = False,
+    batch: int = 50,
+) -> EvalReport:
     """Scores of the eval scenes' renders after a round trip through the VAE's bits."""
     scenes = eval_scenes(per_category, held_out)
     images: list[np.ndarray] = []
     for start in range(0, len(scenes), batch):
-        pixels = images_tensor(scenes[start:start + batch], image_size)
+        pixels = images_tensor(scenes[start : start + batch], image_size)
         images += list(to_uint8(vae.reconstruct(pixels, schedule.scales)).numpy())
     return judge(scenes, images, per_category)
 

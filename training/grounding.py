@@ -39,14 +39,14 @@ from training.shapes import COLOURS, SHAPES, Layout, Scene
 
 SLOTS = 4
 ARRANGEMENTS = ("one", "row", "column", "grid")
-NONE_COLOUR, NONE_SHAPE = len(COLOURS), len(SHAPES)      # the class of an empty slot
+NONE_COLOUR, NONE_SHAPE = len(COLOURS), len(SHAPES)  # the class of an empty slot
 
 
 @dataclass(frozen=True)
 class SceneTargets:
-    colours: torch.Tensor          # (B, SLOTS) long; NONE_COLOUR where the slot is empty
-    shapes: torch.Tensor           # (B, SLOTS) long; NONE_SHAPE where empty
-    arrangement: torch.Tensor      # (B,) long, an index into ARRANGEMENTS
+    colours: torch.Tensor  # (B, SLOTS) long; NONE_COLOUR where the slot is empty
+    shapes: torch.Tensor  # (B, SLOTS) long; NONE_SHAPE where empty
+    arrangement: torch.Tensor  # (B,) long, an index into ARRANGEMENTS
 
     def __getitem__(self, index) -> SceneTargets:
         return SceneTargets(self.colours[index], self.shapes[index], self.arrangement[index])
@@ -70,7 +70,7 @@ def scene_targets(scenes: list[Scene]) -> SceneTargets:
     for i, scene in enumerate(scenes):
         kind = _arrangement(scene)
         key = {"row": lambda o: o.cx, "column": lambda o: o.cy}.get(kind, lambda o: (o.cy, o.cx))
-        for j, obj in enumerate(sorted(scene.objects, key=key)):      # a grid's four objects are alike
+        for j, obj in enumerate(sorted(scene.objects, key=key)):  # a grid's four objects are alike
             colours[i, j], shapes[i, j] = colour_names.index(obj.colour), shape_names.index(obj.shape)
         arrangement[i] = ARRANGEMENTS.index(kind)
     return SceneTargets(colours, shapes, arrangement)
@@ -81,7 +81,7 @@ class GroundingHead(nn.Module):
 
     def __init__(self, text_channels: int, heads: int = 4) -> None:
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(SLOTS + 1, text_channels) * 0.02)   # + 1: the arrangement
+        self.queries = nn.Parameter(torch.randn(SLOTS + 1, text_channels) * 0.02)  # + 1: the arrangement
         self.attend = nn.MultiheadAttention(text_channels, heads, batch_first=True)
         self.norm = nn.LayerNorm(text_channels)
         self.colour = nn.Linear(text_channels, NONE_COLOUR + 1)
@@ -96,30 +96,48 @@ class GroundingHead(nn.Module):
         return self.colour(slots), self.shape(slots), self.arrangement(read[:, SLOTS])
 
 
-def grounding_loss(head: GroundingHead, features: torch.Tensor, mask: torch.Tensor,
-                   targets: SceneTargets) -> torch.Tensor:
+def grounding_loss(
+    head: GroundingHead, features: torch.Tensor, mask: torch.Tensor, targets: SceneTargets
+) -> torch.Tensor:
     colour, shape, arrangement = head(features.float(), mask)
-    return (F.cross_entropy(colour.flatten(0, 1), targets.colours.flatten())
-            + F.cross_entropy(shape.flatten(0, 1), targets.shapes.flatten())
-            + F.cross_entropy(arrangement, targets.arrangement))
+    return (
+        F.cross_entropy(colour.flatten(0, 1), targets.colours.flatten())
+        + F.cross_entropy(shape.flatten(0, 1), targets.shapes.flatten())
+        + F.cross_entropy(arrangement, targets.arrangement)
+    )
 
 
-def t5_features(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str],
-                max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def t5_features(
+    t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = tokenizer(captions, max_length=max_len, padding="longest", truncation=True, return_tensors="pt")
     mask = tokens["attention_mask"]
     return t5(input_ids=tokens["input_ids"], attention_mask=mask).last_hidden_state, mask
 
 
-def pretrain_text_encoder(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, settings: GroundingTraining,
-                          max_len: int, layout: Layout, seed: int, workdir: Path) -> GroundingHead:
+def pretrain_text_encoder(
+    t5: T5EncoderModel,
+    tokenizer: PreTrainedTokenizerFast,
+    settings: GroundingTraining,
+    max_len: int,
+    layout: Layout,
+    seed: int,
+    workdir: Path,
+) -> GroundingHead:
     """Trains `t5` in place and returns the head; skipped (state reloaded) when already done."""
-    with local_rng(seed + 3):              # the head's initialisation and T5's dropout
+    with local_rng(seed + 3):  # the head's initialisation and T5's dropout
         return _pretrain_text_encoder(t5, tokenizer, settings, max_len, layout, seed, workdir)
 
 
-def _pretrain_text_encoder(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, settings: GroundingTraining,
-                           max_len: int, layout: Layout, seed: int, workdir: Path) -> GroundingHead:
+def _pretrain_text_encoder(
+    t5: T5EncoderModel,
+    tokenizer: PreTrainedTokenizerFast,
+    settings: GroundingTraining,
+    max_len: int,
+    layout: Layout,
+    seed: int,
+    workdir: Path,
+) -> GroundingHead:
     path = workdir / "grounding.ckpt"
     head = GroundingHead(t5.config.d_model)
     if (state := load_checkpoint(path)) is not None and state["step"] >= settings.steps:

@@ -33,7 +33,7 @@ class VAETraining:
     steps: int = 1200
     batch: int = 32
     lr: float = 1.5e-3
-    commitment: float = 1.0           # beta * ||f - sg(F_hat)||^2, the quantizer's loss
+    commitment: float = 1.0  # beta * ||f - sg(F_hat)||^2, the quantizer's loss
     l1: float = 1.0
     l2: float = 1.0
     # Objects cover ~5% of the pixels: unweighted, the reconstructions had the right shapes in the
@@ -54,11 +54,12 @@ class VAETraining:
 @dataclass(frozen=True)
 class GroundingTraining:
     """Stage 1c, the text encoder's pre-training on its own (see grounding.py)."""
+
     steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
-    scenes: int = 30_000             # training-template captions, drawn apart from the latent cache's seeds
-    joint_weight: float = 0.1        # the loss's weight while the encoder then trains with the transformer
+    scenes: int = 30_000  # training-template captions, drawn apart from the latent cache's seeds
+    joint_weight: float = 0.1  # the loss's weight while the encoder then trains with the transformer
     # Captions given an unknown word (inserted, or replacing a word that names nothing), in both
     # stages: a user's own wording, and the held-out templates' new words, reach the model as <unk>.
     unknown_words: float = 0.2
@@ -71,13 +72,13 @@ class TransformerTraining:
     lr: float = 1.5e-3
     warmup: int = 200
     weight_decay: float = 0.01
-    text_dropout: float = 0.1         # rows trained with the null prompt, so that CFG works
-    bsc_strength: float = 0.3         # bitwise self-correction: flip up to 30% of the bits per scale
+    text_dropout: float = 0.1  # rows trained with the null prompt, so that CFG works
+    bsc_strength: float = 0.3  # bitwise self-correction: flip up to 30% of the bits per scale
     ema: float = 0.998
     # "uniform" or the official reweight_loss_by_scale ("sqrt_area"): see token_weights. The coarse
     # scales decide layout and colours: with "sqrt_area" the first four get 41% of the loss, not 23%.
     scale_weighting: str = "sqrt_area"
-    cache_scenes: int = 30_000        # scenes rendered and VAE-encoded once, reused across epochs
+    cache_scenes: int = 30_000  # scenes rendered and VAE-encoded once, reused across epochs
     # Composed layouts: objects where the caption reads them (see shapes.py). With free layouts the
     # coarse scales are a coin toss the text cannot settle, and two-object prompts scored 0.04.
     layout: Layout = "composed"
@@ -86,11 +87,20 @@ class TransformerTraining:
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    vae: VAEConfig = VAEConfig(bits=32, base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1,
-                               code_decay=0.6, latent_bound=0.3)
+    vae: VAEConfig = VAEConfig(
+        bits=32, base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, code_decay=0.6, latent_bound=0.3
+    )
     transformer: TransformerConfig = TransformerConfig(
-        depth=6, width=256, num_heads=4, ffn_hidden=1024, token_bits=32, text_channels=128, text_maxlen=24,
-        pool_heads=2, block_chunks=2)
+        depth=6,
+        width=256,
+        num_heads=4,
+        ffn_hidden=1024,
+        token_bits=32,
+        text_channels=128,
+        text_maxlen=24,
+        pool_heads=2,
+        block_chunks=2,
+    )
     t5: T5Size = T5Size()
     grounding: GroundingTraining = GroundingTraining()
     vae_training: VAETraining = VAETraining()

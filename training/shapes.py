@@ -24,27 +24,36 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35), "green": (35, 170, 60), "blue": (40, 80, 230), "yellow": (245, 225, 40),
-    "orange": (250, 140, 20), "purple": (135, 50, 200), "pink": (250, 125, 200), "cyan": (40, 215, 225),
-    "white": (245, 245, 245), "brown": (130, 80, 35), "gray": (140, 140, 140), "lime": (170, 245, 60),
+    "red": (225, 35, 35),
+    "green": (35, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (245, 225, 40),
+    "orange": (250, 140, 20),
+    "purple": (135, 50, 200),
+    "pink": (250, 125, 200),
+    "cyan": (40, 215, 225),
+    "white": (245, 245, 245),
+    "brown": (130, 80, 35),
+    "gray": (140, 140, 140),
+    "lime": (170, 245, 60),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (18, 18, 22), "navy": (20, 26, 60)}
 SHAPES = ("circle", "square", "triangle", "star")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
-SIZES = {"small": 0.16, "medium": 0.22, "big": 0.30}          # object diameter / image side
+SIZES = {"small": 0.16, "medium": 0.22, "big": 0.30}  # object diameter / image side
 RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single", "colour", "two", "counting", "position", "attribution")
 Layout = Literal["free", "composed"]
-JITTER = 0.06                     # composed layouts: each centre moves up to this much along each axis
+JITTER = 0.06  # composed layouts: each centre moves up to this much along each axis
 
 
 @dataclass(frozen=True)
 class Obj:
     shape: str
     colour: str
-    cx: float            # centre, in [0, 1] image coordinates
+    cx: float  # centre, in [0, 1] image coordinates
     cy: float
-    size: float          # diameter / image side
+    size: float  # diameter / image side
 
 
 @dataclass(frozen=True)
@@ -60,20 +69,40 @@ class Scene:
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "single": ("a {c} {s}", "one {c} {s}", "a {z} {c} {s}", "a {c} {s} on a plain background", "the {c} {s}"),
     "colour": ("a {s} that is {c}", "a {c} colored {s}", "a single {c} {s}", "a {s} in {c}", "a {s} colored {c}"),
-    "two": ("a {c} {s} and a {c2} {s2}", "a {c} {s} with a {c2} {s2}", "a {c} {s} next to a {c2} {s2}",
-            "one {c} {s} and one {c2} {s2}", "a {c} {s} beside a {c2} {s2}"),
-    "counting": ("{n} {c} {s}s", "exactly {n} {c} {s}s", "{n} {c} {s}s on a plain background",
-                 "a group of {n} {c} {s}s", "there are {n} {c} {s}s"),
-    "position": ("a {c} {s} {r} a {c2} {s2}", "a {c} {s} placed {r} a {c2} {s2}", "a {c} {s} is {r} a {c2} {s2}",
-                 "a {c} {s} located {r} a {c2} {s2}", "a {c} {s} sits {r} a {c2} {s2}"),
-    "attribution": ("a {c} {s} and a {c2} {s2}", "a {s} that is {c} and a {s2} that is {c2}",
-                    "a {c} {s} together with a {c2} {s2}", "a {c} {s} plus a {c2} {s2}",
-                    "a {c} {s} and also a {c2} {s2}"),
+    "two": (
+        "a {c} {s} and a {c2} {s2}",
+        "a {c} {s} with a {c2} {s2}",
+        "a {c} {s} next to a {c2} {s2}",
+        "one {c} {s} and one {c2} {s2}",
+        "a {c} {s} beside a {c2} {s2}",
+    ),
+    "counting": (
+        "{n} {c} {s}s",
+        "exactly {n} {c} {s}s",
+        "{n} {c} {s}s on a plain background",
+        "a group of {n} {c} {s}s",
+        "there are {n} {c} {s}s",
+    ),
+    "position": (
+        "a {c} {s} {r} a {c2} {s2}",
+        "a {c} {s} placed {r} a {c2} {s2}",
+        "a {c} {s} is {r} a {c2} {s2}",
+        "a {c} {s} located {r} a {c2} {s2}",
+        "a {c} {s} sits {r} a {c2} {s2}",
+    ),
+    "attribution": (
+        "a {c} {s} and a {c2} {s2}",
+        "a {s} that is {c} and a {s2} that is {c2}",
+        "a {c} {s} together with a {c2} {s2}",
+        "a {c} {s} plus a {c2} {s2}",
+        "a {c} {s} and also a {c2} {s2}",
+    ),
 }
 HELD_OUT = {cat: templates[-1] for cat, templates in TEMPLATES.items()}
 # The words that say what is drawn: colours, shapes (and plurals), numbers, sizes, relations.
-NAMING_WORDS = frozenset({*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS.values(), *SIZES,
-                          *" ".join(RELATIONS).split()})
+NAMING_WORDS = frozenset(
+    {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *NUMBERS.values(), *SIZES, *" ".join(RELATIONS).split()}
+)
 
 
 def vocabulary() -> list[str]:
@@ -107,21 +136,30 @@ def _place(rng: random.Random, sizes: list[float], tries: int = 200) -> list[tup
 def _composed(rng: random.Random, sizes: list[float]) -> list[tuple[float, float]]:
     """Centres as the caption reads: one near the middle, two or three in a row (first named on the
     left), four in a 2x2 grid; each jittered by up to JITTER."""
-    slots = {1: [(0.5, 0.5)], 2: [(0.27, 0.5), (0.73, 0.5)], 3: [(0.18, 0.5), (0.5, 0.5), (0.82, 0.5)],
-             4: [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]}[len(sizes)]
-    jitter = JITTER if len(sizes) != 3 else JITTER / 3          # three in a row leave a narrow gap
+    slots = {
+        1: [(0.5, 0.5)],
+        2: [(0.27, 0.5), (0.73, 0.5)],
+        3: [(0.18, 0.5), (0.5, 0.5), (0.82, 0.5)],
+        4: [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)],
+    }[len(sizes)]
+    jitter = JITTER if len(sizes) != 3 else JITTER / 3  # three in a row leave a narrow gap
     return [(x + rng.uniform(-jitter, jitter), y + rng.uniform(-jitter, jitter)) for x, y in slots]
 
 
-def _relation_centres(rng: random.Random, relation: str, size: float, size2: float,
-                      layout: Layout) -> tuple[tuple[float, float], tuple[float, float]]:
+def _relation_centres(
+    rng: random.Random, relation: str, size: float, size2: float, layout: Layout
+) -> tuple[tuple[float, float], tuple[float, float]]:
     """Centres of A and B such that A is `relation` B, with a clear margin; "composed" keeps the
     pair's midpoint near the image centre."""
     spread = 0.1 if layout == "free" else JITTER
     along, across = rng.uniform(0.22, 0.32), rng.uniform(-0.08, 0.08)
     mid = (rng.uniform(0.5 - spread, 0.5 + spread), rng.uniform(0.5 - spread, 0.5 + spread))
-    a = {"left of": (mid[0] - along, mid[1] + across), "right of": (mid[0] + along, mid[1] + across),
-         "above": (mid[0] + across, mid[1] - along), "below": (mid[0] + across, mid[1] + along)}[relation]
+    a = {
+        "left of": (mid[0] - along, mid[1] + across),
+        "right of": (mid[0] + along, mid[1] + across),
+        "above": (mid[0] + across, mid[1] - along),
+        "below": (mid[0] + across, mid[1] + along),
+    }[relation]
     b = (2 * mid[0] - a[0], 2 * mid[1] - a[1])
 
     def clamp(p: tuple[float, float], s: float) -> tuple[float, float]:
@@ -131,14 +169,14 @@ def _relation_centres(rng: random.Random, relation: str, size: float, size2: flo
     return clamp(a, size), clamp(b, size2)
 
 
-def make_scene(seed: int, category: str | None = None, held_out: bool | None = False,
-               layout: Layout = "composed") -> Scene:
+def make_scene(
+    seed: int, category: str | None = None, held_out: bool | None = False, layout: Layout = "composed"
+) -> Scene:
     """A random scene. held_out: False = training templates only, True = held-out only, None = any.
     layout: "composed" (the transformer's training scenes and the eval's ceiling) or "free" (the VAE's)."""
     rng = random.Random(seed)
     category = category or rng.choice(CATEGORIES)
-    templates = [t for t in TEMPLATES[category]
-                 if held_out is None or (t == HELD_OUT[category]) == bool(held_out)]
+    templates = [t for t in TEMPLATES[category] if held_out is None or (t == HELD_OUT[category]) == bool(held_out)]
     template = rng.choice(templates)
     while True:
         scene = _try_scene(rng, category, template, layout)
@@ -187,7 +225,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "triangle":
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     points = []
-    for i in range(10):                                                   # star: 5 points
+    for i in range(10):  # star: 5 points
         rr = r if i % 2 == 0 else r * 0.42
         a = -math.pi / 2 + i * math.pi / 5
         points.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class LatentCache:
     captions: list[str]
-    latents: torch.Tensor            # (N, d, 8, 8) bf16 raw encoder outputs
-    targets: SceneTargets            # what each scene holds, in reading order: the grounding loss's labels
+    latents: torch.Tensor  # (N, d, 8, 8) bf16 raw encoder outputs
+    targets: SceneTargets  # what each scene holds, in reading order: the grounding loss's labels
 
 
 @torch.no_grad()
@@ -55,10 +55,15 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: 
     encoder = fingerprint(vae.encoder)
     if path.exists():
         state = torch.load(path, weights_only=True)
-        if (len(state["captions"]) >= count and state.get("encoder") == encoder and state.get("layout") == layout
-                and "targets" in state):
-            return LatentCache(state["captions"][:count], state["latents"][:count],
-                               SceneTargets(**state["targets"])[:count])
+        if (
+            len(state["captions"]) >= count
+            and state.get("encoder") == encoder
+            and state.get("layout") == layout
+            and "targets" in state
+        ):
+            return LatentCache(
+                state["captions"][:count], state["latents"][:count], SceneTargets(**state["targets"])[:count]
+            )
         log.info("latent cache: stale or too small, rebuilding")
     scenes, latents = [], []
     progress = Progress("latent cache", math.ceil(count / chunk))
@@ -69,13 +74,22 @@ def build_cache(vae: BitwiseVAE, count: int, path: Path, layout: Layout, chunk: 
         scenes.extend(batch)
         progress.update(i)
     cache = LatentCache([s.caption for s in scenes], torch.cat(latents), scene_targets(scenes))
-    torch.save({"captions": cache.captions, "latents": cache.latents, "encoder": encoder, "layout": layout,
-                "targets": vars(cache.targets)}, path)
+    torch.save(
+        {
+            "captions": cache.captions,
+            "latents": cache.latents,
+            "encoder": encoder,
+            "layout": layout,
+            "targets": vars(cache.targets),
+        },
+        path,
+    )
     return cache
 
 
-def encode_text(t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str],
-                max_len: int) -> TextMemory:
+def encode_text(
+    t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast, captions: list[str], max_len: int
+) -> TextMemory:
     """Differentiable T5 features (B, T, Ct) with padding zeroed."""
     features, mask = t5_features(t5, tokenizer, captions, max_len)
     return TextMemory(features.float() * mask.unsqueeze(-1), mask.sum(1))
@@ -92,9 +106,17 @@ def drop_text(model: Infinity, text: TextMemory, rate: float, generator: torch.G
     return TextMemory(features * valid, text.lengths)
 
 
-def bit_loss(model: Infinity, t5, tokenizer, captions: list[str], latents: torch.Tensor, recipe: Recipe,
-             generator: torch.Generator, quantizer, grounding: tuple[GroundingHead, SceneTargets] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def bit_loss(
+    model: Infinity,
+    t5,
+    tokenizer,
+    captions: list[str],
+    latents: torch.Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    quantizer,
+    grounding: tuple[GroundingHead, SceneTargets] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale-weighted bit loss, and the text encoder's grounding loss (0 without `grounding`)."""
     t = recipe.transformer_training
     teacher = corrupted_teacher_batch(quantizer, latents.float(), SCHEDULE.scales, t.bsc_strength, generator)
@@ -107,9 +129,9 @@ def bit_loss(model: Infinity, t5, tokenizer, captions: list[str], latents: torch
     if grounding is not None:
         mask = torch.arange(encoded.features.shape[1])[None, :] < encoded.lengths[:, None]
         aux = grounding_loss(grounding[0], encoded.features, mask, grounding[1])
-    logits = logits.float().view(*teacher.labels.shape, 2)                 # (B, L, D, 2)
+    logits = logits.float().view(*teacher.labels.shape, 2)  # (B, L, D, 2)
     per_bit = F.cross_entropy(logits.reshape(-1, 2), teacher.labels.reshape(-1), reduction="none")
-    per_token = per_bit.view(teacher.labels.shape).mean(dim=(0, 2))         # (L,)
+    per_token = per_bit.view(teacher.labels.shape).mean(dim=(0, 2))  # (L,)
     return (per_token * token_weights(SCHEDULE.scales, t.scale_weighting)).sum(), aux
 
 
@@ -133,8 +155,15 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return warmup_cosine(step, t.steps, t.lr, t.warmup)
 
 
-def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
-                      head: GroundingHead, workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
+def train_transformer(
+    recipe: Recipe,
+    vae: BitwiseVAE,
+    t5: T5EncoderModel,
+    tokenizer: PreTrainedTokenizerFast,
+    head: GroundingHead,
+    workdir: Path,
+    on_checkpoint=None,
+) -> tuple[Infinity, T5EncoderModel]:
     """Returns the EMA transformer and T5. on_checkpoint(step, model, t5) runs after each checkpoint."""
     # dropout draws from a local seed (the models are built with batch invariance off: one GEMM per
     # layer for the whole batch, for training speed)
@@ -142,8 +171,15 @@ def train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, token
         return _train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
 
 
-def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, tokenizer: PreTrainedTokenizerFast,
-                       head: GroundingHead, workdir: Path, on_checkpoint=None) -> tuple[Infinity, T5EncoderModel]:
+def _train_transformer(
+    recipe: Recipe,
+    vae: BitwiseVAE,
+    t5: T5EncoderModel,
+    tokenizer: PreTrainedTokenizerFast,
+    head: GroundingHead,
+    workdir: Path,
+    on_checkpoint=None,
+) -> tuple[Infinity, T5EncoderModel]:
     t = recipe.transformer_training
     cache = build_cache(vae, t.cache_scenes, workdir / "latents.pt", t.layout)
     with local_rng(recipe.seed + 1):
@@ -158,8 +194,14 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
     start = 0
     ckpt_path = workdir / "transformer.ckpt"
     if (state := load_checkpoint(ckpt_path)) is not None:
-        for module, key in ((model, "model"), (t5, "t5"), (head, "head"), (ema_model, "ema"), (ema_t5, "ema_t5"),
-                            (opt, "opt")):
+        for module, key in (
+            (model, "model"),
+            (t5, "t5"),
+            (head, "head"),
+            (ema_model, "ema"),
+            (ema_t5, "ema_t5"),
+            (opt, "opt"),
+        ):
             module.load_state_dict(state[key])
         generator.set_state(state["generator"])
         start = state["step"]
@@ -171,8 +213,17 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
         index = order[(torch.arange(t.batch) + step * t.batch) % len(order)]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, recipe)
-        bits, aux = bit_loss(model, t5, tokenizer, [cache.captions[i] for i in index], cache.latents[index], recipe,
-                             generator, vae.quantizer, (head, cache.targets[index]))
+        bits, aux = bit_loss(
+            model,
+            t5,
+            tokenizer,
+            [cache.captions[i] for i in index],
+            cache.latents[index],
+            recipe,
+            generator,
+            vae.quantizer,
+            (head, cache.targets[index]),
+        )
         opt.zero_grad(set_to_none=True)
         (bits + recipe.grounding.joint_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -183,10 +234,17 @@ def _train_transformer(recipe: Recipe, vae: BitwiseVAE, t5: T5EncoderModel, toke
                     pe.lerp_(pl, 1 - t.ema)
         progress.update(step, loss=bits.item(), grounding=aux.item(), lr=lr_at(step, recipe))
         if (step + 1) % 500 == 0 or step + 1 == t.steps:
-            save_checkpoint(ckpt_path, model=model.state_dict(), t5=t5.state_dict(), head=head.state_dict(),
-                            ema=ema_model.state_dict(),
-                            ema_t5=ema_t5.state_dict(), opt=opt.state_dict(), generator=generator.get_state(),
-                            step=step + 1)
+            save_checkpoint(
+                ckpt_path,
+                model=model.state_dict(),
+                t5=t5.state_dict(),
+                head=head.state_dict(),
+                ema=ema_model.state_dict(),
+                ema_t5=ema_t5.state_dict(),
+                opt=opt.state_dict(),
+                generator=generator.get_state(),
+                step=step + 1,
+            )
             if on_checkpoint is not None:
                 on_checkpoint(step + 1, ema_model, ema_t5)
     return ema_model.eval(), ema_t5.eval()

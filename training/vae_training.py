@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 
 def object_mask(images: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
     """(B, 1, H, W) 1 where a pixel is far from every background colour. images in [-1, 1]."""
-    backgrounds = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1       # (K, 3)
-    distance = (images[:, None] - backgrounds[None, :, :, None, None]).abs().amax(dim=2)           # (B, K, H, W)
+    backgrounds = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1  # (K, 3)
+    distance = (images[:, None] - backgrounds[None, :, :, None, None]).abs().amax(dim=2)  # (B, K, H, W)
     return (distance.amin(dim=1, keepdim=True) > threshold).float()
 
 
-def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe,
-             object_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_loss(
+    vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe, object_weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reconstruction). The decoder sees the quantized latent; gradients pass straight through."""
     t = recipe.vae_training
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -55,8 +56,7 @@ def vae_loss(vae: BitwiseVAE, images: torch.Tensor, recipe: Recipe,
 
 
 @torch.no_grad()
-def validation_psnr(vae: BitwiseVAE, count: int = 64,
-                    scales: tuple[tuple[int, int], ...] = SCHEDULE.scales) -> float:
+def validation_psnr(vae: BitwiseVAE, count: int = 64, scales: tuple[tuple[int, int], ...] = SCHEDULE.scales) -> float:
     """PSNR of held-out scenes decoded from their bits (exactly the inference path)."""
     was_training = vae.training
     vae.eval()
@@ -66,17 +66,23 @@ def validation_psnr(vae: BitwiseVAE, count: int = 64,
     return psnr(recon, images)
 
 
-def decoder_loss(vae: BitwiseVAE, images: torch.Tensor, object_weight: float, flip: float = 0.0,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_loss(
+    vae: BitwiseVAE,
+    images: torch.Tensor,
+    object_weight: float,
+    flip: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, reconstruction) of the decoder alone, from exactly the latent the sampler builds from bits.
 
     flip > 0: the bits are first corrupted as bitwise self-correction corrupts them (up to `flip` of
     each scale's bits flipped, later scales re-quantized against the corrupted history) and the last
     scale's bits flipped too, so the decoder learns to draw clean shapes from a sampler's imperfect bits.
     """
-    with torch.no_grad():                   # flip 0: exactly the clean bits' latent (bsc's strength 0)
-        latent = corrupted_teacher_batch(vae.quantizer, vae.encode_latent(images), SCHEDULE.scales, flip, generator,
-                                         flip_last=True).latent
+    with torch.no_grad():  # flip 0: exactly the clean bits' latent (bsc's strength 0)
+        latent = corrupted_teacher_batch(
+            vae.quantizer, vae.encode_latent(images), SCHEDULE.scales, flip, generator, flip_last=True
+        ).latent
     with torch.autocast("cpu", dtype=torch.bfloat16):
         recon = vae.decoder(latent).float()
     weight = 1 + (object_weight - 1) * object_mask(images)
@@ -102,7 +108,7 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
         log.info("decoder: resuming at step %d", start)
     progress = Progress("decoder", t.decoder_steps, start)
     vae.decoder.train()
-    first_seed = TRAIN_SEEDS + 10**7                 # scenes the VAE stage did not draw
+    first_seed = TRAIN_SEEDS + 10**7  # scenes the VAE stage did not draw
     for step in range(start, t.decoder_steps):
         scenes = scene_batch(first_seed + step * t.batch, t.batch, held_out=None, layout=t.layout)
         images = images_tensor(scenes, IMAGE_SIZE)
@@ -115,8 +121,13 @@ def refine_decoder(recipe: Recipe, vae: BitwiseVAE, workdir: Path) -> BitwiseVAE
         opt.step()
         progress.update(step, loss=loss.item(), psnr=psnr(recon.detach(), images))
         if (step + 1) % 100 == 0 or step + 1 == t.decoder_steps:
-            save_checkpoint(ckpt_path, decoder=vae.decoder.state_dict(), opt=opt.state_dict(),
-                            generator=generator.get_state(), step=step + 1)
+            save_checkpoint(
+                ckpt_path,
+                decoder=vae.decoder.state_dict(),
+                opt=opt.state_dict(),
+                generator=generator.get_state(),
+                step=step + 1,
+            )
     vae.requires_grad_(False).eval()
     log.info("decoder: held-out PSNR %.2f dB (decoded from bits)", validation_psnr(vae))
     return vae

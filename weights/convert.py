@@ -14,8 +14,9 @@ from weights.loader import load_transformer, load_vae, vae_metadata
 log = logging.getLogger(__name__)
 
 
-def convert(src: str | Path, dst: str | Path, kind: Literal["transformer", "vae"],
-            token_bits: int | None = None) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, kind: Literal["transformer", "vae"], token_bits: int | None = None
+) -> Path:
     """Load strictly (every key checked), then write contiguous tensors with our names."""
     dst = Path(dst)
     model: nn.Module

@@ -31,8 +31,8 @@ class DefaultModel:
     name: str
     default_pn: str
     max_pn: str
-    placeholder: bool                 # True: random weights, not a trained model
-    schedule: ScaleSchedule | None = None   # the only schedule the model was trained for, if any
+    placeholder: bool  # True: random weights, not a trained model
+    schedule: ScaleSchedule | None = None  # the only schedule the model was trained for, if any
 
 
 def default_files_present(root: Path = DEFAULT_DIR) -> bool:
@@ -45,13 +45,19 @@ def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> t
         pipe = load_pipeline(root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime)
         scales = tuple(tuple(s) for s in json.loads((root / "schedule.json").read_text())["scales"])
         log.info("embedded default model from %s (trained on the shapes domain, schedule %s)", root, scales)
-        return pipe, DefaultModel("infinity-default", "0.06M", "0.06M", placeholder=False,
-                                  schedule=ScaleSchedule.custom(scales))
-    log.warning("NO WEIGHTS CONFIGURED and no trained default model in %s: serving a TINY RANDOM model. "
-                "Its images are noise. Configure --transformer/--vae/--text-encoder for real images.", root)
-    t5_dir = build_t5_encoder_dir(Path(tempfile.mkdtemp(prefix="infinity-t5-")), ["a"],
-                                  d_model=TRANSFORMER_SIZES["tiny"].text_channels)
+        return pipe, DefaultModel(
+            "infinity-default", "0.06M", "0.06M", placeholder=False, schedule=ScaleSchedule.custom(scales)
+        )
+    log.warning(
+        "NO WEIGHTS CONFIGURED and no trained default model in %s: serving a TINY RANDOM model. "
+        "Its images are noise. Configure --transformer/--vae/--text-encoder for real images.",
+        root,
+    )
+    t5_dir = build_t5_encoder_dir(
+        Path(tempfile.mkdtemp(prefix="infinity-t5-")), ["a"], d_model=TRANSFORMER_SIZES["tiny"].text_channels
+    )
     encoder = T5TextEncoder.from_dir(t5_dir, runtime.device, max_length=TRANSFORMER_SIZES["tiny"].text_maxlen)
-    pipe = InfinityPipeline(build_transformer(TRANSFORMER_SIZES["tiny"]), build_vae(VAE_SIZES["tiny"]), encoder,
-                            runtime)
+    pipe = InfinityPipeline(
+        build_transformer(TRANSFORMER_SIZES["tiny"]), build_vae(VAE_SIZES["tiny"]), encoder, runtime
+    )
     return pipe, DefaultModel("infinity-tiny-random", "0.06M", "0.25M", placeholder=True)

@@ -68,8 +68,13 @@ def _conv_weight(shapes: Shapes, name: str) -> tuple[int, ...]:
     return tuple(shapes[wrapped]) if wrapped in shapes else _need(shapes, name)
 
 
-def infer_vae_config(shapes: Shapes, token_bits: int | None = None, code_decay: float = 1.0,
-                     norm_groups: int = 32, latent_bound: float | None = None) -> VAEConfig:
+def infer_vae_config(
+    shapes: Shapes,
+    token_bits: int | None = None,
+    code_decay: float = 1.0,
+    norm_groups: int = 32,
+    latent_bound: float | None = None,
+) -> VAEConfig:
     """token_bits: bits per transformer token; 4x the VAE's bits means 2x2 spatial patchify (8B).
 
     code_decay, norm_groups and latent_bound leave no trace in shapes: official files use the defaults, our
@@ -83,8 +88,17 @@ def infer_vae_config(shapes: Shapes, token_bits: int | None = None, code_decay: 
     bits = _conv_weight(shapes, "decoder.conv_in.weight")[1]
     dec_blocks = len({m[1] for k in shapes if (m := re.match(r"^decoder\.up\.0\.block\.(\d+)\.", k))})
     if token_bits is not None and token_bits not in (bits, 4 * bits):
-        raise CheckpointError(f"VAE has {bits} bits per latent pixel but the transformer's tokens have "
-                              f"{token_bits}: expected {bits} (no patchify) or {4 * bits} (2x2 patchify)")
-    return VAEConfig(bits=bits, base_channels=base, channel_mult=mult, num_res_blocks=dec_blocks - 1,
-                     spatial_patchify=token_bits == 4 * bits, code_decay=code_decay, norm_groups=norm_groups,
-                     latent_bound=latent_bound)
+        raise CheckpointError(
+            f"VAE has {bits} bits per latent pixel but the transformer's tokens have "
+            f"{token_bits}: expected {bits} (no patchify) or {4 * bits} (2x2 patchify)"
+        )
+    return VAEConfig(
+        bits=bits,
+        base_channels=base,
+        channel_mult=mult,
+        num_res_blocks=dec_blocks - 1,
+        spatial_patchify=token_bits == 4 * bits,
+        code_decay=code_decay,
+        norm_groups=norm_groups,
+        latent_bound=latent_bound,
+    )

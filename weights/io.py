@@ -74,7 +74,7 @@ def _unwrap(obj: object, path: Path, nested_key: str | None) -> StateDict:
     if nested_key is not None and isinstance(state.get(nested_key), dict):
         state = state[nested_key]
     elif isinstance(state.get("trainer"), dict) and isinstance(state["trainer"].get("gpt_fsdp"), dict):
-        state = state["trainer"]["gpt_fsdp"]             # full official training checkpoint
+        state = state["trainer"]["gpt_fsdp"]  # full official training checkpoint
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     others = sorted(k for k in state if k not in tensors)
     if not tensors:

@@ -14,15 +14,13 @@ from collections.abc import Iterable
 # Transformer: blocks live in chunks officially (`block_chunks.{c}.module.{j}` = block c*k + j).
 TRANSFORMER_BLOCK = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
 TRANSFORMER_DROPPED = (
-    re.compile(r"(^|\.)zero_k_bias$"),          # all-zero K bias buffers (K has no bias)
+    re.compile(r"(^|\.)zero_k_bias$"),  # all-zero K bias buffers (K has no bias)
 )
 # Official buffers that the official loader itself discards if present.
 TRANSFORMER_IGNORED = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 
 # VAE: the official modules wrap every Conv2d / GroupNorm one level deeper (`conv_in.conv.weight`).
-VAE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^(.*)\.(?:conv|norm)\.(weight|bias)$"), r"\1.\2"),
-)
+VAE_RULES: tuple[tuple[re.Pattern[str], str], ...] = ((re.compile(r"^(.*)\.(?:conv|norm)\.(weight|bias)$"), r"\1.\2"),)
 VAE_DROPPED = (
     re.compile(r"^(quantizer|quantize)\.lfq\.mask$"),  # bit weights 2^(d-1-c): derived, unused for bit labels
 )

@@ -48,8 +48,11 @@ def check_keys(expected: dict[str, tuple[int, ...]], provided: dict[str, tuple[i
     if unexpected:
         parts.append(listing("unexpected", unexpected, lambda k: f"{k} {list(provided[k])}"))
     if mismatched:
-        parts.append(listing("mis-shaped", mismatched,
-                             lambda k: f"{k}: checkpoint {list(provided[k])}, model {list(expected[k])}"))
+        parts.append(
+            listing(
+                "mis-shaped", mismatched, lambda k: f"{k}: checkpoint {list(provided[k])}, model {list(expected[k])}"
+            )
+        )
     raise CheckpointError(f"{source} does not fit the model:\n" + "\n".join(parts))
 
 
@@ -85,11 +88,12 @@ def _assign(module: nn.Module, state: StateDict, source: str) -> None:
     check_keys(shapes_of(module.state_dict()), shapes_of(state), source)
     module.load_state_dict(state, strict=True, assign=True)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in module.parameters()):
-        module.float()              # half-precision files: compute dtypes are chosen by the pipeline
+        module.float()  # half-precision files: compute dtypes are chosen by the pipeline
 
 
-def build_transformer(config: TransformerConfig, state: StateDict | None = None,
-                      source: str = "checkpoint") -> Infinity:
+def build_transformer(
+    config: TransformerConfig, state: StateDict | None = None, source: str = "checkpoint"
+) -> Infinity:
     """An Infinity model: random init if `state` is None, else built on meta and assigned."""
     if state is None:
         return Infinity(config)
@@ -112,8 +116,15 @@ def load_transformer(path: str | Path) -> Infinity:
     """Official .pth, sharded folder or our safetensors; the architecture comes from the shapes."""
     state = read_state_dict(path)
     config = infer_transformer_config(shapes_of(state))
-    log.info("transformer %s: depth %d, width %d, %d heads, %d bits/token, %.2fB params",
-             path, config.depth, config.width, config.num_heads, config.token_bits, config.num_params / 1e9)
+    log.info(
+        "transformer %s: depth %d, width %d, %d heads, %d bits/token, %.2fB params",
+        path,
+        config.depth,
+        config.width,
+        config.num_heads,
+        config.token_bits,
+        config.num_params / 1e9,
+    )
     return build_transformer(config, state, str(path))
 
 
@@ -122,10 +133,22 @@ def load_vae(path: str | Path, token_bits: int | None = None) -> BitwiseVAE:
     path = Path(path)
     state = read_state_dict(path, nested_key="vae")
     extra = json.loads(read_metadata(path).get("vae_config", "{}"))
-    config = infer_vae_config(shapes_of(state), token_bits, code_decay=float(extra.get("code_decay", 1.0)),
-                              norm_groups=int(extra.get("norm_groups", 32)), latent_bound=extra.get("latent_bound"))
-    log.info("VAE %s: %d bits, stride %d, channels %dx%s, patchify=%s", path, config.bits, config.stride,
-             config.base_channels, list(config.channel_mult), config.spatial_patchify)
+    config = infer_vae_config(
+        shapes_of(state),
+        token_bits,
+        code_decay=float(extra.get("code_decay", 1.0)),
+        norm_groups=int(extra.get("norm_groups", 32)),
+        latent_bound=extra.get("latent_bound"),
+    )
+    log.info(
+        "VAE %s: %d bits, stride %d, channels %dx%s, patchify=%s",
+        path,
+        config.bits,
+        config.stride,
+        config.base_channels,
+        list(config.channel_mult),
+        config.spatial_patchify,
+    )
     return build_vae(config, state, str(path))
 
 

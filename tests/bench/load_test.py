@@ -38,8 +38,14 @@ from PIL import Image
 
 from tests.server.conftest import free_port
 
-PROMPTS = ["a red circle", "a blue square", "two green stars", "a yellow triangle to the left of a purple circle",
-           "three orange squares", "a pink star and a cyan triangle"]
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "two green stars",
+    "a yellow triangle to the left of a purple circle",
+    "three orange squares",
+    "a pink star and a cyan triangle",
+]
 REJECTIONS = {429, 503}
 REJECTION_PAUSE_S = 0.1
 
@@ -47,10 +53,10 @@ REJECTION_PAUSE_S = 0.1
 @dataclass
 class Outcome:
     index: int
-    status: int                         # 0: transport error or client timeout (a hang)
+    status: int  # 0: transport error or client timeout (a hang)
     seconds: float
     pixels: np.ndarray | None = None
-    clean: bool = True                  # a rejection with JSON error body and Retry-After
+    clean: bool = True  # a rejection with JSON error body and Retry-After
 
 
 @dataclass
@@ -58,13 +64,13 @@ class Report:
     sent: int = 0
     served: int = 0
     rejected: dict[int, int] = field(default_factory=dict)
-    failed: int = 0                      # anything else: 5xx, 4xx that should not be, hang
+    failed: int = 0  # anything else: 5xx, 4xx that should not be, hang
     unclean_rejections: int = 0
     wrong_images: int = 0
     checked_images: int = 0
     p50: float = 0.0
     p95: float = 0.0
-    rss_start_mb: float = 0.0           # after the first quarter of the requests
+    rss_start_mb: float = 0.0  # after the first quarter of the requests
     rss_end_mb: float = 0.0
     rss_peak_mb: float = 0.0
     final_queue_depth: float = -1.0
@@ -92,20 +98,27 @@ class Report:
         return problems
 
     def table(self) -> str:
-        rows = [("requests sent", self.sent), ("served (200)", self.served),
-                ("rejected 429 (Retry-After)", self.rejected.get(429, 0)),
-                ("rejected 503 (Retry-After)", self.rejected.get(503, 0)),
-                ("failed / hung", self.failed), ("images re-checked alone / differing",
-                                                  f"{self.checked_images} / {self.wrong_images}"),
-                ("latency p50 / p95 (served)", f"{self.p50:.2f} s / {self.p95:.2f} s"),
-                ("server RSS after 1/4 -> end (peak)",
-                 f"{self.rss_start_mb:.0f} -> {self.rss_end_mb:.0f} MB ({self.rss_peak_mb:.0f} MB), "
-                 f"{self.rss_growth:+.1%}"),
-                ("queue depth at the end", f"{self.final_queue_depth:g}"),
-                ("wall time", f"{self.seconds:.1f} s")]
+        rows = [
+            ("requests sent", self.sent),
+            ("served (200)", self.served),
+            ("rejected 429 (Retry-After)", self.rejected.get(429, 0)),
+            ("rejected 503 (Retry-After)", self.rejected.get(503, 0)),
+            ("failed / hung", self.failed),
+            ("images re-checked alone / differing", f"{self.checked_images} / {self.wrong_images}"),
+            ("latency p50 / p95 (served)", f"{self.p50:.2f} s / {self.p95:.2f} s"),
+            (
+                "server RSS after 1/4 -> end (peak)",
+                f"{self.rss_start_mb:.0f} -> {self.rss_end_mb:.0f} MB ({self.rss_peak_mb:.0f} MB), "
+                f"{self.rss_growth:+.1%}",
+            ),
+            ("queue depth at the end", f"{self.final_queue_depth:g}"),
+            ("wall time", f"{self.seconds:.1f} s"),
+        ]
         width = max(len(k) for k, _ in rows)
-        return "\n".join([f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
-                         + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
+        return "\n".join(
+            [f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+            + [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+        )
 
 
 def _rss_mb(pid: int) -> float:
@@ -170,7 +183,7 @@ async def _drive(url: str, count: int, concurrency: int, timeout: float, pid: in
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         done.set()
         await sampling
-    report.rss_end_mb, report.rss_peak_mb = _rss_mb(pid), max(rss + [_rss_mb(pid)])
+    report.rss_end_mb, report.rss_peak_mb = _rss_mb(pid), max([*rss, _rss_mb(pid)])
     return outcomes
 
 
@@ -192,12 +205,23 @@ def _queue_depth(url: str) -> float:
     return float(re.search(r"^infinity_queue_depth (\S+)$", text, re.M)[1])
 
 
-def start_server(port: int, max_queue: int, max_batch: int, log: Path,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_server(
+    port: int, max_queue: int, max_batch: int, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`infinity-serve serve` (the default model) as a child process; returns once /readyz is 200."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_MAX_N": "1", **(extra_env or {})}
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-queue", str(max_queue),
-               "--max-batch-size", str(max_batch)]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--max-queue",
+        str(max_queue),
+        "--max-batch-size",
+        str(max_batch),
+    ]
     # A file, not a pipe: a pipe nobody reads fills up with request logs and blocks the server.
     with log.open("w") as sink:
         proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -216,8 +240,14 @@ def start_server(port: int, max_queue: int, max_batch: int, log: Path,
         time.sleep(0.2)
 
 
-def run_load(requests: int = 300, concurrency: int = 32, max_queue: int = 8, max_batch: int = 8,
-             timeout: float = 120.0, recheck: int = 20) -> Report:
+def run_load(
+    requests: int = 300,
+    concurrency: int = 32,
+    max_queue: int = 8,
+    max_batch: int = 8,
+    timeout: float = 120.0,
+    recheck: int = 20,
+) -> Report:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="load-test-")) / "server.log"
@@ -227,7 +257,7 @@ def run_load(requests: int = 300, concurrency: int = 32, max_queue: int = 8, max
         start = time.monotonic()
         outcomes = asyncio.run(_drive(url, requests, concurrency, timeout, proc.pid, report))
         report.seconds = time.monotonic() - start
-        time.sleep(0.5)                                     # the last batch's bookkeeping
+        time.sleep(0.5)  # the last batch's bookkeeping
         report.final_queue_depth = _queue_depth(url)
         report.checked_images, report.wrong_images = _recheck(url, outcomes, recheck)
     finally:
@@ -254,8 +284,10 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=8)
     args = p.parse_args()
     report = run_load(args.requests, args.concurrency, args.max_queue, args.max_batch)
-    print(f"load test: {args.requests} requests, concurrency {args.concurrency} "
-          f"({args.concurrency / args.max_queue:.0f}x the queue bound of {args.max_queue}), default model\n")
+    print(
+        f"load test: {args.requests} requests, concurrency {args.concurrency} "
+        f"({args.concurrency / args.max_queue:.0f}x the queue bound of {args.max_queue}), default model\n"
+    )
     print(report.table())
     problems = report.failures()
     print("\nOK" if not problems else "\nFAILED: " + "; ".join(problems))

@@ -23,7 +23,11 @@ from model.schedules import ScaleSchedule
 from model.transformer import Infinity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-VAE_FOR_BITS = {8: VAE_SIZES["tiny"], 16: VAEConfig(bits=16, base_channels=32, channel_mult=(1, 2)), 32: VAE_SIZES["d32"]}
+VAE_FOR_BITS = {
+    8: VAE_SIZES["tiny"],
+    16: VAEConfig(bits=16, base_channels=32, channel_mult=(1, 2)),
+    32: VAE_SIZES["d32"],
+}
 
 
 @dataclass
@@ -54,8 +58,16 @@ def run_cached(setup: Setup, schedule: ScaleSchedule, batch: int) -> list[float]
     params = [SamplingParams(cfg=3.0, tau=0.5, seed=i) for i in range(batch)]
     gens = [torch.Generator(setup.device).manual_seed(i) for i in range(batch)]
     with torch.inference_mode():
-        out = sample(setup.model, setup.quantizer, schedule, memory, setup.model.unconditional_text(memory.lengths),
-                     params, gens, setup.backend)
+        out = sample(
+            setup.model,
+            setup.quantizer,
+            schedule,
+            memory,
+            setup.model.unconditional_text(memory.lengths),
+            params,
+            gens,
+            setup.backend,
+        )
     return out.scale_seconds
 
 
@@ -85,16 +97,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,mid")
     parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of " + ", ".join(DTYPES))
-    parser.add_argument("--attention", choices=[c for c in ATTENTION_CHOICES if c != "auto"], default="sdpa",
-                        help="cross-attention kernel (model.config.ATTENTION_MODES)")
+    parser.add_argument(
+        "--attention",
+        choices=[c for c in ATTENTION_CHOICES if c != "auto"],
+        default="sdpa",
+        help="cross-attention kernel (model.config.ATTENTION_MODES)",
+    )
     args = parser.parse_args()
     device, schedule = torch.device(args.device), ScaleSchedule.official(1.0, args.pn)
     sizes, batches = args.sizes.split(","), [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")
-    print(f"# sampler benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {device}, template 1.0 pn {args.pn} "
-          f"({schedule.num_scales} scales, {schedule.total_tokens} tokens), cfg on (2 rows per image), "
-          f"attention {args.attention}\n")
+    print(
+        f"# sampler benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}, template 1.0 pn {args.pn} "
+        f"({schedule.num_scales} scales, {schedule.total_tokens} tokens), cfg on (2 rows per image), "
+        f"attention {args.attention}\n"
+    )
 
     per_scale: dict[str, list[float]] = {}
     print("| size | dtype | batch | s / image | images / s | vs batch 1 |")
@@ -103,9 +121,9 @@ def main() -> None:
     for name in sizes:
         for dtype in dtypes:
             setup = build(name, dtype, device, backend=args.attention)
-            run_cached(setup, schedule, 1)                                    # warm-up
+            run_cached(setup, schedule, 1)  # warm-up
             for b in batches:
-                secs = best_of(args.repeats, lambda: run_cached(setup, schedule, b))
+                secs = best_of(args.repeats, lambda setup=setup, b=b: run_cached(setup, schedule, b))
                 totals[(name, dtype, b)] = sum(secs)
                 if b == 1:
                     per_scale[f"{name} {dtype}"] = secs
@@ -123,8 +141,8 @@ def main() -> None:
     for name in sizes:
         for dtype in dtypes:
             setup = build(name, dtype, device, backend=args.attention)
-            cached = sum(best_of(args.repeats, lambda: run_cached(setup, schedule, 1)))
-            recompute = best_of(args.repeats, lambda: run_recompute(setup, schedule, 1))
+            cached = sum(best_of(args.repeats, lambda setup=setup: run_cached(setup, schedule, 1)))
+            recompute = best_of(args.repeats, lambda setup=setup: run_recompute(setup, schedule, 1))
             b8 = max(batches)
             fp32 = totals.get((name, "float32", b8))
             speedup = f"{fp32 / totals[(name, dtype, b8)]:.2f}x" if fp32 else "-"

@@ -63,8 +63,13 @@ def load(url: str, concurrency: int, count: int, max_seconds: float) -> dict[str
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"n": len(latencies), "errors": errors, "images_s": len(latencies) / wall,
-            "p50": statistics.median(latencies), "p95": percentile(latencies, 0.95)}
+    return {
+        "n": len(latencies),
+        "errors": errors,
+        "images_s": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p95": percentile(latencies, 0.95),
+    }
 
 
 def direct(pipe: InfinityPipeline, schedule: ScaleSchedule, batch: int, count: int) -> float:
@@ -73,8 +78,11 @@ def direct(pipe: InfinityPipeline, schedule: ScaleSchedule, batch: int, count: i
     done = 0
     while done < count:
         b = min(batch, count - done)
-        pipe.generate([PROMPTS[(done + j) % len(PROMPTS)] for j in range(b)], schedule,
-                      [SamplingParams(seed=done + j) for j in range(b)])
+        pipe.generate(
+            [PROMPTS[(done + j) % len(PROMPTS)] for j in range(b)],
+            schedule,
+            [SamplingParams(seed=done + j) for j in range(b)],
+        )
         done += b
     return count / (time.perf_counter() - start)
 
@@ -89,8 +97,10 @@ def main() -> None:
     pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
     port = free_port()
     proc = start_server(port, max_queue=256, max_batch=16, log=Path(tempfile.mkdtemp()) / "server.log")
-    print(f"# server benchmark: the embedded default model, `serve` process on loopback, max_batch_size 16, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(
+        f"# server benchmark: the embedded default model, `serve` process on loopback, max_batch_size 16, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
     rows = []
     try:
         for c in (1, 4, 16):
@@ -100,16 +110,22 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    print("| concurrency | requests | errors | HTTP images/s | p50 s | p95 s | direct images/s (batch = concurrency) "
-          "| HTTP / direct |")
+    print(
+        "| concurrency | requests | errors | HTTP images/s | p50 s | p95 s | direct images/s (batch = concurrency) "
+        "| HTTP / direct |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for c, r, d in rows:
-        print(f"| {c} | {r['n']} | {r['errors']} | {r['images_s']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {d:.2f} "
-              f"| {r['images_s'] / d:.2f} |")
+        print(
+            f"| {c} | {r['n']} | {r['errors']} | {r['images_s']:.2f} | {r['p50']:.3f} | {r['p95']:.3f} | {d:.2f} "
+            f"| {r['images_s'] / d:.2f} |"
+        )
     http1, http16 = rows[0][1]["images_s"], rows[-1][1]["images_s"]
     print(f"\nbatching gain (HTTP concurrency 16 / concurrency 1): {http16 / http1:.2f}x")
-    print(f"HTTP overhead at concurrency 1 (HTTP time per image / direct batch-1 time per image): "
-          f"{rows[0][2] / http1:.2f}x")
+    print(
+        f"HTTP overhead at concurrency 1 (HTTP time per image / direct batch-1 time per image): "
+        f"{rows[0][2] / http1:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ def test_counted_flops_match_the_measured_ones(size):
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
     # The math attention backend decomposes into matmuls, which the counter sees.
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        sample(model, BitwiseQuantizer(VAE_FOR_BITS[config.token_bits]), schedule, text,
-               model.unconditional_text(text.lengths), params, generators, "sdpa")
+        sample(
+            model,
+            BitwiseQuantizer(VAE_FOR_BITS[config.token_bits]),
+            schedule,
+            text,
+            model.unconditional_text(text.lengths),
+            params,
+            generators,
+            "sdpa",
+        )
     counted = batch * image_flops(config, schedule, text_tokens)
     assert counted == pytest.approx(counter.get_total_flops(), rel=0.01)

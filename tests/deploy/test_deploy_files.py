@@ -85,7 +85,7 @@ def test_the_deployment_cannot_start_without_its_api_keys():
 def test_images_and_stacks_are_never_open_by_default():
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     instructions = [line for line in lines if not line.lstrip().startswith("#")]
-    assert not any("ALLOW_UNAUTHENTICATED" in line for line in instructions)   # the operator says so, not the image
+    assert not any("ALLOW_UNAUTHENTICATED" in line for line in instructions)  # the operator says so, not the image
     server = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["server"]
     if server["environment"].get("INFINITY_ALLOW_UNAUTHENTICATED") == "true":  # key-less: this machine only
         assert all(str(port).startswith("127.0.0.1:") for port in server["ports"]), server["ports"]
@@ -107,12 +107,13 @@ def test_compose_file_parses_and_references_existing_files():
 
 def test_every_metric_the_dashboard_and_rules_use_exists(pipeline):
     from fastapi.testclient import TestClient
+
     from tests.server.conftest import make_app
 
     app, engine = make_app(pipeline)
     try:
         client = TestClient(app)
-        assert client.post("/generate", json={"prompt": "a"}).status_code == 200   # labelled series appear
+        assert client.post("/generate", json={"prompt": "a"}).status_code == 200  # labelled series appear
         exposed = client.get("/metrics").text
     finally:
         engine.drain(5)
@@ -124,8 +125,18 @@ def test_every_metric_the_dashboard_and_rules_use_exists(pipeline):
         assert re.search(rf"^(# TYPE )?{name}\b", exposed, re.M), name
 
 
-EXPECT_DATA = ("infinity_requests_total", "request_duration_seconds_bucket", "infinity_queue_depth", "images_generated",
-               "stage_duration", "scale_step", "batch_size_images", "device_memory", "infinity_ready", "queue_wait")
+EXPECT_DATA = (
+    "infinity_requests_total",
+    "request_duration_seconds_bucket",
+    "infinity_queue_depth",
+    "images_generated",
+    "stage_duration",
+    "scale_step",
+    "batch_size_images",
+    "device_memory",
+    "infinity_ready",
+    "queue_wait",
+)
 
 
 def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipeline, tmp_path):
@@ -136,22 +147,35 @@ def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipel
     with running_server(app) as url:
         target = url.removeprefix("http://")
         config = tmp_path / "prometheus.yml"
-        config.write_text(yaml.safe_dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                                          "scrape_configs": [{"job_name": "infinity-serve",
-                                                              "static_configs": [{"targets": [target]}]}]}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": "infinity-serve", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         port = free_port()
-        proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         api = f"http://127.0.0.1:{port}/api/v1"
         try:
+
             def query(expr: str) -> dict:
                 r = httpx.get(f"{api}/query", params={"query": expr}, timeout=10).json()
                 assert r["status"] == "success", (expr, r)
                 return r["data"]
 
             deadline = time.monotonic() + 60
-            while True:                                        # Prometheus up and scraping
+            while True:  # Prometheus up and scraping
                 try:
                     if query('up{job="infinity-serve"}')["result"]:
                         break
@@ -160,14 +184,17 @@ def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipel
                 assert time.monotonic() < deadline, "Prometheus never scraped the server"
                 time.sleep(0.5)
             for i in range(4):
-                assert httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": i}, timeout=60).status_code == 200
+                assert (
+                    httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": i}, timeout=60).status_code
+                    == 200
+                )
             assert httpx.post(f"{url}/generate", json={"prompt": "a", "n": 0}).status_code == 400
-            time.sleep(3)                                      # a few scrapes after the traffic
+            time.sleep(3)  # a few scrapes after the traffic
             for expr in dashboard_expressions():
                 data = query(expr)
                 if any(marker in expr for marker in EXPECT_DATA) and "reason" not in expr:
                     assert data["result"], f"no data for {expr}"
-            for expr in rule_expressions():                    # alerts: evaluate; quiet is the right answer
+            for expr in rule_expressions():  # alerts: evaluate; quiet is the right answer
                 assert query(expr)["result"] == [], expr
         finally:
             proc.terminate()

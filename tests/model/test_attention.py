@@ -15,7 +15,7 @@ def test_masked_and_grouped_cross_attention_agree_and_ignore_padding(backend):
     lengths = torch.tensor([6, 2, 4])
     memory = TextMemory(torch.zeros(3, 6, 4), lengths)
     grouped = cross_attention(q, k, v, memory, backend, batch_invariant=True)
-    masked = cross_attention(q, k, v, memory, backend, batch_invariant=False)     # training's path: one call
+    masked = cross_attention(q, k, v, memory, backend, batch_invariant=False)  # training's path: one call
     torch.testing.assert_close(masked, grouped, atol=1e-5, rtol=1e-5)
     # garbage in the padding changes nothing
     k2, v2 = k.clone(), v.clone()
@@ -31,7 +31,7 @@ def test_linear_under_autocast_computes_in_autocast_dtype_and_otherwise_in_the_w
     assert out.dtype == torch.bfloat16
     expected = torch.nn.functional.linear(x, layer.weight.to(torch.bfloat16), layer.bias.to(torch.bfloat16))
     torch.testing.assert_close(out, expected)
-    assert linear(layer, x, batch_invariant=False).dtype == torch.float32     # no autocast: the weights' dtype
+    assert linear(layer, x, batch_invariant=False).dtype == torch.float32  # no autocast: the weights' dtype
 
 
 def test_cpu_half_precision_attention_is_computed_in_float32_even_under_autocast():
@@ -45,13 +45,20 @@ def test_cpu_half_precision_attention_is_computed_in_float32_even_under_autocast
     assert torch.equal(out, expected.to(torch.bfloat16))
 
 
-def official_float32_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     lengths: torch.Tensor) -> torch.Tensor:
+def official_float32_cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
     """The official cross-attention with its bf16 casts removed: flash-attn's varlen call as the official
     code runs it on CPU (one torch SDPA per sample over exactly its own keys, softmax scale hd ** -0.5)."""
     hd = q.shape[-1]
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], scale=hd ** -0.5) for i, n in enumerate(lengths.tolist())])
+    return torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], scale=hd**-0.5
+            )
+            for i, n in enumerate(lengths.tolist())
+        ]
+    )
 
 
 def test_auto_picks_exact_sdpa_on_cpu_and_keeps_the_cuda_choice():
@@ -64,20 +71,20 @@ def test_auto_picks_exact_sdpa_on_cpu_and_keeps_the_cuda_choice():
     assert choose_backend("auto", torch.device("cpu")) == "sdpa"
     has_flash = importlib.util.find_spec("flash_attn") is not None
     assert choose_backend("auto", torch.device("cuda")) == ("flash" if has_flash else "sdpa-bf16io")
-    assert choose_backend("sdpa-bf16io", torch.device("cpu")) == "sdpa-bf16io"      # still there, on request
+    assert choose_backend("sdpa-bf16io", torch.device("cpu")) == "sdpa-bf16io"  # still there, on request
 
 
-@pytest.mark.parametrize("queries", [5, 1])                 # cross-attention; the text pooling's one query
+@pytest.mark.parametrize("queries", [5, 1])  # cross-attention; the text pooling's one query
 def test_the_default_cpu_attention_is_the_official_float32_math_bit_for_bit(queries):
     from model.attention import choose_backend
     from model.config import RuntimeConfig
 
     backend = choose_backend(RuntimeConfig().attention, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(3, 2, queries, 32, generator=g)      # the tiny model's head width
+    q = torch.randn(3, 2, queries, 32, generator=g)  # the tiny model's head width
     k, v = torch.randn(3, 2, 6, 32, generator=g), torch.randn(3, 2, 6, 32, generator=g)
     lengths = torch.tensor([6, 2, 4])
     out = cross_attention(q, k, v, TextMemory(torch.zeros(3, 6, 1), lengths), backend, batch_invariant=True)
     assert torch.equal(out, official_float32_cross_attention(q, k, v, lengths))
     rounded = cross_attention(q, k, v, TextMemory(torch.zeros(3, 6, 1), lengths), "sdpa-bf16io", batch_invariant=True)
-    assert not torch.equal(rounded, out)                  # the opt-in mode rounds: not the float32 math
+    assert not torch.equal(rounded, out)  # the opt-in mode rounds: not the float32 math

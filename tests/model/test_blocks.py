@@ -8,15 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import TextMemory, block_causal_mask
-from model.blocks import (FFN, LOG_MAX_SCALE_MUL, AdaLNBeforeHead, CrossAttention, CrossAttnBlock, PoolingAttention,
-                          RMSNorm, SelfAttention)
+from model.blocks import (
+    FFN,
+    LOG_MAX_SCALE_MUL,
+    AdaLNBeforeHead,
+    CrossAttention,
+    CrossAttnBlock,
+    PoolingAttention,
+    RMSNorm,
+    SelfAttention,
+)
 from model.kv_cache import KVCache
 from model.rope import rope_table
 from model.schedules import ScaleSchedule
 from tests.conftest import perturbed
 
 WIDTH, HEADS, HIDDEN, EPS = 32, 2, 64, 1e-6
-SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3)))          # 14 tokens in 3 scales
+SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3)))  # 14 tokens in 3 scales
 L = SCHEDULE.total_tokens
 ROPE = rope_table(SCHEDULE, WIDTH // HEADS, "cpu")
 MASK = block_causal_mask(SCHEDULE.lengths, torch.device("cpu"))
@@ -44,7 +52,7 @@ def _ca_kv(block: CrossAttnBlock, memory: TextMemory) -> tuple[torch.Tensor, tor
     if not block.ca.batch_invariant:
         return block.ca.project_memory(memory.features)
     T = memory.features.shape[1]
-    pairs = [block.ca.project_memory(memory.features[i:i + 1, :n]) for i, n in enumerate(memory.lengths.tolist())]
+    pairs = [block.ca.project_memory(memory.features[i : i + 1, :n]) for i, n in enumerate(memory.lengths.tolist())]
     return tuple(torch.cat([F.pad(p[j], (0, 0, 0, T - p[j].shape[2])) for p in pairs]) for j in range(2))
 
 
@@ -99,13 +107,13 @@ def test_ada_slots_are_sa_gate_ffn_gate_sa_scale_ffn_scale_sa_shift_ffn_shift():
     block, x, memory = _block(), _randn(2, L, WIDTH), _text([4, 3])
     base = _randn(2, 1, 6, WIDTH, seed=3) * 0.3
     closed = base - block.ada_gss.detach()
-    closed[:, :, :2] = -block.ada_gss.detach()[:, :, :2]               # ada_gss + ada = 0 in slots 0, 1
+    closed[:, :, :2] = -block.ada_gss.detach()[:, :, :2]  # ada_gss + ada = 0 in slots 0, 1
 
     with torch.no_grad():
         out = _run(block, x, closed, memory)
         h = F.layer_norm(x, (WIDTH,), block.ca_norm.weight, block.ca_norm.bias, EPS)
         torch.testing.assert_close(out, x + block.ca(h, _ca_kv(block, memory), memory, "sdpa"))
-        for slot in (2, 3, 4, 5):                                       # no gate open: scales/shifts do nothing
+        for slot in (2, 3, 4, 5):  # no gate open: scales/shifts do nothing
             other = closed.clone()
             other[:, :, slot] += 1.0
             torch.testing.assert_close(_run(block, x, other, memory), out, atol=0, rtol=0)
@@ -135,7 +143,7 @@ def test_self_attention_is_cosine_attention():
 
 
 def test_the_per_head_scale_is_clamped_at_100():
-    assert LOG_MAX_SCALE_MUL == pytest.approx(math.log(100), abs=1e-6)
+    assert pytest.approx(math.log(100), abs=1e-6) == LOG_MAX_SCALE_MUL
     sa = perturbed(SelfAttention(WIDTH, HEADS), 0)
     x = _randn(1, L, WIDTH)
     with torch.no_grad():
@@ -143,7 +151,7 @@ def test_the_per_head_scale_is_clamped_at_100():
         at_bound = sa(x, ROPE, MASK)
         sa.scale_mul_1H11.fill_(9.0)
         assert torch.equal(sa(x, ROPE, MASK), at_bound)
-        sa.scale_mul_1H11.fill_(math.log(4.0))                           # the official init
+        sa.scale_mul_1H11.fill_(math.log(4.0))  # the official init
         assert not torch.equal(sa(x, ROPE, MASK), at_bound)
 
 
@@ -156,7 +164,7 @@ def test_rms_norm_and_head_modulation_formulas():
     modulation = head.modulation(pooled)
     assert modulation.shape == (3, 1, 2, WIDTH)
     torch.testing.assert_close(modulation.flatten(1), head.ada_lin[1](F.silu(pooled)))
-    scale, shift = modulation[:, :, 0], modulation[:, :, 1]                    # slot 0 scale, slot 1 shift
+    scale, shift = modulation[:, :, 0], modulation[:, :, 1]  # slot 0 scale, slot 1 shift
     torch.testing.assert_close(head(x, modulation), F.layer_norm(x, (WIDTH,), eps=EPS) * (1 + scale) + shift)
 
 
@@ -180,15 +188,15 @@ def test_block_causal_mask_hides_later_scales(invariant):
     out = _run(block, x, ada, memory)
     last = SCHEDULE.offsets[-1]
     changed = x.clone()
-    changed[:, last:] += 5.0                                           # the last scale only
+    changed[:, last:] += 5.0  # the last scale only
     out2 = _run(block, changed, ada, memory)
-    assert torch.equal(out2[:, :last], out[:, :last])                  # earlier scales never see it
+    assert torch.equal(out2[:, :last], out[:, :last])  # earlier scales never see it
     assert not torch.equal(out2[:, last:], out[:, last:])
     one = x.clone()
-    one[:, 2] += 5.0                                                   # one token of scale 1 (tokens 1..4)
+    one[:, 2] += 5.0  # one token of scale 1 (tokens 1..4)
     out3 = _run(block, one, ada, memory)
     assert torch.equal(out3[:, :1], out[:, :1])
-    assert all(not torch.equal(out3[:, t], out[:, t]) for t in range(1, L))   # its own scale and later ones
+    assert all(not torch.equal(out3[:, t], out[:, t]) for t in range(1, L))  # its own scale and later ones
 
 
 def test_scale_by_scale_with_the_cache_equals_the_masked_forward():
@@ -196,17 +204,19 @@ def test_scale_by_scale_with_the_cache_equals_the_masked_forward():
     x, ada, memory = _randn(2, L, WIDTH), _randn(2, 1, 6, WIDTH, seed=2) * 0.3, _text([4, 3])
     full = _run(block, x, ada, memory)
     cache = KVCache.allocate(1, 2, HEADS, L, WIDTH // HEADS, torch.float32, "cpu")
-    for start, n in zip(SCHEDULE.offsets, SCHEDULE.lengths):
-        step = _run(block, x[:, start:start + n], ada, memory, mask=None, rope=ROPE[:, start:start + n], cache=cache)
+    for start, n in zip(SCHEDULE.offsets, SCHEDULE.lengths, strict=True):
+        step = _run(
+            block, x[:, start : start + n], ada, memory, mask=None, rope=ROPE[:, start : start + n], cache=cache
+        )
         cache.advance(n)
-        torch.testing.assert_close(step, full[:, start:start + n], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(step, full[:, start : start + n], atol=1e-6, rtol=1e-6)
     assert cache.filled == L
 
 
 # ---- batch invariance -------------------------------------------------------------------------
 def test_every_gemm_module_of_a_block_carries_its_own_switch():
     block = _block()
-    assert not any(m.batch_invariant for m in (block.sa, block.ca, block.ffn))    # built as training wants
+    assert not any(m.batch_invariant for m in (block.sa, block.ca, block.ffn))  # built as training wants
     assert block.sa.set_batch_invariant(True) is block.sa
     assert block.sa.batch_invariant and not block.ca.batch_invariant and not block.ffn.batch_invariant
 

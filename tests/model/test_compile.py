@@ -25,15 +25,15 @@ def test_compiled_blocks_give_the_eager_bits_without_hitting_the_recompile_limit
     eager = InfinityPipeline(make_transformer(config), tiny_vae, text)
     compiled = InfinityPipeline(make_transformer(config), tiny_vae, text, RuntimeConfig(compile="default"))
     torch._dynamo.reset()
-    dynamo_log = logging.getLogger("torch._dynamo")            # torch's loggers do not propagate to root
+    dynamo_log = logging.getLogger("torch._dynamo")  # torch's loggers do not propagate to root
     dynamo_log.addHandler(caplog.handler)
     try:
-        for batch in (1, 3):                                   # size 1 is specialised apart from the others
+        for batch in (1, 3):  # size 1 is specialised apart from the others
             prompts = ["a red circle", "two blue squares", "a star"][:batch]
             want = eager.generate(prompts, schedule, params[:batch])
             got = compiled.generate(prompts, schedule, params[:batch])
-            assert all(np.array_equal(a, b) for a, b in zip(want.bits, got.bits))
-            assert all(np.array_equal(a, b) for a, b in zip(want.images, got.images))
+            assert all(np.array_equal(a, b) for a, b in zip(want.bits, got.bits, strict=True))
+            assert all(np.array_equal(a, b) for a, b in zip(want.images, got.images, strict=True))
     finally:
         dynamo_log.removeHandler(caplog.handler)
     assert "recompile_limit" not in caplog.text

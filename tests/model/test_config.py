@@ -37,7 +37,7 @@ def test_official_vae_parameter_counts():
 
 
 def test_unknown_size_lists_the_valid_ones():
-    with pytest.raises(KeyError, match="2b.*8b|8b.*2b"):
+    with pytest.raises(KeyError, match=r"2b.*8b|8b.*2b"):
         lookup(TRANSFORMER_SIZES, "3b")
 
 
@@ -60,4 +60,4 @@ def test_sampling_params_validation_names_the_field():
     assert isinstance(refused.value, ScaleListError) and refused.value.param == "cfg"
     with pytest.raises(ScaleListError, match="`tau` lists 2 values but the schedule has 3 scales"):
         SamplingParams(tau=(0.5, 0.5)).check_scales(3)
-    SamplingParams(cfg=(1.0,) * 9).check_scales(7)            # extra values are unused, not an error
+    SamplingParams(cfg=(1.0,) * 9).check_scales(7)  # extra values are unused, not an error

@@ -8,7 +8,7 @@ from model.kv_cache import KVCache
 from model.schedules import ScaleSchedule
 
 DEPTH, BATCH, HEADS, HEAD_DIM = 3, 2, 2, 4
-SCHEDULE = ScaleSchedule.official(1.0, "0.06M")          # 7 scales, 521 tokens
+SCHEDULE = ScaleSchedule.official(1.0, "0.06M")  # 7 scales, 521 tokens
 
 
 def _cache(total=SCHEDULE.total_tokens, dtype=torch.float32, batch=BATCH) -> KVCache:
@@ -17,8 +17,10 @@ def _cache(total=SCHEDULE.total_tokens, dtype=torch.float32, batch=BATCH) -> KVC
 
 def _kv(tokens, seed, batch=BATCH):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, HEADS, tokens, HEAD_DIM, generator=g),
-            torch.randn(batch, HEADS, tokens, HEAD_DIM, generator=g))
+    return (
+        torch.randn(batch, HEADS, tokens, HEAD_DIM, generator=g),
+        torch.randn(batch, HEADS, tokens, HEAD_DIM, generator=g),
+    )
 
 
 def _fill(cache: KVCache, lengths) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -52,38 +54,38 @@ def test_bytes_per_row_is_what_one_batch_row_allocates(dtype, itemsize):
 
 def test_bytes_per_row_of_the_2b_model_at_1m():
     c = TRANSFORMER_SIZES["2b"]
-    L = ScaleSchedule.official(1.0, "1M").total_tokens                 # 10521 (fact sheet 4.2)
+    L = ScaleSchedule.official(1.0, "1M").total_tokens  # 10521 (fact sheet 4.2)
     assert KVCache.bytes_per_row(c.depth, c.num_heads, L, c.head_dim, torch.bfloat16) == 2 * 32 * 16 * 10521 * 128 * 2
 
 
 def test_scales_are_appended_in_place_and_the_visible_prefix_grows():
     cache = _cache()
     keys_storage = cache.keys.data_ptr()
-    lengths = SCHEDULE.lengths[:3]                                     # 1, 4, 16 tokens
+    lengths = SCHEDULE.lengths[:3]  # 1, 4, 16 tokens
     written = []
     for s, n in enumerate(lengths):
         k, v = _kv(n, seed=s)
         for layer in range(DEPTH):
             seen_k, seen_v = cache.write(layer, k + layer, v - layer)
-            assert seen_k.shape == seen_v.shape == (BATCH, HEADS, sum(lengths[:s + 1]), HEAD_DIM)
+            assert seen_k.shape == seen_v.shape == (BATCH, HEADS, sum(lengths[: s + 1]), HEAD_DIM)
             assert seen_k.data_ptr() == cache.keys[layer].data_ptr()  # a view of the cache, not a copy
-            assert cache.filled == sum(lengths[:s])                   # writing does not advance
+            assert cache.filled == sum(lengths[:s])  # writing does not advance
         cache.advance(n)
         written.append((k, v))
     assert cache.filled == sum(lengths) and cache.keys.data_ptr() == keys_storage
     for layer in range(DEPTH):
         expected_k = torch.cat([k + layer for k, _ in written], dim=2)
         expected_v = torch.cat([v - layer for _, v in written], dim=2)
-        assert torch.equal(cache.keys[layer, :, :, :cache.filled], expected_k)
-        assert torch.equal(cache.values[layer, :, :, :cache.filled], expected_v)
+        assert torch.equal(cache.keys[layer, :, :, : cache.filled], expected_k)
+        assert torch.equal(cache.values[layer, :, :, : cache.filled], expected_v)
 
 
 def test_a_later_scale_does_not_touch_earlier_entries():
     cache = _cache()
     _fill(cache, SCHEDULE.lengths[:2])
-    before = cache.keys[:, :, :, :cache.filled].clone()
+    before = cache.keys[:, :, :, : cache.filled].clone()
     _fill(cache, SCHEDULE.lengths[2:4])
-    assert torch.equal(cache.keys[:, :, :, :before.shape[3]], before)
+    assert torch.equal(cache.keys[:, :, :, : before.shape[3]], before)
 
 
 def test_the_whole_schedule_fits_exactly_and_one_more_token_is_refused():

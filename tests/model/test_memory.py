@@ -22,5 +22,5 @@ def test_without_proc_rss_falls_back_to_the_peak_and_says_so_once(tmp_path, monk
         first = memory.device_memory(torch.device("cpu"))
         memory.device_memory(torch.device("cpu"))
     assert first.in_use["rss"] == first.peak["rss"] > 0
-    assert len([r for r in caplog.records if "reports the peak" in r.message]) == 1   # not once per scrape
+    assert len([r for r in caplog.records if "reports the peak" in r.message]) == 1  # not once per scrape
     memory._warn_no_current_rss.cache_clear()

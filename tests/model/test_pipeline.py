@@ -15,6 +15,7 @@ SCHEDULE = ScaleSchedule.official(1.0, "0.06M")
 @pytest.fixture(scope="module")
 def pipe(t5_dir, tiny_transformer, tiny_vae):
     import copy
+
     return InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))
 
 
@@ -65,16 +66,21 @@ def test_bfloat16_pipeline_runs_and_stays_close(pipe, t5_dir, tiny_transformer, 
     an image |diff| of 58. The bounds sit between the two, with room for other CPUs' bf16 rounding.
     """
     import copy
-    bf16 = InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir),
-                            RuntimeConfig(dtype="bfloat16"))
+
+    bf16 = InfinityPipeline(
+        copy.deepcopy(tiny_transformer),
+        copy.deepcopy(tiny_vae),
+        T5TextEncoder.from_dir(t5_dir),
+        RuntimeConfig(dtype="bfloat16"),
+    )
     assert bf16.transformer.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16
-    assert bf16.transformer.head.weight.dtype == torch.float32          # fp32 island, as the official run
+    assert bf16.transformer.head.weight.dtype == torch.float32  # fp32 island, as the official run
     params = SamplingParams(seed=0, top_k=1)
     result = bf16.generate(["a red circle"], SCHEDULE, params)
     exact = pipe.generate(["a red circle"], SCHEDULE, params)
     assert result.images[0].shape == (64, 64, 3)
     equal = [float((a == b).mean()) for a, b in zip(result.bits, exact.bits, strict=True)]
-    assert min(equal) >= 0.99, equal            # so scales 0 and 1 (8 and 32 bits) identical, scale 2 one flip at most
+    assert min(equal) >= 0.99, equal  # so scales 0 and 1 (8 and 32 bits) identical, scale 2 one flip at most
     image_diff = np.abs(result.images[0].astype(np.float64) - exact.images[0]).mean()
     assert image_diff <= 12.0, image_diff
     latent = pipe.vae.quantizer.bits_to_latent([torch.from_numpy(b).long() for b in exact.bits], SCHEDULE.scales)
@@ -93,6 +99,7 @@ def test_bad_inputs_name_the_argument(pipe):
 
 def test_a_short_per_scale_list_is_refused_before_any_work(pipe, monkeypatch):
     """The public `generate` is the Python callers' boundary: the one check of cfg/tau lists for them."""
+
     def no_work(*args, **kwargs):
         raise AssertionError("reached the text encoder with a short list")
 
@@ -100,7 +107,7 @@ def test_a_short_per_scale_list_is_refused_before_any_work(pipe, monkeypatch):
     with pytest.raises(ScaleListError, match="`cfg` lists 2 values but the schedule has 7 scales") as refused:
         pipe.generate(["a"], SCHEDULE, SamplingParams(cfg=(3.0, 3.0)))
     assert refused.value.param == "cfg"
-    rows = [SamplingParams(), SamplingParams(tau=(0.5,) * 6)]      # one row of several
+    rows = [SamplingParams(), SamplingParams(tau=(0.5,) * 6)]  # one row of several
     with pytest.raises(ScaleListError, match="`tau` lists 6 values"):
         pipe.generate(["a", "b"], SCHEDULE, rows)
 
@@ -108,6 +115,7 @@ def test_a_short_per_scale_list_is_refused_before_any_work(pipe, monkeypatch):
 def test_inconsistent_components_are_refused(t5_dir, tiny_vae):
     from model.config import TRANSFORMER_SIZES
     from model.transformer import Infinity
+
     with pytest.raises(ValueError, match="8-bit tokens"):
         InfinityPipeline(Infinity(TRANSFORMER_SIZES["small"]), tiny_vae, T5TextEncoder.from_dir(t5_dir))
     wide_text = replace(TRANSFORMER_SIZES["tiny"], text_channels=48)
@@ -143,10 +151,15 @@ def test_two_pipelines_in_one_process_keep_their_own_batch_invariance(t5_dir, ti
     # Widths at which the GEMM library picks its kernel by the number of rows (tests/model/test_sampler.py).
     config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024)
     text = T5TextEncoder.from_dir(t5_dir)
-    invariant = InfinityPipeline(make_transformer(config), copy.deepcopy(tiny_vae), text,
-                                 RuntimeConfig(batch_invariant=True))
-    fused = InfinityPipeline(make_transformer(config), copy.deepcopy(tiny_vae), text,    # built second, on purpose
-                             RuntimeConfig(batch_invariant=False))
+    invariant = InfinityPipeline(
+        make_transformer(config), copy.deepcopy(tiny_vae), text, RuntimeConfig(batch_invariant=True)
+    )
+    fused = InfinityPipeline(
+        make_transformer(config),
+        copy.deepcopy(tiny_vae),
+        text,  # built second, on purpose
+        RuntimeConfig(batch_invariant=False),
+    )
     prompt = "a red circle"
     batch = ["the big green triangle to the left of a star", prompt, "two blue squares", "a star"]
     alone = _row_logits(invariant, [prompt], 0, monkeypatch)
@@ -154,7 +167,8 @@ def test_two_pipelines_in_one_process_keep_their_own_batch_invariance(t5_dir, ti
     fused_together = _row_logits(fused, batch, 1, monkeypatch)
     together = _row_logits(invariant, batch, 1, monkeypatch)
     assert len(alone) == len(together) == SCHEDULE.num_scales
-    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert all(torch.equal(a, b) for a, b in zip(alone, together, strict=True))
     # the other pipeline really runs one GEMM per layer: its row's logits move with the batch
-    assert not all(torch.equal(a, b) for a, b in zip(fused_alone, fused_together)), \
+    assert not all(torch.equal(a, b) for a, b in zip(fused_alone, fused_together, strict=True)), (
         "the fused GEMMs are batch-invariant here anyway: this test lost its power"
+    )

@@ -18,9 +18,9 @@ def random_bits(shape, seed=0):
 def test_codes_are_signed_unit_vectors():
     q = BitwiseQuantizer(VAE_SIZES["tiny"])
     bits = random_bits((2, 3, 4, 8))
-    codes = q.codes(bits, 0)                                   # (B, d, h, w)
+    codes = q.codes(bits, 0)  # (B, d, h, w)
     assert codes.shape == (2, 8, 3, 4)
-    torch.testing.assert_close(codes.abs(), torch.full_like(codes, 8 ** -0.5))
+    torch.testing.assert_close(codes.abs(), torch.full_like(codes, 8**-0.5))
     assert torch.equal((codes > 0).long().permute(0, 2, 3, 1), bits)
     torch.testing.assert_close(codes.norm(dim=1), torch.ones(2, 3, 4))
 
@@ -54,11 +54,13 @@ def test_teacher_inputs_are_bilinear_downsamples_of_the_running_sum():
     bits = [random_bits((1, h, w, 8), seed=i) for i, (h, w) in enumerate(SCALES)]
     inputs = q.teacher_inputs(bits, SCALES)
     assert inputs.shape == (1, sum(h * w for h, w in SCALES) - 1, 8)
-    summed = sum(torch.nn.functional.interpolate(q.codes(b, k), size=(16, 16), mode="bilinear",
-                                                 align_corners=False) for k, b in enumerate(bits[:3]))
+    summed = sum(
+        torch.nn.functional.interpolate(q.codes(b, k), size=(16, 16), mode="bilinear", align_corners=False)
+        for k, b in enumerate(bits[:3])
+    )
     expected = torch.nn.functional.interpolate(summed, size=SCALES[3], mode="bilinear", align_corners=False)
     start = sum(h * w for h, w in SCALES[1:3])
-    got = inputs[0, start:start + 36].T.reshape(8, 6, 6)
+    got = inputs[0, start : start + 36].T.reshape(8, 6, 6)
     torch.testing.assert_close(got, expected[0], atol=1e-6, rtol=0)
 
 
@@ -70,12 +72,12 @@ def test_area_down_sampling_is_adaptive_average_pooling():
 def test_patchify_layout_matches_the_official_pixel_shuffle():
     q = BitwiseQuantizer(VAEConfig(bits=2, base_channels=32, channel_mult=(1, 2), spatial_patchify=True))
     token = torch.zeros(1, 1, 1, 8, dtype=torch.long)
-    token[0, 0, 0, 1 * 4 + 2 * 1 + 0] = 1                     # channel 1, sub-pixel row 1, col 0
-    latent = q.to_latent_layout(token)                         # (1, 2, 2, 2)
+    token[0, 0, 0, 1 * 4 + 2 * 1 + 0] = 1  # channel 1, sub-pixel row 1, col 0
+    latent = q.to_latent_layout(token)  # (1, 2, 2, 2)
     assert latent.shape == (1, 2, 2, 2)
     assert latent[0, 1, 0, 1] == 1 and latent.sum() == 1
     codes = q.codes(random_bits((1, 4, 6, 2)), 0)
-    tokens = q.to_token_layout(codes)                          # (1, 2*3, 8)
+    tokens = q.to_token_layout(codes)  # (1, 2*3, 8)
     back = q.to_latent_layout(tokens.reshape(1, 2, 3, 8))
     assert torch.equal(back.permute(0, 3, 1, 2), codes)
 
@@ -84,7 +86,7 @@ def test_code_decay_is_explicit_and_off_by_default():
     assert VAE_SIZES["d32"].code_decay == 1.0
     q = BitwiseQuantizer(VAEConfig(bits=8, base_channels=32, channel_mult=(1, 2), code_decay=0.5))
     bits = random_bits((1, 2, 2, 8))
-    torch.testing.assert_close(q.codes(bits, 2).abs(), torch.full((1, 8, 2, 2), 0.25 * 8 ** -0.5))
+    torch.testing.assert_close(q.codes(bits, 2).abs(), torch.full((1, 8, 2, 2), 0.25 * 8**-0.5))
 
 
 @pytest.mark.parametrize("name", ["tiny", "d14-patchify", "d32"])
@@ -118,26 +120,32 @@ def test_every_accumulation_weighs_scale_k_by_its_decay():
     bits = [random_bits((1, h, w, 8), seed=10 + i) for i, (h, w) in enumerate(SCALES)]
 
     def decayed_sum(bits, upto):
-        return sum(F.interpolate(signed_codes(b, 0.5 ** k / math.sqrt(8)), size=(16, 16), mode="bilinear",
-                                 align_corners=False) for k, b in enumerate(bits[:upto]))
+        return sum(
+            F.interpolate(signed_codes(b, 0.5**k / math.sqrt(8)), size=(16, 16), mode="bilinear", align_corners=False)
+            for k, b in enumerate(bits[:upto])
+        )
 
     torch.testing.assert_close(q.bits_to_latent(bits, SCALES), decayed_sum(bits, len(SCALES)), atol=1e-6, rtol=0)
     inputs = q.teacher_inputs(bits, SCALES)
     start = sum(h * w for h, w in SCALES[1:3])
     expected = F.interpolate(decayed_sum(bits, 3), size=SCALES[3], mode="bilinear", align_corners=False)
-    torch.testing.assert_close(inputs[0, start:start + 36].T.reshape(8, 6, 6), expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(inputs[0, start : start + 36].T.reshape(8, 6, 6), expected[0], atol=1e-6, rtol=0)
     enc = q.encode(torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(2)), SCALES)
     for row in range(2):
-        torch.testing.assert_close(enc.quantized[row:row + 1], decayed_sum([b[row:row + 1] for b in enc.bits],
-                                                                           len(SCALES)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            enc.quantized[row : row + 1],
+            decayed_sum([b[row : row + 1] for b in enc.bits], len(SCALES)),
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 def test_binarize_is_strictly_positive_after_normalising_each_position_over_its_channels():
     """Official BSQ: u = r / ||r|| over the d channels of each position, bit = u > 0 (an exact 0 gives 0)."""
     q = BitwiseQuantizer(VAE_SIZES["tiny"])
     residual = torch.zeros(1, 8, 2, 2)
-    residual[0, 0, 0, 0], residual[0, 1, 0, 0] = 1e-30, 1.0     # tiny but positive beside a unit channel: 1
-    residual[0, :, 1, 0] = 1e16                                 # a huge position below: not in (0, 0)'s norm
+    residual[0, 0, 0, 0], residual[0, 1, 0, 0] = 1e-30, 1.0  # tiny but positive beside a unit channel: 1
+    residual[0, :, 1, 0] = 1e16  # a huge position below: not in (0, 0)'s norm
     expected = torch.zeros(1, 2, 2, 8, dtype=torch.long)
     expected[0, 0, 0, :2] = 1
     expected[0, 1, 0, :] = 1

@@ -31,7 +31,7 @@ def model() -> RecordingInfinity:
     m = RecordingInfinity(base.config)
     m.load_state_dict(base.state_dict())
     m.recorded = []
-    return m.eval().set_batch_invariant(True)            # as a pipeline runs it by default
+    return m.eval().set_batch_invariant(True)  # as a pipeline runs it by default
 
 
 def text(lengths, seed=0, channels=32) -> TextMemory:
@@ -60,7 +60,7 @@ def test_cached_logits_equal_teacher_forced_logits(model, cfg):
     with torch.inference_mode():
         forced = model(model.condition(memory), SCHEDULE, inputs)
         forced_uncond = model(model.condition(model.unconditional_text(memory.lengths)), SCHEDULE, inputs)
-    for si, (cached, tf) in enumerate(zip(model.recorded, forced)):
+    for si, (cached, tf) in enumerate(zip(model.recorded, forced, strict=True)):
         torch.testing.assert_close(cached[:2], tf, atol=2e-5, rtol=1e-5, msg=f"scale {si}")
         if cfg != 1.0:
             torch.testing.assert_close(cached[2:], forced_uncond[si], atol=2e-5, rtol=1e-5)
@@ -73,11 +73,11 @@ def test_cached_and_teacher_forced_agree_under_patchify():
     quant = BitwiseQuantizer(VAE_SIZES["tiny-patchify"])
     memory = text([4])
     out = run(m, memory, [SamplingParams(cfg=1.0, tau=1.0, seed=0)], quant=quant)
-    assert out.bits[-1].shape == (1, 32, 32, 4)              # latent layout: 2x the token grid
+    assert out.bits[-1].shape == (1, 32, 32, 4)  # latent layout: 2x the token grid
     inputs = quant.teacher_inputs([b.long() for b in out.bits], SCHEDULE.vae_scales(True))
     with torch.inference_mode():
         forced = m(m.condition(memory), SCHEDULE, inputs)
-    for cached, tf in zip(m.recorded, forced):
+    for cached, tf in zip(m.recorded, forced, strict=True):
         torch.testing.assert_close(cached, tf, atol=2e-5, rtol=1e-5)
 
 
@@ -89,9 +89,13 @@ def test_a_seed_gives_the_same_bits_whatever_shares_its_batch(model):
     feats[1] = 0
     feats[1, :4] = target.features[0]
     batch = TextMemory(feats, mixed_text.lengths)
-    params = [SamplingParams(seed=5, cfg=1.0), SamplingParams(seed=123), SamplingParams(seed=9, cfg=5.0, tau=1.0, top_k=1)]
+    params = [
+        SamplingParams(seed=5, cfg=1.0),
+        SamplingParams(seed=123),
+        SamplingParams(seed=9, cfg=5.0, tau=1.0, top_k=1),
+    ]
     together = run(model, batch, params)
-    for a, b in zip(alone.bits, together.bits):
+    for a, b in zip(alone.bits, together.bits, strict=True):
         assert torch.equal(a[0], b[1])
     torch.testing.assert_close(alone.latent[0], together.latent[1], atol=0, rtol=0)
 
@@ -100,10 +104,10 @@ def test_greedy_does_not_depend_on_the_seed(model):
     memory = text([5])
     a = run(model, memory, [SamplingParams(top_k=1, seed=1)])
     b = run(model, memory, [SamplingParams(top_k=1, seed=2)])
-    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
     c = run(model, memory, [SamplingParams(tau=1.0, seed=1)])
     d = run(model, memory, [SamplingParams(tau=1.0, seed=2)])
-    assert not all(torch.equal(x, y) for x, y in zip(c.bits, d.bits))
+    assert not all(torch.equal(x, y) for x, y in zip(c.bits, d.bits, strict=True))
 
 
 def test_per_scale_cfg_and_tau(model):
@@ -111,7 +115,7 @@ def test_per_scale_cfg_and_tau(model):
     per_scale = SamplingParams(cfg=(3.0,) * 7, tau=(0.5,) * 7, seed=4)
     scalar = SamplingParams(cfg=3.0, tau=0.5, seed=4)
     a, b = run(model, memory, [per_scale]), run(model, memory, [scalar])
-    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
     # A short list is refused by InfinityPipeline.generate, the Python boundary (tests/model/test_pipeline.py).
 
 
@@ -133,11 +137,11 @@ def official_top_k_top_p(logits, top_k, top_p):
 def test_bit_filter_matches_the_official_sort_based_filter(top_k, top_p):
     g = torch.Generator().manual_seed(0)
     pairs = torch.randn(5000, 2, generator=g) * 4
-    pairs[:10] = torch.tensor([2.0, 2.0])                     # exact ties
+    pairs[:10] = torch.tensor([2.0, 2.0])  # exact ties
     assert torch.equal(filter_bit_logits(pairs, top_k, top_p), official_top_k_top_p(pairs, top_k, top_p))
 
 
-@pytest.mark.parametrize("cfg", [3.0, 1.0])                  # guided (cond and uncond rows) and unguided
+@pytest.mark.parametrize("cfg", [3.0, 1.0])  # guided (cond and uncond rows) and unguided
 def test_rows_dropped_between_scales_leave_the_others_unchanged(model, cfg):
     memory = text([5, 4, 3], seed=11)
     params = [SamplingParams(seed=s, tau=1.0, cfg=cfg) for s in (1, 2, 3)]
@@ -152,12 +156,21 @@ def test_rows_dropped_between_scales_leave_the_others_unchanged(model, cfg):
     gens = [torch.Generator().manual_seed(p.seed) for p in params]
     start = time.perf_counter()
     with torch.inference_mode():
-        part = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
-                      "sdpa", on_scale=drop_row_one_after_scale_two)
+        part = sample(
+            model,
+            QUANT,
+            SCHEDULE,
+            memory,
+            model.unconditional_text(memory.lengths),
+            params,
+            gens,
+            "sdpa",
+            on_scale=drop_row_one_after_scale_two,
+        )
     wall = time.perf_counter() - start
     assert part.rows == (0, 2)
     assert seen[2].rows == (0, 1, 2) and seen[3].rows == (0, 2)
-    assert model.recorded[3].shape[0] == (4 if cfg != 1.0 else 2)     # 2 rows (x cond, uncond) after the drop
+    assert model.recorded[3].shape[0] == (4 if cfg != 1.0 else 2)  # 2 rows (x cond, uncond) after the drop
     for a, b in zip(full.bits, part.bits, strict=True):
         assert torch.equal(a[[0, 2]], b)
     assert all(b.dtype == torch.uint8 for b in part.bits)
@@ -167,8 +180,17 @@ def test_rows_dropped_between_scales_leave_the_others_unchanged(model, cfg):
     assert [e.seconds for e in seen] == part.scale_seconds
     assert all(s > 0 for s in part.scale_seconds) and sum(part.scale_seconds) <= wall
     with torch.inference_mode():
-        none = sample(model, QUANT, SCHEDULE, memory, model.unconditional_text(memory.lengths), params, gens,
-                      "sdpa", on_scale=lambda e: {0, 1, 2})
+        none = sample(
+            model,
+            QUANT,
+            SCHEDULE,
+            memory,
+            model.unconditional_text(memory.lengths),
+            params,
+            gens,
+            "sdpa",
+            on_scale=lambda e: {0, 1, 2},
+        )
     assert none.rows == () and len(none.bits) == 1
 
 
@@ -181,11 +203,13 @@ def test_bf16io_backend_rounds_like_flash_attn():
     exact = cross_attention(q, k, v, memory, "sdpa", batch_invariant=True)
     rounded = cross_attention(q, k, v, memory, "sdpa-bf16io", batch_invariant=True)
     assert rounded.dtype == torch.float32
-    assert torch.equal(rounded, rounded.bfloat16().float())                 # outputs are bf16 values
+    assert torch.equal(rounded, rounded.bfloat16().float())  # outputs are bf16 values
     assert not torch.equal(rounded, exact)
     torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
     # row 1 sees only its 3 text tokens
-    torch.testing.assert_close(exact[1], torch.nn.functional.scaled_dot_product_attention(q[1], k[1, :, :3], v[1, :, :3]))
+    torch.testing.assert_close(
+        exact[1], torch.nn.functional.scaled_dot_product_attention(q[1], k[1, :, :3], v[1, :, :3])
+    )
 
 
 @pytest.mark.parametrize("invariant", [True, False])
@@ -193,7 +217,7 @@ def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invarian
     # Width 256 / FFN 1024 / text 64: large enough for the GEMM library to choose kernels by the
     # number of rows. Each cached step's logits of the shared row must be bit-identical.
     config = replace(TRANSFORMER_SIZES["tiny"], width=256, num_heads=4, ffn_hidden=1024, text_channels=64)
-    recording = RecordingInfinity(config)               # built as training builds it: batch invariance off
+    recording = RecordingInfinity(config)  # built as training builds it: batch invariance off
     recording.load_state_dict(make_transformer(config).state_dict())
     recording.eval().recorded = []
     if invariant:
@@ -209,7 +233,7 @@ def test_logits_of_a_row_do_not_depend_on_its_batch_at_realistic_widths(invarian
     alone = recording.recorded
     run(recording, batch, params)
     together = recording.recorded
-    same = all(torch.equal(a[0], b[1]) for a, b in zip(alone, together))     # row 0 alone, row 1 in the batch
+    same = all(torch.equal(a[0], b[1]) for a, b in zip(alone, together, strict=True))  # row 0 alone, row 1 in the batch
     if invariant:
         assert same
     else:
@@ -224,14 +248,16 @@ def test_quarantine_zeroes_only_the_rows_with_a_non_finite_logit():
     logits[3, 0, 0] = float("nan")
     cleaned, bad = quarantine_nonfinite(logits)
     assert bad.tolist() == [False, True, False, True]
-    assert torch.equal(cleaned[[0, 2]], logits[[0, 2]])            # healthy rows untouched, bit for bit
-    assert torch.equal(cleaned[[1, 3]], torch.zeros(2, 3, 8))       # poisoned rows sample uniform noise
+    assert torch.equal(cleaned[[0, 2]], logits[[0, 2]])  # healthy rows untouched, bit for bit
+    assert torch.equal(cleaned[[1, 3]], torch.zeros(2, 3, 8))  # poisoned rows sample uniform noise
 
 
 # Guidance rows as the official sampler meets them: per-scale lists and scalars, cfg 1 beside cfg != 1, tau != 1.
-GUIDE_ROWS = [SamplingParams(cfg=(1.5, 3.0, 4.0), tau=(0.5, 0.7, 1.3)),
-              SamplingParams(cfg=2.5, tau=0.3),
-              SamplingParams(cfg=1.0, tau=(0.9, 1.1, 0.6))]
+GUIDE_ROWS = [
+    SamplingParams(cfg=(1.5, 3.0, 4.0), tau=(0.5, 0.7, 1.3)),
+    SamplingParams(cfg=2.5, tau=0.3),
+    SamplingParams(cfg=1.0, tau=(0.9, 1.1, 0.6)),
+]
 
 
 @pytest.mark.parametrize("scale_index", [0, 1, 2])
@@ -245,7 +271,7 @@ def test_guidance_is_temperature_then_cfg_as_the_paper_writes_it(scale_index):
     for b, p in enumerate(GUIDE_ROWS):
         cfg, tau = p.cfg_at(scale_index), p.tau_at(scale_index)
         cond, uncond = logits[b].double(), logits[B + b].double()
-        formula = cfg * cond / tau + (1 - cfg) * uncond / tau                  # float64: the maths
+        formula = cfg * cond / tau + (1 - cfg) * uncond / tau  # float64: the maths
         torch.testing.assert_close(got[b].double(), formula, atol=1e-5, rtol=1e-6, msg=f"row {b}")
         # and the official float32 rounding: logits.mul(1 / tau), then the mix with Python-float weights
         scaled = logits.mul(1 / tau)
@@ -265,12 +291,14 @@ def test_without_guidance_only_the_temperature_applies(scale_index):
 
 def bit_logits(bits: torch.Tensor, margin: float) -> torch.Tensor:
     """Bits (B, l, D) -> logits (B, l, 2D) whose pair (2j, 2j+1) = (logit of 0, logit of 1) favours bit j."""
-    pairs = torch.stack(((1 - bits) * margin, bits * margin), dim=-1).float()     # (B, l, D, 2)
+    pairs = torch.stack(((1 - bits) * margin, bits * margin), dim=-1).float()  # (B, l, D, 2)
     return pairs.flatten(2)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(top_k=1, seed=0), SamplingParams(top_p=0.97, seed=0),
-                                    SamplingParams(top_k=2, top_p=0.97, seed=1)])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(top_k=1, seed=0), SamplingParams(top_p=0.97, seed=0), SamplingParams(top_k=2, top_p=0.97, seed=1)],
+)
 def test_bit_j_of_a_token_is_drawn_from_logit_columns_2j_and_2j_plus_1(params):
     # margin 5: the minority value has probability 0.0067 <= 0.03, which top-p 0.97 removes: no chance left
     bits = torch.randint(0, 2, (2, 6, 8), generator=torch.Generator().manual_seed(3))
@@ -280,7 +308,7 @@ def test_bit_j_of_a_token_is_drawn_from_logit_columns_2j_and_2j_plus_1(params):
 
 def test_greedy_breaks_an_exact_tie_towards_bit_zero():
     logits = torch.zeros(1, 4, 16)
-    logits[0, 0, 1] = 1.0                                        # one decided bit: token 0, bit 0 -> 1
+    logits[0, 0, 1] = 1.0  # one decided bit: token 0, bit 0 -> 1
     out = sample_bits(logits, [SamplingParams(top_k=1)], [torch.Generator().manual_seed(0)])
     expected = torch.zeros(1, 4, 8, dtype=torch.long)
     expected[0, 0, 0] = 1
@@ -291,9 +319,9 @@ def test_greedy_breaks_an_exact_tie_towards_bit_zero():
 def test_sampled_bits_follow_the_softmax_of_their_pair(top_k):
     """Unfiltered (top_p 0): P(bit = 1) = softmax(pair)[1], each row at its own probability."""
     n = 4000
-    p_one = torch.tensor([0.75, 0.2])                            # row 0, row 1
+    p_one = torch.tensor([0.75, 0.2])  # row 0, row 1
     logits = torch.zeros(2, n, 2)
-    logits[:, :, 1] = torch.log(p_one / (1 - p_one))[:, None]    # (logit of 0, logit of 1) = (0, log-odds)
+    logits[:, :, 1] = torch.log(p_one / (1 - p_one))[:, None]  # (logit of 0, logit of 1) = (0, log-odds)
     params = [SamplingParams(top_k=top_k, top_p=0.0)] * 2
     gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
     freq = sample_bits(logits, params, gens).float().mean(dim=(1, 2))
@@ -305,7 +333,7 @@ def test_the_draw_is_one_multinomial_per_row_on_its_own_generator():
     """A seed's bits are pinned to the official call: torch.multinomial(probs, 1, replacement=True) over the
     row's filtered (N, 2) probabilities, on the row's generator (the official run: one call, one row)."""
     logits = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(5)) * 2
-    params = [SamplingParams(), SamplingParams(top_p=0.0)]              # top-p 0.97 active, and off
+    params = [SamplingParams(), SamplingParams(top_p=0.0)]  # top-p 0.97 active, and off
     out = sample_bits(logits, params, [torch.Generator().manual_seed(s) for s in (11, 12)])
     for b, (p, seed) in enumerate(zip(params, (11, 12), strict=True)):
         probs = official_top_k_top_p(logits[b].reshape(-1, 2), p.top_k, p.top_p).softmax(dim=-1)
@@ -319,7 +347,7 @@ def test_the_top_p_threshold_is_compared_in_the_logits_precision(top_p):
     the official `cumsum <= 1 - top_p` decides them in float64, so a float32 threshold would decide wrong."""
     lo, hi = sorted((float(torch.tensor(1 - top_p, dtype=torch.float32)), 1 - top_p))
     p = torch.linspace(lo, hi, 7, dtype=torch.float64)[1:-1]
-    pairs = torch.stack((p.log(), (-p).log1p()), dim=-1)                 # softmax = (p, 1 - p)
+    pairs = torch.stack((p.log(), (-p).log1p()), dim=-1)  # softmax = (p, 1 - p)
     assert ((pairs.softmax(dim=-1)[:, 0] > lo) & (pairs.softmax(dim=-1)[:, 0] < hi)).all()
     assert torch.equal(filter_bit_logits(pairs, 0, top_p), official_top_k_top_p(pairs, 0, top_p))
 
@@ -329,7 +357,7 @@ def test_a_row_that_went_non_finite_at_any_scale_is_reported(model, monkeypatch)
 
     def poisoned(x, scale_index, *args):
         out = step(x, scale_index, *args)
-        if scale_index == 1:                                   # row 0's conditional logits, at one scale only
+        if scale_index == 1:  # row 0's conditional logits, at one scale only
             out = out.clone()
             out[0, 0, 0] = float("inf")
         return out
@@ -341,7 +369,7 @@ def test_a_row_that_went_non_finite_at_any_scale_is_reported(model, monkeypatch)
 
 def test_the_backend_reaches_the_conditioning_and_every_step_and_the_cache_takes_the_blocks_dtype(monkeypatch):
     m = make_transformer(TRANSFORMER_SIZES["tiny"])
-    m.blocks.to(torch.bfloat16)                                # as a bfloat16 pipeline casts them
+    m.blocks.to(torch.bfloat16)  # as a bfloat16 pipeline casts them
     condition, step, seen = m.condition, m.step, []
 
     def spy_condition(memory, backend="(none)"):
@@ -356,8 +384,16 @@ def test_the_backend_reaches_the_conditioning_and_every_step_and_the_cache_takes
     monkeypatch.setattr(m, "step", spy_step)
     memory = text([4])
     with torch.inference_mode():
-        sample(m, QUANT, SCHEDULE, memory, m.unconditional_text(memory.lengths), [SamplingParams(seed=0)],
-               [torch.Generator().manual_seed(0)], "sdpa-bf16io")
+        sample(
+            m,
+            QUANT,
+            SCHEDULE,
+            memory,
+            m.unconditional_text(memory.lengths),
+            [SamplingParams(seed=0)],
+            [torch.Generator().manual_seed(0)],
+            "sdpa-bf16io",
+        )
     assert set(seen) == {("condition", "sdpa-bf16io"), ("step", "sdpa-bf16io", torch.bfloat16)}
     assert len([c for c in seen if c[0] == "step"]) == SCHEDULE.num_scales
 

@@ -21,7 +21,7 @@ from tests.conftest import make_transformer
 
 CONFIG = TRANSFORMER_SIZES["tiny"]
 C, BITS, CT = CONFIG.width, CONFIG.token_bits, CONFIG.text_channels
-SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3), (4, 4)))      # 30 tokens in 4 scales
+SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (3, 3), (4, 4)))  # 30 tokens in 4 scales
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,12 @@ def _inputs(batch, schedule=SCHEDULE, seed=1) -> torch.Tensor:
 def _cached(model, cond, schedule, inputs) -> list[torch.Tensor]:
     """Scale by scale through the KV cache, as the sampler drives it, with the given inputs."""
     B = cond.pooled.shape[0]
-    cache = KVCache.allocate(CONFIG.depth, B, CONFIG.num_heads, schedule.total_tokens, CONFIG.head_dim,
-                             torch.float32, "cpu")
+    cache = KVCache.allocate(
+        CONFIG.depth, B, CONFIG.num_heads, schedule.total_tokens, CONFIG.head_dim, torch.float32, "cpu"
+    )
     ca_kv, out = model.cross_kv(cond), []
-    for si, (start, n) in enumerate(zip(schedule.offsets, schedule.lengths)):
-        x = model.start_tokens(cond) if si == 0 else model.embed_bits(inputs[:, start - 1:start - 1 + n])
+    for si, (start, n) in enumerate(zip(schedule.offsets, schedule.lengths, strict=True)):
+        x = model.start_tokens(cond) if si == 0 else model.embed_bits(inputs[:, start - 1 : start - 1 + n])
         out.append(model.step(x, si, schedule, cond, ca_kv, cache, "sdpa"))
     assert cache.filled == schedule.total_tokens
     return out
@@ -63,7 +64,7 @@ def test_conditioning_shapes_and_the_shared_modulation(model):
     assert cond.ada.shape == (2, 1, 6, C) and cond.head_ada.shape == (2, 1, 2, C)
     assert cond.memory.features.shape == (2, 5, C) and torch.equal(cond.memory.lengths, text.lengths)
     with torch.no_grad():
-        torch.testing.assert_close(cond.ada.flatten(1), model.shared_ada_lin(cond.pooled))    # slot j = rows j*C..
+        torch.testing.assert_close(cond.ada.flatten(1), model.shared_ada_lin(cond.pooled))  # slot j = rows j*C..
         torch.testing.assert_close(cond.head_ada, model.head_nm.modulation(cond.pooled))
         torch.testing.assert_close(model.start_tokens(cond), cond.pooled[:, None] + model.pos_start)
 
@@ -95,7 +96,7 @@ def test_the_unconditional_text_is_the_learned_matrix_cut_to_each_prompts_length
     for row, n in enumerate((4, 2, 7)):
         assert torch.equal(uncond.features[row, :n], model.cfg_uncond[:n].detach())
     assert model.cfg_uncond.shape == (CONFIG.text_maxlen, CT)
-    uncond.features[0, 0] += 1                                           # a copy: the parameter is safe
+    uncond.features[0, 0] += 1  # a copy: the parameter is safe
     assert torch.equal(model.unconditional_text(torch.tensor([1])).features[0], model.cfg_uncond[:1].detach())
 
 
@@ -103,7 +104,7 @@ def test_the_unconditional_init_is_the_official_one():
     model = Infinity(CONFIG)
     expected = torch.empty(CONFIG.text_maxlen, CT)
     torch.nn.init.trunc_normal_(expected, std=1.2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(model.cfg_uncond.detach(), expected / CT ** 0.5)
+    assert torch.equal(model.cfg_uncond.detach(), expected / CT**0.5)
 
 
 # ---- teacher forcing and the cached step ------------------------------------------------------
@@ -122,11 +123,11 @@ def test_teacher_forcing_refuses_inputs_of_the_wrong_length(model):
 def test_a_scale_never_sees_later_scales(model):
     inputs = _inputs(2)
     changed = inputs.clone()
-    changed[:, SCHEDULE.offsets[-1] - 1:] += 1.0                        # the last scale's inputs
+    changed[:, SCHEDULE.offsets[-1] - 1 :] += 1.0  # the last scale's inputs
     with torch.no_grad():
         cond = model.condition(_text([5, 3]))
         a, b = model(cond, SCHEDULE, inputs), model(cond, SCHEDULE, changed)
-    assert all(torch.equal(x, y) for x, y in zip(a[:-1], b[:-1]))
+    assert all(torch.equal(x, y) for x, y in zip(a[:-1], b[:-1], strict=True))
     assert not torch.equal(a[-1], b[-1])
 
 
@@ -142,18 +143,19 @@ def test_cached_step_logits_equal_teacher_forced_logits(model, batch_invariant):
             cached = _cached(model, cond, schedule, inputs)
     finally:
         model.set_batch_invariant(False)
-    for si, (c, f) in enumerate(zip(cached, forced)):
+    for si, (c, f) in enumerate(zip(cached, forced, strict=True)):
         torch.testing.assert_close(c, f, atol=1e-5, rtol=1e-5, msg=f"scale {si}")
 
 
 def test_a_step_refuses_a_cache_at_the_wrong_offset(model):
     with torch.no_grad():
         cond = model.condition(_text([5]))
-        cache = KVCache.allocate(CONFIG.depth, 1, CONFIG.num_heads, SCHEDULE.total_tokens, CONFIG.head_dim,
-                                 torch.float32, "cpu")
+        cache = KVCache.allocate(
+            CONFIG.depth, 1, CONFIG.num_heads, SCHEDULE.total_tokens, CONFIG.head_dim, torch.float32, "cpu"
+        )
         x = model.embed_bits(_inputs(1)[:, :4])
         with pytest.raises(RuntimeError, match="starts at 1"):
-            model.step(x, 1, SCHEDULE, cond, model.cross_kv(cond), cache, "sdpa")     # scale 0 never ran
+            model.step(x, 1, SCHEDULE, cond, model.cross_kv(cond), cache, "sdpa")  # scale 0 never ran
 
 
 def test_level_embedding_is_added_per_scale(model):
@@ -182,7 +184,7 @@ def test_num_levels_bounds_the_number_of_scales():
         cond = model.condition(_text([2]))
         assert len(model(cond, three, _inputs(1, three))) == 3
         with pytest.raises((IndexError, ValueError)):
-            model(cond, SCHEDULE, _inputs(1))                            # 4 scales, 3 levels
+            model(cond, SCHEDULE, _inputs(1))  # 4 scales, 3 levels
 
 
 # ---- batch invariance -------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def test_the_switch_belongs_to_the_model_and_reaches_every_module():
     assert len(switches) > 3 * CONFIG.depth and not any(m.batch_invariant for m in switches)
     assert model.set_batch_invariant(True) is model
     assert all(m.batch_invariant for m in switches)
-    assert not Infinity(CONFIG).batch_invariant                          # another model keeps its own
+    assert not Infinity(CONFIG).batch_invariant  # another model keeps its own
 
 
 def test_a_prompt_is_conditioned_bit_for_bit_alike_alone_and_in_a_batch():
@@ -200,7 +202,7 @@ def test_a_prompt_is_conditioned_bit_for_bit_alike_alone_and_in_a_batch():
     config = replace(CONFIG, width=256, num_heads=4, ffn_hidden=1024, text_channels=64)
     model = make_transformer(config).set_batch_invariant(True)
     g = torch.Generator().manual_seed(4)
-    lengths = torch.tensor([12, 3, 2, 6])                    # padded to 12 rows: another GEMM kernel
+    lengths = torch.tensor([12, 3, 2, 6])  # padded to 12 rows: another GEMM kernel
     feats = torch.randn(4, 12, 64, generator=g) * (torch.arange(12)[None, :, None] < lengths[:, None, None])
     batch, alone = TextMemory(feats, lengths), TextMemory(feats[1:2, :3], lengths[1:2])
     with torch.no_grad():
@@ -212,9 +214,9 @@ def test_a_prompt_is_conditioned_bit_for_bit_alike_alone_and_in_a_batch():
     for field in ("pooled", "ada", "head_ada"):
         assert torch.equal(getattr(together, field)[1], getattr(single, field)[0]), field
     assert torch.equal(together.memory.features[1, :3], single.memory.features[0])
-    for (k1, v1), (k2, v2) in zip(kv_together, kv_single):
+    for (k1, v1), (k2, v2) in zip(kv_together, kv_single, strict=True):
         assert torch.equal(k1[1, :, :3], k2[0]) and torch.equal(v1[1, :, :3], v2[0])
-    assert all(torch.equal(a[1], b[0]) for a, b in zip(logits_together, logits_single))
+    assert all(torch.equal(a[1], b[0]) for a, b in zip(logits_together, logits_single, strict=True))
 
 
 def test_the_per_row_and_the_fused_conditioning_agree_closely(model):

@@ -14,7 +14,7 @@ from model.vae import BitwiseVAE, Downsample, Upsample, to_uint8
 from tests.conftest import make_vae
 
 TINY, PATCHIFY = VAE_SIZES["tiny"], VAE_SIZES["tiny-patchify"]
-SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (4, 4)))              # token grids; a 4x4 latent for tiny
+SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (4, 4)))  # token grids; a 4x4 latent for tiny
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_encoder_and_decoder_shapes(vae):
         assert latent.shape == (2, TINY.bits, 4, 3) and latent.dtype == torch.float32
         image = vae.decode(latent)
     assert image.shape == (2, 3, 16, 12) and image.dtype == torch.float32
-    assert image.min() >= -1 and image.max() <= 1                      # decode clamps
+    assert image.min() >= -1 and image.max() <= 1  # decode clamps
 
 
 def test_a_one_pixel_latent_decodes_to_one_stride_square(vae):
@@ -65,23 +65,24 @@ def test_decoding_a_batch_matches_decoding_each_image_alone(vae):
     latent = _latent(3, TINY.bits, (4, 4), seed=1)
     with torch.no_grad():
         together = vae.decode(latent)
-        alone = torch.cat([vae.decode(latent[i:i + 1]) for i in range(3)])
+        alone = torch.cat([vae.decode(latent[i : i + 1]) for i in range(3)])
     # Close, not bitwise: conv kernels sum in another order at another batch size, which is why the
     # pipeline decodes one image at a time (InfinityPipeline.decode_latent).
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
-    assert (together[0] - together[1]).abs().max() > 0.05                # and the images do differ
+    assert (together[0] - together[1]).abs().max() > 0.05  # and the images do differ
 
 
 # ---- official layout --------------------------------------------------------------------------
 def test_levels_blocks_and_resamplers_follow_the_official_layout(vae):
     levels = len(TINY.channel_mult)
     assert [len(level.block) for level in vae.encoder.down] == [TINY.num_res_blocks] * levels
-    assert [len(level.block) for level in vae.decoder.up] == [TINY.num_res_blocks + 1] * levels   # one more
+    assert [len(level.block) for level in vae.decoder.up] == [TINY.num_res_blocks + 1] * levels  # one more
     assert [hasattr(level, "downsample") for level in vae.encoder.down] == [True] * (levels - 1) + [False]
     assert [hasattr(level, "upsample") for level in vae.decoder.up] == [False] + [True] * (levels - 1)
     # decoder.up[i] is resolution level i, with that level's channels
     assert [level.block[-1].conv2.out_channels for level in vae.decoder.up] == [
-        TINY.base_channels * m for m in TINY.channel_mult]
+        TINY.base_channels * m for m in TINY.channel_mult
+    ]
     assert all(m.eps == 1e-6 for m in vae.modules() if isinstance(m, torch.nn.GroupNorm))
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in vae.modules())
 
@@ -102,18 +103,18 @@ def test_a_latent_bound_squashes_the_encoder_output():
     with torch.no_grad():
         latent = bounded.encode_latent(_images(1, (8, 8)) * 50)
     assert latent.abs().max() <= 0.1
-    assert make_vae(TINY).encoder.latent_bound is None                 # official: unbounded
+    assert make_vae(TINY).encoder.latent_bound is None  # official: unbounded
 
 
 # ---- to_uint8 ---------------------------------------------------------------------------------
 def test_to_uint8_is_rgb_channels_last_and_truncates():
     images = torch.tensor([-1.0, 1.0, 0.0, -0.9137, 0.99]).view(1, 1, 1, 5).expand(1, 3, 1, 5).clone()
-    images[0, 1], images[0, 2] = 1.0, -1.0                             # green all 255, blue all 0
+    images[0, 1], images[0, 2] = 1.0, -1.0  # green all 255, blue all 0
     out = to_uint8(images)
     assert out.shape == (1, 1, 5, 3) and out.dtype == torch.uint8
     # (x + 1) / 2 * 255 cast toward zero: 0 -> 127.5 -> 127; -0.9137 -> 11.00... -> 11 and 0.99 -> 253.7 -> 253
     assert out[0, 0, :, 0].tolist() == [0, 255, 127, 11, 253]
-    assert out[0, 0, :, 1].tolist() == [255] * 5 and out[0, 0, :, 2].tolist() == [0] * 5    # RGB: no BGR flip
+    assert out[0, 0, :, 1].tolist() == [255] * 5 and out[0, 0, :, 2].tolist() == [0] * 5  # RGB: no BGR flip
 
 
 def test_to_uint8_maps_the_decoder_range_onto_every_level_in_order():
@@ -142,7 +143,7 @@ def test_the_patchify_variant_makes_4x_bits_tokens_on_a_2x_latent(patchify_vae):
     config = PATCHIFY
     assert config.spatial_patchify and config.token_bits == 4 * config.bits
     assert config.pixels_per_token == 2 * config.stride
-    scales = SCHEDULE.vae_scales(True)                                 # latent grids: 2x the token grids
+    scales = SCHEDULE.vae_scales(True)  # latent grids: 2x the token grids
     assert scales[-1] == (8, 8)
     H, W = SCHEDULE.image_size(config.pixels_per_token)
     images = _images(1, (H, W), seed=4)
@@ -151,5 +152,5 @@ def test_the_patchify_variant_makes_4x_bits_tokens_on_a_2x_latent(patchify_vae):
         encoded = patchify_vae.encode_bits(images, scales)
         assert encoded.quantized.shape == (1, config.bits, 8, 8)
         tokens = quant.to_token_layout(encoded.quantized)
-        assert tokens.shape == (1, 4 * 4, config.token_bits)           # the transformer's final scale
+        assert tokens.shape == (1, 4 * 4, config.token_bits)  # the transformer's final scale
         assert patchify_vae.reconstruct(images, scales).shape == (1, 3, H, W)

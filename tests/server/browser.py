@@ -14,12 +14,24 @@ from selenium.webdriver.chrome.service import Service
 BINARIES = ("chromium", "chromedriver")
 # Chromium's own background traffic (updates, safe browsing, metrics) is switched off, and every
 # host name but the test server's resolves to nothing.
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability",
-         "--disable-client-side-phishing-detection", "--no-pings", "--metrics-recording-only",
-         "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
-         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
+FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--no-pings",
+    "--metrics-recording-only",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+)
 
 
 def missing_binaries() -> list[str]:
@@ -29,7 +41,7 @@ def missing_binaries() -> list[str]:
 def chromium(width: int = 1280, height: int = 1000) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})       # console errors, CSP violations
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console errors, CSP violations
     for flag in (*FLAGS, f"--window-size={width},{height}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))

@@ -60,8 +60,15 @@ def make_app(pipeline, **overrides):
     values = dict(max_batch_size=4, max_n=4, max_wait_ms=30, max_queue=4, warmup=False)
     values.update(overrides)
     settings = Settings(**values)
-    engine = Engine({"cpu": pipeline}, Metrics(), settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                    settings.memory_budget_bytes, settings.worker_restarts)
+    engine = Engine(
+        {"cpu": pipeline},
+        Metrics(),
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.max_queue,
+        settings.memory_budget_bytes,
+        settings.worker_restarts,
+    )
     engine.start()
     return create_app(settings, engine, LIMITS), engine
 
@@ -100,7 +107,7 @@ def running_server(app, config: uvicorn.Config | None = None, send_buffer: int |
     sockets = None
     if send_buffer is not None:
         listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)   # accepted sockets inherit it
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)  # accepted sockets inherit it
         listener.bind((config.host, port))
         sockets = [listener]
     thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)

@@ -68,7 +68,7 @@ def screenshot(out: Path) -> None:
     image = Image.open(io.BytesIO(png)).convert("RGB")
     buffer = io.BytesIO()
     image.save(buffer, "PNG", optimize=True)
-    if buffer.tell() > MAX_BYTES:                 # a flat UI loses nothing visible in 256 colours
+    if buffer.tell() > MAX_BYTES:  # a flat UI loses nothing visible in 256 colours
         buffer = io.BytesIO()
         image.quantize(256).save(buffer, "PNG", optimize=True)
     out.parent.mkdir(parents=True, exist_ok=True)

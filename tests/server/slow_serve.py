@@ -14,6 +14,7 @@ def _slow(build):
         engine, limits = build(settings, metrics)
         engine.fault_hook = lambda requests: time.sleep(HOLD_S)
         return engine, limits
+
     return build_engine
 
 

@@ -16,7 +16,7 @@ from server.metrics import Metrics
 
 SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2)))
 OTHER = ScaleSchedule.custom(((1, 1), (3, 3)))
-KV_PER_ROW = 100                                   # bytes of one cache row; a guided image needs two
+KV_PER_ROW = 100  # bytes of one cache row; a guided image needs two
 
 
 class Clock:
@@ -52,14 +52,14 @@ def _count(metrics: Metrics, name: str, **labels) -> float:
 def test_a_request_over_the_kv_budget_is_refused_naming_n():
     admission, clock, _ = _admission(budget=250)
     with pytest.raises(ServingError) as e:
-        admission.admit(_request(clock, n=2))                            # 2 guided images: 400 bytes
+        admission.admit(_request(clock, n=2))  # 2 guided images: 400 bytes
     err = e.value
     assert (err.status, err.param, err.code) == (400, "n", "invalid_value")
     assert "400" in err.message and "250" in err.message
     assert admission.queue.depth == 0
-    ticket = admission.admit(_request(clock, n=1))                       # 200 bytes fit
+    ticket = admission.admit(_request(clock, n=1))  # 200 bytes fit
     assert ticket.kv_bytes == 200 and ticket.rows == 1 and admission.queue.depth == 1
-    assert admission.admit(_request(clock, n=2, cfg=1.0)).kv_bytes == 200    # unguided: one row per image
+    assert admission.admit(_request(clock, n=2, cfg=1.0)).kv_bytes == 200  # unguided: one row per image
 
 
 def test_without_a_budget_any_size_is_admitted():
@@ -81,12 +81,12 @@ def test_before_any_batch_time_only_a_passed_deadline_is_refused():
 def test_a_deadline_the_recent_batch_times_cannot_meet_is_refused():
     admission, clock, metrics = _admission()
     admission.times.record("cpu", SCHEDULE.key, 2.0)
-    assert admission.estimated_wait(SCHEDULE.key) == 2.0                 # empty queue: one batch
+    assert admission.estimated_wait(SCHEDULE.key) == 2.0  # empty queue: one batch
     with pytest.raises(ServingError) as e:
         admission.admit(_request(clock, deadline_in=1.5))
     assert e.value.code == "deadline_unreachable" and e.value.retry_after == 2.0
     admission.admit(_request(clock, deadline_in=2.5))
-    assert admission.estimated_wait(OTHER.key) == 0.0                    # another schedule: unknown yet
+    assert admission.estimated_wait(OTHER.key) == 0.0  # another schedule: unknown yet
     assert _count(metrics, "infinity_rejected_requests_total", reason="deadline") == 1
 
 
@@ -94,7 +94,7 @@ def test_a_deadline_the_recent_batch_times_cannot_meet_is_refused():
 def test_the_estimate_counts_the_batches_queued_ahead_over_all_replicas(replicas, expected):
     admission, clock, _ = _admission(max_batch=4, replicas=replicas)
     admission.times.record("cpu", SCHEDULE.key, 3.0)
-    admission.admit(_request(clock, n=4, deadline_in=100))               # 4 images = one full batch ahead
+    admission.admit(_request(clock, n=4, deadline_in=100))  # 4 images = one full batch ahead
     assert admission.estimated_wait(SCHEDULE.key) == pytest.approx(expected)
 
 
@@ -116,7 +116,7 @@ def test_a_full_queue_refuses_with_429_and_counts_it():
     assert (e.value.status, e.value.code, e.value.retry_after) == (429, "queue_full", 1.0)
     assert _count(metrics, "infinity_rejected_requests_total", reason="queue_full") == 1
     assert admission.queue.depth == 2
-    admission.admit(_request(clock, n=1))                                # what still fits is admitted
+    admission.admit(_request(clock, n=1))  # what still fits is admitted
 
 
 # ---- cancel and idle --------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_cancel_takes_a_queued_ticket_out_once():
     ticket = admission.admit(_request(clock))
     admission.cancel(ticket, "disconnect")
     assert admission.queue.depth == 0 and ticket.future.cancelled() and ticket.cancel_reason == "disconnect"
-    admission.cancel(ticket, "deadline")                                 # idempotent
+    admission.cancel(ticket, "deadline")  # idempotent
     assert ticket.cancel_reason == "disconnect"
     assert _count(metrics, "infinity_cancelled_requests_total", stage="queued") == 1
     assert admission.idle
@@ -135,11 +135,11 @@ def test_cancel_marks_a_running_ticket_which_stays_running_until_finished():
     admission, clock, metrics = _admission()
     ticket = admission.admit(_request(clock))
     assert not admission.idle
-    batch = admission.queue.poll()                                       # a worker takes it
+    batch = admission.queue.poll()  # a worker takes it
     assert batch == [ticket] and admission.queue.depth == 0
-    assert not admission.idle                                            # running counts as busy
+    assert not admission.idle  # running counts as busy
     admission.cancel(ticket, "deadline")
-    assert ticket.cancelled and not ticket.future.done()                 # the worker drops it at the next scale
+    assert ticket.cancelled and not ticket.future.done()  # the worker drops it at the next scale
     assert _count(metrics, "infinity_cancelled_requests_total", stage="running") == 1
     admission.finished(batch)
     assert admission.idle
@@ -160,12 +160,12 @@ def test_batch_times_are_an_exponential_moving_average_per_device_and_schedule()
     times = BatchTimes()
     assert times.fastest("a") is None
     times.record("cpu", "a", 10.0)
-    assert times.fastest("a") == 10.0                                    # the first time is taken as is
+    assert times.fastest("a") == 10.0  # the first time is taken as is
     times.record("cpu", "a", 20.0)
     assert times.fastest("a") == pytest.approx((1 - EMA_WEIGHT) * 10.0 + EMA_WEIGHT * 20.0)
     assert EMA_WEIGHT == 0.3
     times.record("cpu", "b", 1.0)
-    assert times.fastest("a") == pytest.approx(13.0)                     # other schedules apart
+    assert times.fastest("a") == pytest.approx(13.0)  # other schedules apart
 
 
 def test_fastest_is_the_quickest_replica_for_that_schedule():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
 import time
@@ -34,8 +35,9 @@ def test_health_ready_models_and_docs(client):
 
 
 def test_generate_json_returns_images_seeds_size_and_usage(client):
-    r = client.post("/generate", json={"prompt": "a red circle", "n": 2, "seed": 10},
-                    headers={"x-request-id": "my-id-1"})
+    r = client.post(
+        "/generate", json={"prompt": "a red circle", "n": 2, "seed": 10}, headers={"x-request-id": "my-id-1"}
+    )
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "my-id-1"
     body = r.json()
@@ -49,7 +51,9 @@ def test_generate_json_returns_images_seeds_size_and_usage(client):
 
 def test_generate_image_bytes_and_seed_reproducibility(client):
     def get(seed):
-        r = client.post("/generate", json={"prompt": "a star", "seed": seed, "tau": 1.0}, headers={"accept": "image/png"})
+        r = client.post(
+            "/generate", json={"prompt": "a star", "seed": seed, "tau": 1.0}, headers={"accept": "image/png"}
+        )
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.headers["x-seed"] == str(seed)
         return r.content
@@ -62,8 +66,8 @@ def test_generate_image_bytes_and_seed_reproducibility(client):
 
 def test_requested_size_snaps_to_a_template(client):
     body = client.post("/generate", json={"prompt": "a", "width": 1344, "height": 768}).json()
-    assert body["h_div_w"] == 0.571 and body["pn"] == "0.25M"          # 1M asked, capped by the server
-    assert (body["width"], body["height"]) == (42 * 4, 24 * 4)          # 24x42 tokens, tiny VAE stride 4
+    assert body["h_div_w"] == 0.571 and body["pn"] == "0.25M"  # 1M asked, capped by the server
+    assert (body["width"], body["height"]) == (42 * 4, 24 * 4)  # 24x42 tokens, tiny VAE stride 4
     body = client.post("/generate", json={"prompt": "a", "aspect_ratio": "1:2", "pn": "0.06M"}).json()
     assert body["h_div_w"] == 2.0 and (body["width"], body["height"]) == (11 * 4, 22 * 4)
 
@@ -120,8 +124,18 @@ def test_malformed_json_nan_and_oversized_bodies(client):
 
 
 def test_openai_endpoint_b64_and_url(client):
-    r = client.post("/v1/images/generations", json={"prompt": "a red circle", "n": 2, "size": "256x256", "seed": 3,
-                                                    "style": "vivid", "moderation": "low", "model": "gpt-image-1"})
+    r = client.post(
+        "/v1/images/generations",
+        json={
+            "prompt": "a red circle",
+            "n": 2,
+            "size": "256x256",
+            "seed": 3,
+            "style": "vivid",
+            "moderation": "low",
+            "model": "gpt-image-1",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["data"]) == 2 and body["size"] == "64x64" and body["output_format"] == "png"
@@ -134,9 +148,15 @@ def test_openai_endpoint_b64_and_url(client):
     assert client.get("/v1/images/not-a-real-id").status_code == 404
 
 
-@pytest.mark.parametrize("body,param", [({"prompt": "a", "size": "big"}, "size"), ({"prompt": "a", "n": 9}, "n"),
-                                        ({"prompt": "a", "response_format": "gif"}, "response_format"),
-                                        ({"prompt": "a", "partial_images": 4}, "partial_images")])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "a", "size": "big"}, "size"),
+        ({"prompt": "a", "n": 9}, "n"),
+        ({"prompt": "a", "response_format": "gif"}, "response_format"),
+        ({"prompt": "a", "partial_images": 4}, "partial_images"),
+    ],
+)
 def test_openai_errors_have_the_openai_shape(client, body, param):
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 400
@@ -155,8 +175,12 @@ def test_every_layer_offers_the_models_pixel_budgets(client):
 @pytest.mark.parametrize("field,values", [("cfg", [3.0, 3.0]), ("tau", [0.5] * 6)])
 def test_a_short_per_scale_list_gets_the_same_400_from_both_endpoints(client, field, values):
     """Checked once, where the schedule is known; the message is the model's own (ScaleListError)."""
-    expected = {"message": str(ScaleListError(field, len(values), 7)), "type": "invalid_request_error",
-                "param": field, "code": "invalid_value"}
+    expected = {
+        "message": str(ScaleListError(field, len(values), 7)),
+        "type": "invalid_request_error",
+        "param": field,
+        "code": "invalid_value",
+    }
     for path in ("/generate", "/v1/images/generations"):
         r = client.post(path, json={"prompt": "a", field: values})
         assert (r.status_code, r.json()) == (400, {"error": expected}), path
@@ -177,7 +201,8 @@ def test_a_failure_has_one_error_body_in_a_response_and_in_both_streams(app_and_
     for path, name in (("/generate", "event: error"), ("/v1/images/generations", None)):
         text = client.post(path, json={"prompt": "a", "stream": True}).text
         lines = text.splitlines()
-        data = [d for e, d in zip([""] + lines, lines) if d.startswith("data:") and (name is None or e == name)]
+        pairs = itertools.pairwise(["", *lines])  # (the line before, the line)
+        data = [d for e, d in pairs if d.startswith("data:") and (name is None or e == name)]
         events[path] = json.loads(data[-1][5:])
     assert events["/generate"] == events["/v1/images/generations"] == body
 
@@ -201,6 +226,7 @@ def test_api_keys(pipeline):
 def _post_in_thread(client, results, body, path="/generate", headers=None):
     def run():
         results.append(client.post(path, json=body, headers=headers or {}))
+
     t = threading.Thread(target=run)
     t.start()
     return t
@@ -211,7 +237,7 @@ def test_queue_full_gives_429_with_retry_after(app_and_engine, client):
     gate.close()
     results = []
     threads = [_post_in_thread(client, results, {"prompt": "blocker"})]
-    assert gate.entered.wait(10)                       # one batch is running (held), the rest must queue
+    assert gate.entered.wait(10)  # one batch is running (held), the rest must queue
     threads += [_post_in_thread(client, results, {"prompt": "a", "n": 2, "seed": i}) for i in range(2)]
     deadline = time.monotonic() + 10
     while engine.batcher.depth < 4 and time.monotonic() < deadline:
@@ -223,7 +249,7 @@ def test_queue_full_gives_429_with_retry_after(app_and_engine, client):
     for t in threads:
         t.join(30)
     assert sorted(r.status_code for r in results) == [200, 200, 200]
-    assert "infinity_rejected_requests_total{reason=\"queue_full\"} 1.0" in client.get("/metrics").text
+    assert 'infinity_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
 
 
 def test_deadline_from_the_client_read_timeout_gives_504_quickly(app_and_engine, client):
@@ -253,14 +279,18 @@ def test_a_failing_batch_fails_each_request_and_the_server_goes_on(app_and_engin
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_images(app_and_engine, client):
     app, engine, gate = app_and_engine
-    solo = {s: client.post("/generate", json={"prompt": p, "seed": s, "tau": 1.0}).json()["images"][0]["b64"]
-            for s, p in ((1, "a red circle"), (2, "a blue square"), (3, "a green star"))}
+    solo = {
+        s: client.post("/generate", json={"prompt": p, "seed": s, "tau": 1.0}).json()["images"][0]["b64"]
+        for s, p in ((1, "a red circle"), (2, "a blue square"), (3, "a green star"))
+    }
     gate.close()
     results = []
     blocker = _post_in_thread(client, results, {"prompt": "x"})
     assert gate.entered.wait(10)
-    threads = [_post_in_thread(client, results, {"prompt": p, "seed": s, "tau": 1.0})
-               for s, p in ((1, "a red circle"), (2, "a blue square"), (3, "a green star"))]
+    threads = [
+        _post_in_thread(client, results, {"prompt": p, "seed": s, "tau": 1.0})
+        for s, p in ((1, "a red circle"), (2, "a blue square"), (3, "a green star"))
+    ]
     deadline = time.monotonic() + 10
     while engine.batcher.depth < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -273,17 +303,16 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(app_and_en
     metrics = client.get("/metrics").text
     assert 'infinity_batch_size_images_bucket{le="2.0"}' in metrics
     sizes = [line for line in metrics.splitlines() if line.startswith("infinity_batch_size_images_bucket")]
-    at_most_two = float([s for s in sizes if 'le="2.0"' in s][0].split()[-1])
-    total = float([s for s in sizes if 'le="+Inf"' in s][0].split()[-1])
-    assert total > at_most_two                        # one batch held 3 requests
+    at_most_two = float(next(s for s in sizes if 'le="2.0"' in s).split()[-1])
+    total = float(next(s for s in sizes if 'le="+Inf"' in s).split()[-1])
+    assert total > at_most_two  # one batch held 3 requests
 
 
 def test_generate_stream_sends_queued_previews_and_completed(client):
     with client.stream("POST", "/generate", json={"prompt": "a", "stream": True, "partial_images": 2}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
-    events = [(block.split("\n")[0][7:], json.loads(block.split("\n")[1][6:]))
-              for block in text.strip().split("\n\n")]
+    events = [(block.split("\n")[0][7:], json.loads(block.split("\n")[1][6:])) for block in text.strip().split("\n\n")]
     names = [e for e, _ in events]
     assert names == ["queued", "preview", "preview", "completed"]
     assert [d["scale_index"] for e, d in events if e == "preview"] == [2, 4]
@@ -293,7 +322,7 @@ def test_generate_stream_sends_queued_previews_and_completed(client):
 
 def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
     app, engine, _ = app_and_engine
-    release = [threading.Event(), threading.Event()]          # one per batch: the blocker, then "ahead"
+    release = [threading.Event(), threading.Event()]  # one per batch: the blocker, then "ahead"
     entered = [threading.Event(), threading.Event()]
     calls = []
 
@@ -305,10 +334,10 @@ def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
             assert release[i].wait(30)
 
     engine.fault_hook = hold
-    asked = [threading.Event(), threading.Event()]            # the stream looked up its place: at all, then 0
+    asked = [threading.Event(), threading.Event()]  # the stream looked up its place: at all, then 0
     place = engine.images_ahead
 
-    def images_ahead(ticket):                                 # only the stream asks
+    def images_ahead(ticket):  # only the stream asks
         ahead = place(ticket)
         asked[0].set()
         if ahead == 0:
@@ -319,21 +348,22 @@ def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
     results = []
     threads = [_post_in_thread(client, results, {"prompt": "blocker"})]
     assert entered[0].wait(10)
-    threads.append(_post_in_thread(client, results, {"prompt": "ahead", "aspect_ratio": "2:1"}))   # another size
+    threads.append(_post_in_thread(client, results, {"prompt": "ahead", "aspect_ratio": "2:1"}))  # another size
     deadline = time.monotonic() + 10
     while engine.batcher.depth < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     threads.append(_post_in_thread(client, results, {"prompt": "mine", "stream": True}))
-    assert asked[0].wait(10)           # its first `queued` event is written: "ahead" is still queued
-    release[0].set()                   # the blocker finishes; "ahead" leaves the queue and is held
+    assert asked[0].wait(10)  # its first `queued` event is written: "ahead" is still queued
+    release[0].set()  # the blocker finishes; "ahead" leaves the queue and is held
     assert entered[1].wait(10)
-    assert asked[1].wait(10)           # a tick of the stream found "mine" next in line
+    assert asked[1].wait(10)  # a tick of the stream found "mine" next in line
     release[1].set()
     for t in threads:
         t.join(30)
     stream = next(r.text for r in results if r.headers["content-type"].startswith("text/event-stream"))
     lines = stream.splitlines()
-    queued = [json.loads(data.split(":", 1)[1]) for event, data in zip(lines, lines[1:]) if event == "event: queued"]
+    pairs = itertools.pairwise(lines)
+    queued = [json.loads(data.split(":", 1)[1]) for event, data in pairs if event == "event: queued"]
     assert [q["images_ahead"] for q in queued] == [1, 0], queued
     assert "event: completed" in stream
 
@@ -341,14 +371,24 @@ def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
 def test_metrics_expose_every_documented_metric(client):
     client.post("/generate", json={"prompt": "a"})
     text = client.get("/metrics").text
-    for name in ("infinity_requests_total", "infinity_request_duration_seconds_bucket", "infinity_images_generated_total",
-                 "infinity_image_tokens_generated_total", "infinity_prompt_tokens_total", "infinity_queue_depth",
-                 "infinity_running_rows", "infinity_batch_size_images_bucket", "infinity_queue_wait_seconds_bucket",
-                 'infinity_stage_duration_seconds_bucket{le="0.05",stage="transformer"}',
-                 'infinity_stage_duration_seconds_bucket{le="0.05",stage="vae_decode"}',
-                 'infinity_stage_duration_seconds_bucket{le="0.05",stage="text_encode"}',
-                 'infinity_scale_step_seconds_bucket{le="0.001",scale="6"}', "infinity_device_memory_bytes",
-                 "infinity_ready 1.0", "infinity_build_info"):
+    for name in (
+        "infinity_requests_total",
+        "infinity_request_duration_seconds_bucket",
+        "infinity_images_generated_total",
+        "infinity_image_tokens_generated_total",
+        "infinity_prompt_tokens_total",
+        "infinity_queue_depth",
+        "infinity_running_rows",
+        "infinity_batch_size_images_bucket",
+        "infinity_queue_wait_seconds_bucket",
+        'infinity_stage_duration_seconds_bucket{le="0.05",stage="transformer"}',
+        'infinity_stage_duration_seconds_bucket{le="0.05",stage="vae_decode"}',
+        'infinity_stage_duration_seconds_bucket{le="0.05",stage="text_encode"}',
+        'infinity_scale_step_seconds_bucket{le="0.001",scale="6"}',
+        "infinity_device_memory_bytes",
+        "infinity_ready 1.0",
+        "infinity_build_info",
+    ):
         assert name in text, name
     # declared even before they first happen
     for name in ("infinity_rejected_requests_total", "infinity_cancelled_requests_total", "infinity_errors_total"):
@@ -386,7 +426,7 @@ def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, clien
         t.join(30)
     assert sorted(r.status_code for r in results) == [200] * 4
     metrics = client.get("/metrics").text
-    assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in metrics                  # 3 requests -> 1 + 2 -> 1 + 1 + 1
+    assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in metrics  # 3 requests -> 1 + 2 -> 1 + 1 + 1
     engine.fault_hook = lambda requests: (_ for _ in ()).throw(DeviceOutOfMemory("injected"))
     r = client.post("/generate", json={"prompt": "a"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"

@@ -23,7 +23,7 @@ from server.jobs import GenerationOutput, GenerationRequest, Preview
 from server.metrics import Metrics
 
 SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (4, 4)))
-SIZE = (6, 4)                                          # (height, width) of the stand-in images
+SIZE = (6, 4)  # (height, width) of the stand-in images
 
 
 def _image(row: int) -> np.ndarray:
@@ -48,8 +48,9 @@ class Previews(list):
 
 def _ticket(name: str, n: int, preview_scales=(), on_preview=None, enqueued=10.0) -> Ticket[GenerationRequest]:
     params = tuple(SamplingParams(seed=100 + i) for i in range(n))
-    request = GenerationRequest(name, f"prompt {name}", SCHEDULE, params, time.monotonic() + 60,
-                                frozenset(preview_scales), on_preview)
+    request = GenerationRequest(
+        name, f"prompt {name}", SCHEDULE, params, time.monotonic() + 60, frozenset(preview_scales), on_preview
+    )
     return Ticket(SCHEDULE.key, n, 0, request.deadline, request, enqueued=enqueued)
 
 
@@ -58,9 +59,16 @@ def _event(scale: int, rows) -> ScaleEvent:
 
 
 def _result(rows, nonfinite=()) -> GenerationResult:
-    return GenerationResult(rows=tuple(rows), nonfinite=tuple(nonfinite), images=[_image(r) for r in rows], bits=[],
-                            seeds=[1000 + r for r in rows], prompt_tokens=[3 + r for r in rows], image_tokens=21 * 8,
-                            timings=StageTimings(0.1, 0.2, 0.3, (0.05,) * 3))
+    return GenerationResult(
+        rows=tuple(rows),
+        nonfinite=tuple(nonfinite),
+        images=[_image(r) for r in rows],
+        bits=[],
+        seeds=[1000 + r for r in rows],
+        prompt_tokens=[3 + r for r in rows],
+        image_tokens=21 * 8,
+        timings=StageTimings(0.1, 0.2, 0.3, (0.05,) * 3),
+    )
 
 
 def _delivery(*tickets) -> tuple[BatchDelivery, PreviewPipeline, Metrics]:
@@ -81,7 +89,7 @@ def test_previews_go_only_to_requests_that_asked_for_that_scale_with_only_their_
     a_seen, b_seen = Previews(), Previews()
     a = _ticket("a", 2, preview_scales={1}, on_preview=a_seen)
     b = _ticket("b", 1, preview_scales={0, 1}, on_preview=b_seen)
-    c = _ticket("c", 2, preview_scales={0, 1})                 # asked, but no callback: nothing is decoded
+    c = _ticket("c", 2, preview_scales={0, 1})  # asked, but no callback: nothing is decoded
     delivery, pipeline, _ = _delivery(a, b, c)
     assert delivery.on_scale(_event(0, range(5))) == set()
     assert pipeline.calls == [(0, [2])] and a_seen == []
@@ -91,17 +99,17 @@ def test_previews_go_only_to_requests_that_asked_for_that_scale_with_only_their_
     assert [[int(img[0, 0, 0]) for img in p.images] for p in a_seen] == [[0, 1]]
     assert [[int(img[0, 0, 0]) for img in p.images] for p in b_seen] == [[2], [2]]
     delivery.on_scale(_event(2, range(5)))
-    assert len(pipeline.calls) == 3                            # nobody asked for scale 2
+    assert len(pipeline.calls) == 3  # nobody asked for scale 2
 
 
 def test_rows_of_cancelled_requests_are_dropped_and_never_previewed():
     seen = Previews()
     a, b = _ticket("a", 2, preview_scales={0, 1}, on_preview=seen), _ticket("b", 2)
-    delivery, pipeline, _ = _delivery(b, a)                    # rows 0, 1: b; rows 2, 3: a
+    delivery, pipeline, _ = _delivery(b, a)  # rows 0, 1: b; rows 2, 3: a
     a.cancel_reason = "disconnect"
     assert delivery.on_scale(_event(0, range(4))) == {2, 3}
     assert seen == [] and pipeline.calls == []
-    assert delivery.on_scale(_event(1, (0, 1))) == set()      # already gone: nothing more to drop
+    assert delivery.on_scale(_event(1, (0, 1))) == set()  # already gone: nothing more to drop
 
 
 def test_each_request_gets_its_own_rows_seeds_and_timings():
@@ -121,7 +129,7 @@ def test_each_request_gets_its_own_rows_seeds_and_timings():
 def test_non_finite_rows_fail_only_their_own_request():
     a, b, c = _ticket("a", 1), _ticket("b", 2), _ticket("c", 1)
     delivery, _, metrics = _delivery(a, b, c)
-    delivery.deliver(_result((0, 2, 3), nonfinite=(1,)), started=12.0)      # row 1 (b's first image) overflowed
+    delivery.deliver(_result((0, 2, 3), nonfinite=(1,)), started=12.0)  # row 1 (b's first image) overflowed
     with pytest.raises(ServingError) as e:
         b.future.result(0)
     assert (e.value.status, e.value.code) == (422, "non_finite_logits")
@@ -134,7 +142,7 @@ def test_a_request_whose_rows_were_all_dropped_gets_the_cancelled_error():
     a, b = _ticket("a", 1), _ticket("b", 2)
     delivery, _, _ = _delivery(a, b)
     b.cancel_reason = "deadline"
-    delivery.deliver(_result((0,)), started=12.0)              # rows 1, 2 left at a scale
+    delivery.deliver(_result((0,)), started=12.0)  # rows 1, 2 left at a scale
     with pytest.raises(ServingError) as e:
         b.future.result(0)
     assert (e.value.status, e.value.code) == (499, "cancelled")
@@ -143,9 +151,9 @@ def test_a_request_whose_rows_were_all_dropped_gets_the_cancelled_error():
 
 def test_a_ticket_already_answered_is_left_alone():
     a, b = _ticket("a", 1), _ticket("b", 1)
-    a.future.cancel()                                          # e.g. cancelled while its batch was taken
+    a.future.cancel()  # e.g. cancelled while its batch was taken
     delivery, _, _ = _delivery(a, b)
-    delivery.deliver(_result((0, 1)), started=12.0)            # no InvalidStateError
+    delivery.deliver(_result((0, 1)), started=12.0)  # no InvalidStateError
     with pytest.raises(CancelledError):
         a.future.result(0)
     assert b.future.result(0).seeds == [1001]
@@ -163,7 +171,7 @@ def test_with_the_real_pipeline_a_request_cancelled_mid_run_leaves_at_the_next_s
     def on_scale(event: ScaleEvent):
         events.append(event.rows)
         if event.scale_index == 0:
-            leave.cancel_reason = "disconnect"                 # the client goes away during scale 0
+            leave.cancel_reason = "disconnect"  # the client goes away during scale 0
         return delivery.on_scale(event)
 
     result = pipeline.generate(delivery.prompts, SCHEDULE, delivery.params, on_scale=on_scale)
@@ -174,7 +182,7 @@ def test_with_the_real_pipeline_a_request_cancelled_mid_run_leaves_at_the_next_s
     assert all(img.shape == (height, width, 3) and img.dtype == np.uint8 for p in seen for img in p.images)
     out = keep.future.result(0)
     assert len(out.images) == 2 and out.seeds == [100, 101] and (out.height, out.width) == (height, width)
-    assert np.array_equal(seen[-1].images[0], out.images[0])   # the last scale's preview is the image
+    assert np.array_equal(seen[-1].images[0], out.images[0])  # the last scale's preview is the image
     with pytest.raises(ServingError) as e:
         leave.future.result(0)
     assert e.value.code == "cancelled"

@@ -67,13 +67,13 @@ def test_not_ready_until_started_then_serves_after_a_warm_up(engine, pipeline, m
     def slow_warm_up(prompts, *args, **kwargs):
         out = generate(prompts, *args, **kwargs)
         if prompts[0] == "warm-up":
-            time.sleep(0.05)                                      # a slow first compile, say
+            time.sleep(0.05)  # a slow first compile, say
             warmed.append(len(prompts))
         return out
 
     monkeypatch.setattr(pipeline, "generate", slow_warm_up)
     engine.start(warmup=SCHEDULE, warmup_batches=(1, 2))
-    assert warmed == [1, 2]                                       # start returned after the whole warm-up
+    assert warmed == [1, 2]  # start returned after the whole warm-up
     assert engine.ready and engine.metrics.registry.get_sample_value("infinity_ready") == 1
     out = engine.submit(_request("a", n=2)).future.result(30)
     assert isinstance(out, GenerationOutput) and out.schedule == SCHEDULE and out.seeds == [0, 1]
@@ -94,7 +94,7 @@ def test_queue_depth_places_in_line_and_cancel(held):
     second, third = engine.submit(_request("second", n=2)), engine.submit(_request("third"))
     assert engine.queue_depth == 3
     assert engine.images_ahead(second) == 0 and engine.images_ahead(third) == 2
-    assert engine.images_ahead(running) is None                    # it left the queue
+    assert engine.images_ahead(running) is None  # it left the queue
     engine.cancel(second, "disconnect")
     assert second.future.cancelled() and engine.queue_depth == 1 and engine.images_ahead(third) == 0
     gate.opened.set()
@@ -123,10 +123,10 @@ def test_begin_drain_fails_what_is_queued_with_503_and_counts_it(held):
         assert (error.status, error.code) == (503, "draining") and error.retry_after
     assert engine.queue_depth == 0 and not engine.ready
     assert _error(lambda: engine.submit(_request("late"))).code == "draining"
-    assert not engine.wait_idle(0.05)                              # the held batch still runs
+    assert not engine.wait_idle(0.05)  # the held batch still runs
     gate.opened.set()
     assert engine.wait_idle(30)
-    assert running.future.result(0).images                        # running work finished
+    assert running.future.result(0).images  # running work finished
 
 
 def test_drain_waits_for_running_work_and_stops_the_workers(held):
@@ -136,7 +136,7 @@ def test_drain_waits_for_running_work_and_stops_the_workers(held):
     assert engine.drain(30)
     assert running.future.result(0).images
     assert not any(r.alive for r in engine.replicas)
-    assert _error(lambda: engine.batcher.put(None)).code == "draining"   # the queue is closed
+    assert _error(lambda: engine.batcher.put(None)).code == "draining"  # the queue is closed
 
 
 def test_drain_reports_running_work_it_could_not_wait_for(held):
@@ -144,7 +144,7 @@ def test_drain_reports_running_work_it_could_not_wait_for(held):
     running = _hold_one_running(engine, gate)
     assert not engine.drain(0.05)
     gate.opened.set()
-    assert running.future.result(30).images                       # the worker still answers it
+    assert running.future.result(30).images  # the worker still answers it
 
 
 def test_broken_once_every_replica_retired(pipeline):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import httpx
-from fastapi.testclient import TestClient
 
 from tests.server.conftest import running_server
 
@@ -24,14 +23,14 @@ def test_an_oversized_chunked_body_gets_413_in_process_and_on_a_real_server(app_
     app, engine, gate = app_and_engine
     limit = app.state.settings.max_body_bytes
     headers = {"content-type": "application/json"}
-    r = client.post("/generate", content=_chunks(limit + 1), headers=headers)     # no Content-Length: chunked
+    r = client.post("/generate", content=_chunks(limit + 1), headers=headers)  # no Content-Length: chunked
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
     with running_server(app) as url:
         r = httpx.post(f"{url}/generate", content=_chunks(4 * limit), headers=headers, timeout=10)
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
         ok = b'{"prompt": "a red circle", "seed": 1}'
         r = httpx.post(f"{url}/generate", content=iter([ok[:10], ok[10:]]), headers=headers, timeout=30)
-        assert r.status_code == 200, r.text                                       # a small chunked body is fine
+        assert r.status_code == 200, r.text  # a small chunked body is fine
 
 
 def test_an_unexpected_error_gets_a_500_with_the_request_id_it_names(app_and_engine, client, caplog):
@@ -68,7 +67,7 @@ def test_stored_image_ids_never_reach_the_log(client, caplog):
         url = r.json()["data"][0]["url"]
         image_id = url.rsplit("/", 1)[1]
         assert client.get(url).status_code == 200
-        assert client.get(url + "x").status_code == 404                 # a wrong guess is not logged either
+        assert client.get(url + "x").status_code == 404  # a wrong guess is not logged either
     ours = "\n".join(rec.getMessage() for rec in caplog.records if not rec.name.startswith("httpx"))  # not the client's
     assert image_id not in ours and image_id[:12] not in ours
     assert "GET /v1/images/{image_id} -> 200" in ours

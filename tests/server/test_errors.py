@@ -31,8 +31,14 @@ def test_every_engine_error_code_has_its_status_for_streams():
 
 def test_the_body_has_the_openai_shape():
     body = error_body(errors.invalid("`n` must be at most 4", "n"))
-    assert body == {"error": {"message": "`n` must be at most 4", "type": "invalid_request_error", "param": "n",
-                              "code": "invalid_value"}}
+    assert body == {
+        "error": {
+            "message": "`n` must be at most 4",
+            "type": "invalid_request_error",
+            "param": "n",
+            "code": "invalid_value",
+        }
+    }
 
 
 def test_the_playground_gets_the_table(client):

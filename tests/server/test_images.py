@@ -31,7 +31,7 @@ def test_images_expire():
 def test_the_store_is_bounded_and_drops_the_oldest_first():
     store = ImageStore(ttl_s=60, max_bytes=100)
     first, second = store.put(b"a" * 60, "image/png"), store.put(b"b" * 30, "image/png")
-    third = store.put(b"c" * 50, "image/png")                 # over the bound: the oldest goes
+    third = store.put(b"c" * 50, "image/png")  # over the bound: the oldest goes
     assert store.get(first) is None and store.get(second) and store.get(third)
     assert store.size_bytes == 80 <= 100
 
@@ -51,7 +51,7 @@ def test_only_the_expired_images_go_and_their_bytes_with_them(monkeypatch):
     early = store.put(b"e" * 100, "image/png")
     clock.now += 5
     late = store.put(b"l" * 10, "image/png")
-    clock.now += 6                                               # early expired, late has 4 s left
+    clock.now += 6  # early expired, late has 4 s left
     assert store.get(early) is None and store.get(late).data == b"l" * 10 and store.size_bytes == 10
     clock.now += 4
     assert store.get(late) is None and store.size_bytes == 0
@@ -73,11 +73,11 @@ def test_eviction_looks_at_the_expired_images_only_not_every_stored_one(monkeypa
     monkeypatch.setattr(images, "time", clock)
     monkeypatch.setattr(images, "StoredImage", _CountedImage)
     store = ImageStore(ttl_s=10, max_bytes=10**9)
-    ids = [store.put(b"x", "image/png") for _ in range(2_000)]       # a full scan would read 2,000
+    ids = [store.put(b"x", "image/png") for _ in range(2_000)]  # a full scan would read 2,000
     _CountedImage.reads = 0
     assert store.get(ids[-1]) is not None and store.get("unknown") is None
-    assert _CountedImage.reads <= 2                              # one look at the oldest per request
-    clock.now += 10                                              # all expire at once: each looked at once
+    assert _CountedImage.reads <= 2  # one look at the oldest per request
+    clock.now += 10  # all expire at once: each looked at once
     _CountedImage.reads = 0
     assert store.get(ids[0]) is None and store.size_bytes == 0
     assert _CountedImage.reads <= 2_001

@@ -24,8 +24,9 @@ def _request(prompt: str, params: SamplingParams) -> GenerationRequest:
 
 
 def _alone(engine: Engine) -> dict[str, np.ndarray]:
-    return {p: engine.submit(_request(p, SamplingParams(tau=1.0, seed=s))).future.result(30).images[0]
-            for p, s in NORMAL}
+    return {
+        p: engine.submit(_request(p, SamplingParams(tau=1.0, seed=s))).future.result(30).images[0] for p, s in NORMAL
+    }
 
 
 def _in_one_batch(engine: Engine, gate: Gate, extra: GenerationRequest) -> list:
@@ -54,8 +55,10 @@ def held_engine(pipeline):
     engine.drain(5)
 
 
-@pytest.mark.parametrize("poison", [SamplingParams(tau=1e-38, seed=9), SamplingParams(cfg=1e38, seed=9),
-                                    SamplingParams(cfg=1e20, tau=1e-20, seed=9)])
+@pytest.mark.parametrize(
+    "poison",
+    [SamplingParams(tau=1e-38, seed=9), SamplingParams(cfg=1e38, seed=9), SamplingParams(cfg=1e20, tau=1e-20, seed=9)],
+)
 def test_a_row_with_non_finite_logits_fails_alone(held_engine, poison):
     app, engine, gate = held_engine
     alone = _alone(engine)
@@ -64,10 +67,10 @@ def test_a_row_with_non_finite_logits_fails_alone(held_engine, poison):
     with pytest.raises(ServingError) as caught:
         bad.future.result(30)
     assert caught.value.status == 422 and caught.value.code == "non_finite_logits"
-    for ticket, (prompt, _) in zip(tickets, NORMAL):
+    for ticket, (prompt, _) in zip(tickets, NORMAL, strict=True):
         out = ticket.future.result(30)
         assert np.array_equal(out.images[0], alone[prompt]), prompt
-    assert engine.metrics.batch_size.collect()[0].samples        # they did share a batch
+    assert engine.metrics.batch_size.collect()[0].samples  # they did share a batch
     text = TestClient(app).get("/metrics").text
     assert 'infinity_errors_total{reason="non_finite_logits"} 1.0' in text
 
@@ -88,7 +91,7 @@ def test_a_failing_request_is_bisected_out_of_its_batch(held_engine):
     with pytest.raises(ServingError) as caught:
         bad.future.result(30)
     assert caught.value.status == 500 and caught.value.code == "generation_failed"
-    for ticket, (prompt, _) in zip(tickets, NORMAL):
+    for ticket, (prompt, _) in zip(tickets, NORMAL, strict=True):
         assert np.array_equal(ticket.future.result(30).images[0], alone[prompt]), prompt
     text = TestClient(app).get("/metrics").text
     # 4 requests: [a b | poison c] -> [poison | c] -> poison alone fails: two splits, one error
@@ -96,10 +99,24 @@ def test_a_failing_request_is_bisected_out_of_its_batch(held_engine):
     assert 'infinity_errors_total{reason="generation"} 1.0' in text
 
 
-EXTREMES = [{"cfg": 30.000001}, {"cfg": 1e308}, {"cfg": -1e308}, {"tau": 1e-300}, {"tau": 5e-324}, {"tau": 1e308},
-            {"cfg": [3.0] * 6 + [1e300]}, {"tau": [1.0] * 6 + [1e-300]}, {"top_p": 1.0000001}, {"top_k": 10**18},
-            {"seed": 2**63}, {"n": 10**18}, {"width": 10**9, "height": 1}, {"partial_images": 10**9, "stream": True},
-            {"aspect_ratio": "1e308:1"}, {"pn": "1e308M"}]
+EXTREMES = [
+    {"cfg": 30.000001},
+    {"cfg": 1e308},
+    {"cfg": -1e308},
+    {"tau": 1e-300},
+    {"tau": 5e-324},
+    {"tau": 1e308},
+    {"cfg": [3.0] * 6 + [1e300]},
+    {"tau": [1.0] * 6 + [1e-300]},
+    {"top_p": 1.0000001},
+    {"top_k": 10**18},
+    {"seed": 2**63},
+    {"n": 10**18},
+    {"width": 10**9, "height": 1},
+    {"partial_images": 10**9, "stream": True},
+    {"aspect_ratio": "1e308:1"},
+    {"pn": "1e308M"},
+]
 
 
 def test_extreme_values_of_every_numeric_field_never_touch_concurrent_requests(held_engine):
@@ -111,8 +128,10 @@ def test_extreme_values_of_every_numeric_field_never_touch_concurrent_requests(h
         t.start()
         return t
 
-    solo = {s: client.post("/generate", json={"prompt": p, "seed": s, "tau": 1.0}).json()["images"][0]["b64"]
-            for p, s in NORMAL}
+    solo = {
+        s: client.post("/generate", json={"prompt": p, "seed": s, "tau": 1.0}).json()["images"][0]["b64"]
+        for p, s in NORMAL
+    }
     results: dict = {}
     threads = []
     for i, extreme in enumerate(EXTREMES):

@@ -24,7 +24,7 @@ def test_bad_settings_fail_fast_with_a_clear_message(tmp_path):
         Settings(transformer=tmp_path / "a.pth", vae=tmp_path / "v.pth", text_encoder=tmp_path)
     with pytest.raises(ValidationError, match="together"):
         Settings(transformer=tmp_path)
-    with pytest.raises(ValidationError, match="not available|unsupported|unknown"):
+    with pytest.raises(ValidationError, match=r"not available|unsupported|unknown"):
         Settings(devices=["cuda:7"])
     with pytest.raises(ValidationError, match="unknown device"):
         Settings(devices=["gpu0"])
@@ -50,8 +50,7 @@ def _held_draining_server(pipeline, drain_timeout_s: float):
     engine.fault_hook = gate
     gate.close()
     port = free_port()
-    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None), engine,
-                            drain_timeout_s)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None), engine, drain_timeout_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -64,8 +63,9 @@ def _held_draining_server(pipeline, drain_timeout_s: float):
 def test_sigterm_drains_in_flight_work_and_refuses_new_requests(pipeline):
     server, thread, engine, gate, url = _held_draining_server(pipeline, 20)
     results = []
-    inflight = threading.Thread(target=lambda: results.append(httpx.post(f"{url}/generate", json={"prompt": "a"},
-                                                                         timeout=30)))
+    inflight = threading.Thread(
+        target=lambda: results.append(httpx.post(f"{url}/generate", json={"prompt": "a"}, timeout=30))
+    )
     inflight.start()
     assert gate.entered.wait(10)
     server.handle_exit(signal.SIGTERM, None)
@@ -76,15 +76,20 @@ def test_sigterm_drains_in_flight_work_and_refuses_new_requests(pipeline):
     gate.opened.set()
     inflight.join(30)
     thread.join(30)
-    assert results[0].status_code == 200                   # in-flight work completed
-    assert not thread.is_alive()                           # and the server exited
+    assert results[0].status_code == 200  # in-flight work completed
+    assert not thread.is_alive()  # and the server exited
 
 
 def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
     port = free_port()
     env = {**os.environ, "INFINITY_MAX_BATCH_SIZE": "4", "INFINITY_MAX_N": "2", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -97,10 +102,11 @@ def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
                 pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.2)
-        r = httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1, "width": 1024, "height": 1024},
-                       timeout=60)
+        r = httpx.post(
+            f"{url}/generate", json={"prompt": "a red circle", "seed": 1, "width": 1024, "height": 1024}, timeout=60
+        )
         body = r.json()
-        assert r.status_code == 200 and body["model"] == "infinity-default"       # the shipped default model
+        assert r.status_code == 200 and body["model"] == "infinity-default"  # the shipped default model
         assert (body["width"], body["height"], body["pn"]) == (64, 64, "custom")  # the size it was trained for
         r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a", "response_format": "url"}, timeout=60)
         image_url = r.json()["data"][0]["url"]
@@ -108,8 +114,8 @@ def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
-    assert proc.returncode in (0, -signal.SIGTERM), output   # uvicorn re-raises the signal once drained
-    assert image_url.rsplit("/", 1)[1] not in output         # the id is a secret: in no log, uvicorn's included
+    assert proc.returncode in (0, -signal.SIGTERM), output  # uvicorn re-raises the signal once drained
+    assert image_url.rsplit("/", 1)[1] not in output  # the id is a secret: in no log, uvicorn's included
     assert "GET /v1/images/{image_id} -> 200" in output
     assert "embedded default model" in output
     assert "draining" in output
@@ -132,7 +138,7 @@ def test_a_drain_past_its_deadline_cancels_the_running_request_and_exits_in_time
     def post() -> None:
         try:
             results.append(httpx.post(f"{url}/generate", json={"prompt": "a"}, timeout=30))
-        except httpx.TransportError as e:          # the connection is closed under it: expected
+        except httpx.TransportError as e:  # the connection is closed under it: expected
             results.append(e)
 
     inflight = threading.Thread(target=post)
@@ -143,7 +149,7 @@ def test_a_drain_past_its_deadline_cancels_the_running_request_and_exits_in_time
     thread.join(15)
     took = time.monotonic() - start
     try:
-        assert not thread.is_alive() and took < 1.0 + 2.0, took       # one deadline (1 s), not three
+        assert not thread.is_alive() and took < 1.0 + 2.0, took  # one deadline (1 s), not three
         # uvicorn cancelled the handler at the deadline, and the handler cancelled its engine ticket
         assert 'infinity_cancelled_requests_total{stage="running"} 1.0' in engine.metrics.render().decode()
     finally:
@@ -153,8 +159,13 @@ def test_a_drain_past_its_deadline_cancels_the_running_request_and_exits_in_time
 
 def _start_serve(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -176,14 +187,21 @@ def _wait_for_metric(url: str, line: str) -> None:
 
 
 def test_sigterm_on_the_real_process_finishes_running_work_refuses_queued_and_exits_in_time():
-    env = {"INFINITY_MAX_BATCH_SIZE": "1", "INFINITY_MAX_N": "1", "INFINITY_DRAIN_TIMEOUT_S": "20",
-           "HF_HUB_OFFLINE": "1"}
-    proc, url = _start_serve(["-m", "tests.server.slow_serve", "1.5"], env)       # every batch takes >= 1.5 s
+    env = {
+        "INFINITY_MAX_BATCH_SIZE": "1",
+        "INFINITY_MAX_N": "1",
+        "INFINITY_DRAIN_TIMEOUT_S": "20",
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc, url = _start_serve(["-m", "tests.server.slow_serve", "1.5"], env)  # every batch takes >= 1.5 s
     results: dict[str, httpx.Response] = {}
 
     def post(name: str) -> threading.Thread:
-        t = threading.Thread(target=lambda: results.__setitem__(
-            name, httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1}, timeout=60)))
+        t = threading.Thread(
+            target=lambda: results.__setitem__(
+                name, httpx.post(f"{url}/generate", json={"prompt": "a red circle", "seed": 1}, timeout=60)
+            )
+        )
         t.start()
         return t
 
@@ -201,10 +219,10 @@ def test_sigterm_on_the_real_process_finishes_running_work_refuses_queued_and_ex
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert results["running"].status_code == 200, output                  # in-flight work finished
-    for name in ("queued-1", "queued-2"):                                 # queued work refused at once
+    assert results["running"].status_code == 200, output  # in-flight work finished
+    for name in ("queued-1", "queued-2"):  # queued work refused at once
         r = results[name]
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining", r.text
         assert "retry-after" in r.headers
-    assert took < 20, took                                                # inside the one drain deadline
+    assert took < 20, took  # inside the one drain deadline
     assert "2 queued requests refused with 503" in output, output

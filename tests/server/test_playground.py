@@ -87,19 +87,20 @@ def counter(url: str, sample: str) -> float:
 
 # ---- over HTTP ---------------------------------------------------------------------------------
 
+
 def test_page_and_its_files_load_without_a_key_and_only_from_this_server(live):
     url = live[0]
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]
-    assert not re.search(r'(src|href)="(https?:)?//', page.text)          # nothing from a CDN
+    assert not re.search(r'(src|href)="(https?:)?//', page.text)  # nothing from a CDN
     for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
         asset = httpx.get(f"{url}/playground/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
         assert "http://" not in asset.text and "https://" not in asset.text
     assert httpx.get(f"{url}/playground/index.html").status_code == 404
     assert httpx.get(f"{url}/playground/..%2Froutes_playground.py").status_code == 404
-    assert httpx.post(f"{url}/generate", json={"prompt": "a"}).status_code == 401     # the API still needs it
+    assert httpx.post(f"{url}/generate", json={"prompt": "a"}).status_code == 401  # the API still needs it
 
 
 def test_config_lists_every_template_and_the_allowed_pixel_budgets(live):
@@ -109,7 +110,7 @@ def test_config_lists_every_template_and_the_allowed_pixel_budgets(live):
     assert config["pixel_budgets"] == ["0.06M", "0.25M"] and config["default_pn"] == "0.06M"
     assert (config["max_n"], config["default_cfg"], config["default_tau"]) == (2, 3.0, 0.5)
     assert sorted(t["h_div_w"] for t in config["templates"]) == sorted(TEMPLATES)
-    for t in config["templates"]:          # the label the page sends snaps back to its own template
+    for t in config["templates"]:  # the label the page sends snaps back to its own template
         assert nearest_template(parse_aspect_ratio(t["aspect_ratio"])) == t["h_div_w"]
     by_label = {t["aspect_ratio"]: t for t in config["templates"]}
     assert by_label["1:1"]["sizes"]["0.06M"] == [64, 64] and by_label["2:1"]["sizes"]["0.25M"] == [184, 92]
@@ -128,12 +129,13 @@ def test_config_of_a_model_with_one_schedule_gives_its_size(pipeline):
 
 # ---- in the browser ------------------------------------------------------------------------------
 
+
 def test_generate_shows_each_scale_then_the_final_image_and_keeps_history(live, browser):
     url = live[0]
     driver = open_page(browser, url)
     prompt = driver.find_element(By.ID, "prompt")
     prompt.send_keys("a red circle")
-    prompt.send_keys(Keys.CONTROL, Keys.ENTER)                               # the keyboard way to generate
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard way to generate
     wait(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "#images a[download]"))
 
     final = driver.find_element(By.CSS_SELECTOR, "#images img")
@@ -141,22 +143,22 @@ def test_generate_shows_each_scale_then_the_final_image_and_keeps_history(live, 
     assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", final) == [64, 64]
     scales = driver.find_elements(By.CSS_SELECTOR, "#scales li")
     captions = [s.text for s in scales]
-    assert len(scales) == 7, captions                                       # 6 previews and the final
+    assert len(scales) == 7, captions  # 6 previews and the final
     assert all(re.fullmatch(r"\d/7 · \d+\.\d\d s( · final)?", c) for c in captions), captions
     assert [c.split("/")[0] for c in captions] == [str(i) for i in range(1, 8)]
     widths = driver.execute_script("return [...document.querySelectorAll('#scales img')].map(i => i.naturalWidth)")
     assert widths == [64] * 7
     seed = re.fullmatch(r"Seed used: (\d+)", driver.find_element(By.ID, "seed-used").text)[1]
     status = driver.find_element(By.ID, "status").text
-    assert status.startswith("Done in") and "1 image of 64×64, 7 scales" in status, status
+    assert status.startswith("Done in") and "1 image of 64×64, 7 scales" in status, status  # noqa: RUF001 (the multiplication sign the page prints)
     link = driver.find_element(By.CSS_SELECTOR, "#images a[download]")
     assert link.get_attribute("href").startswith("blob:")
     assert link.get_attribute("download") == f"infinity-seed{seed}.png"
 
-    driver.refresh()                                                          # history is kept in this browser
+    driver.refresh()  # history is kept in this browser
     wait(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "#history li"))
     entry = driver.find_element(By.CSS_SELECTOR, "#history li")
-    assert "a red circle" in entry.text and f"seed {seed}" in entry.text and "64×64" in entry.text
+    assert "a red circle" in entry.text and f"seed {seed}" in entry.text and "64×64" in entry.text  # noqa: RUF001 (the multiplication sign the page prints)
     assert driver.execute_script("return arguments[0].querySelector('img').naturalWidth", entry) > 0
     entry.find_element(By.TAG_NAME, "button").click()
     assert driver.find_element(By.ID, "prompt").get_attribute("value") == "a red circle"
@@ -196,11 +198,12 @@ def test_busy_server_shows_the_retry_time(pipeline, browser):
     with running_server(app) as url:
         driver = open_page(browser, url)
         held = hold_worker(url, gate)
-        queued = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "two", "n": 2},
-                                                            headers=AUTH, timeout=30))
+        queued = threading.Thread(
+            target=lambda: httpx.post(f"{url}/generate", json={"prompt": "two", "n": 2}, headers=AUTH, timeout=30)
+        )
         queued.start()
         try:
-            wait(driver, lambda: engine.batcher.depth == 2)                     # the queue is full
+            wait(driver, lambda: engine.batcher.depth == 2)  # the queue is full
             driver.find_element(By.ID, "prompt").send_keys("one more")
             driver.find_element(By.ID, "generate").click()
             text = error_text(driver)
@@ -216,8 +219,9 @@ def test_cancel_removes_the_queued_request_on_the_server(live, browser):
     url, engine, gate = live
     driver = open_page(browser, url)
     held = hold_worker(url, gate)
-    ahead = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "first"}, headers=AUTH,
-                                                       timeout=30))
+    ahead = threading.Thread(
+        target=lambda: httpx.post(f"{url}/generate", json={"prompt": "first"}, headers=AUTH, timeout=30)
+    )
     ahead.start()
     try:
         wait(driver, lambda: engine.batcher.depth == 1)
@@ -233,7 +237,7 @@ def test_cancel_removes_the_queued_request_on_the_server(live, browser):
         while counter(url, 'infinity_cancelled_requests_total{stage="queued"}') < before + 1:
             assert time.monotonic() < deadline, "the server never counted the cancellation"
             time.sleep(0.05)
-        assert engine.batcher.depth == 1                                   # the other request still waits
+        assert engine.batcher.depth == 1  # the other request still waits
         assert driver.find_element(By.ID, "generate").is_enabled()
         assert not driver.find_elements(By.CSS_SELECTOR, "#images .tile")  # no placeholder left behind
         assert console_errors(driver) == []
@@ -251,13 +255,14 @@ def test_phone_sized_screen_labels_and_keyboard(live, browser):
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
         unlabelled = driver.execute_script(
             "return [...document.querySelectorAll('input, select, textarea')]"
-            ".filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.outerHTML)")
+            ".filter(e => !e.labels.length && !e.getAttribute('aria-label')).map(e => e.outerHTML)"
+        )
         assert unlabelled == []
         radios = driver.find_elements(By.CSS_SELECTOR, "input[name=aspect]")
         assert len(radios) == 15
         checked = driver.find_element(By.CSS_SELECTOR, "input[name=aspect]:checked")
         assert checked.get_attribute("value") == "1:1"
-        checked.send_keys(Keys.ARROW_RIGHT)                                 # the shapes are real radio buttons
+        checked.send_keys(Keys.ARROW_RIGHT)  # the shapes are real radio buttons
         assert driver.find_element(By.CSS_SELECTOR, "input[name=aspect]:checked").get_attribute("value") != "1:1"
         assert "pixels" in driver.find_element(By.ID, "size-hint").text
     finally:

@@ -28,16 +28,16 @@ def test_each_api_key_has_its_own_window(pipeline):
     try:
         c = TestClient(app)
         assert [_post(c, "/generate", "key-a").status_code for _ in range(2)] == [200, 200]
-        r = _post(c, "/v1/images/generations", "key-a")           # both endpoints share the key's window
+        r = _post(c, "/v1/images/generations", "key-a")  # both endpoints share the key's window
         assert r.status_code == 429
         error = r.json()["error"]
         assert error["code"] == "rate_limited" and error["type"] == "rate_limit_error"
         assert 1 <= int(r.headers["retry-after"]) <= 60 and r.headers["x-should-retry"] == "true"
         assert "key-a" not in r.text
-        assert _post(c, "/generate", "key-b").status_code == 200   # another key is not throttled
-        assert _post(c, "/generate", "wrong").status_code == 401   # auth comes first, and costs nothing
+        assert _post(c, "/generate", "key-b").status_code == 200  # another key is not throttled
+        assert _post(c, "/generate", "wrong").status_code == 401  # auth comes first, and costs nothing
         assert 'infinity_rejected_requests_total{reason="rate_limited"} 1.0' in c.get("/metrics").text
-        assert c.get("/healthz").status_code == 200                # health and metrics are never limited
+        assert c.get("/healthz").status_code == 200  # health and metrics are never limited
     finally:
         engine.drain(5)
 
@@ -71,7 +71,7 @@ def test_fresh_bearer_tokens_without_keys_are_limited_by_address(pipeline):
     try:
         c = TestClient(app)
         assert _post(c, "/generate", "random-token-1").status_code == 200
-        assert _post(c, "/generate", "random-token-2").status_code == 429   # a new token is no new identity
+        assert _post(c, "/generate", "random-token-2").status_code == 429  # a new token is no new identity
         assert len(app.state.rate_limiter) == 1
     finally:
         engine.drain(5)
@@ -98,7 +98,7 @@ def test_a_forged_forwarded_for_from_an_untrusted_peer_is_ignored(pipeline):
     try:
         c = TestClient(app, client=("198.51.100.7", 40000))
         assert _post_via(c, "203.0.113.1").status_code == 200
-        assert _post_via(c, "203.0.113.2").status_code == 429          # still 198.51.100.7
+        assert _post_via(c, "203.0.113.2").status_code == 429  # still 198.51.100.7
     finally:
         engine.drain(5)
 
@@ -108,7 +108,7 @@ def test_the_forwarded_address_is_used_from_a_trusted_proxy(pipeline):
     try:
         proxy = TestClient(app, client=("10.0.0.1", 40000))
         assert _post_via(proxy, "203.0.113.1").status_code == 200
-        assert _post_via(proxy, "203.0.113.2").status_code == 200       # another client behind the proxy
+        assert _post_via(proxy, "203.0.113.2").status_code == 200  # another client behind the proxy
         # A client's own forged entry comes first; the proxy appends the address it saw: that one counts.
         assert _post_via(proxy, "192.0.2.99, 203.0.113.1").status_code == 429
         # Through two trusted proxies: the rightmost untrusted address is the client.
@@ -125,10 +125,12 @@ def test_the_real_server_ignores_forwarded_for_from_localhost(pipeline):
     app, engine = make_app(pipeline, rate_limit="1/minute", port=free_port())
     try:
         with running_server(app, uvicorn_config(app, app.state.settings)) as url:
-            first = httpx.post(f"{url}/generate", json={"prompt": "a"}, headers={"x-forwarded-for": "203.0.113.1"},
-                               timeout=60)
-            second = httpx.post(f"{url}/generate", json={"prompt": "a"}, headers={"x-forwarded-for": "203.0.113.2"},
-                                timeout=60)
+            first = httpx.post(
+                f"{url}/generate", json={"prompt": "a"}, headers={"x-forwarded-for": "203.0.113.1"}, timeout=60
+            )
+            second = httpx.post(
+                f"{url}/generate", json={"prompt": "a"}, headers={"x-forwarded-for": "203.0.113.2"}, timeout=60
+            )
         assert (first.status_code, second.status_code) == (200, 429)
     finally:
         engine.drain(5)
@@ -151,14 +153,14 @@ def test_the_window_moves_and_says_when_a_slot_frees():
     clock.now = 1030.0
     with pytest.raises(ServingError) as refused:
         limiter.hit("a")
-    assert refused.value.status == 429 and refused.value.retry_after == pytest.approx(30.0)   # 1000 + 60 - 1030
-    limiter.hit("b")                                                # others are unaffected
+    assert refused.value.status == 429 and refused.value.retry_after == pytest.approx(30.0)  # 1000 + 60 - 1030
+    limiter.hit("b")  # others are unaffected
     clock.now = 1060.0
-    limiter.hit("a")                                                # the hit of 1000 left the window
+    limiter.hit("a")  # the hit of 1000 left the window
     clock.now = 1065.0
     with pytest.raises(ServingError) as refused:
         limiter.hit("a")
-    assert refused.value.retry_after == pytest.approx(5.0)          # 1010 + 60 - 1065
+    assert refused.value.retry_after == pytest.approx(5.0)  # 1010 + 60 - 1065
 
 
 def test_a_sweep_forgets_only_clients_outside_their_window():
@@ -167,11 +169,11 @@ def test_a_sweep_forgets_only_clients_outside_their_window():
     limiter.hit("old")
     clock.now += 0.9
     limiter.hit("recent")
-    clock.now += 0.3                                                # past the first sweep time
+    clock.now += 0.3  # past the first sweep time
     limiter.hit("new")
-    assert len(limiter) == 2                                        # "old" forgotten
+    assert len(limiter) == 2  # "old" forgotten
     with pytest.raises(ServingError):
-        limiter.hit("recent")                                       # 0.3 s ago: still limited
+        limiter.hit("recent")  # 0.3 s ago: still limited
 
 
 def test_memory_stays_flat_over_100k_identities():
@@ -185,12 +187,12 @@ def test_memory_stays_flat_over_100k_identities():
             limiter.hit(f"addr:10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
         assert len(limiter) == 100_000
         grown = tracemalloc.get_traced_memory()[0] - before
-        clock.now += 2.0                                            # the window has passed for all of them
+        clock.now += 2.0  # the window has passed for all of them
         limiter.hit("addr:192.0.2.1")
         gc.collect()
         after = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert len(limiter) == 1
-    assert grown > 5_000_000                                        # the measurement sees the identities ...
-    assert after < 50_000, after                                    # ... and their memory is given back
+    assert grown > 5_000_000  # the measurement sees the identities ...
+    assert after < 50_000, after  # ... and their memory is given back

@@ -36,8 +36,9 @@ AUTH = {"authorization": "Bearer sk-test"}
 def hold_worker(url: str, gate) -> threading.Thread:
     """Close the gate and park one request in the worker, so that the next ones must queue."""
     gate.close()
-    held = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "held"}, headers=AUTH,
-                                                      timeout=30))
+    held = threading.Thread(
+        target=lambda: httpx.post(f"{url}/generate", json={"prompt": "held"}, headers=AUTH, timeout=30)
+    )
     held.start()
     assert gate.entered.wait(10)
     return held
@@ -50,12 +51,22 @@ def decode(b64: str) -> np.ndarray:
 def test_openai_client_generates_with_extra_body(live):
     url, engine, gate = live
     client = client_for(url)
-    r = client.images.generate(model="infinity-test", prompt="a red circle", n=2, size="256x256",
-                               extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"})
+    r = client.images.generate(
+        model="infinity-test",
+        prompt="a red circle",
+        n=2,
+        size="256x256",
+        extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"},
+    )
     assert len(r.data) == 2 and r.size == "64x64" and r.usage.output_tokens == 2 * 521 * 8
     assert decode(r.data[0].b64_json).shape == (64, 64, 3)
-    again = client.images.generate(model="infinity-test", prompt="a red circle", n=1, size="256x256",
-                                   extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"})
+    again = client.images.generate(
+        model="infinity-test",
+        prompt="a red circle",
+        n=1,
+        size="256x256",
+        extra_body={"seed": 42, "cfg": 4.0, "tau": 1.0, "negative_prompt": "blue"},
+    )
     assert np.array_equal(decode(again.data[0].b64_json), decode(r.data[0].b64_json))
     assert [m.id for m in client.models.list()] == ["infinity-test"]
 
@@ -69,8 +80,9 @@ def test_openai_client_url_response(live):
 
 def test_openai_client_streams_partial_images(live):
     url, engine, gate = live
-    stream = client_for(url).images.generate(prompt="a green star", stream=True, partial_images=2,
-                                             extra_body={"seed": 1})
+    stream = client_for(url).images.generate(
+        prompt="a green star", stream=True, partial_images=2, extra_body={"seed": 1}
+    )
     events = list(stream)
     assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
@@ -110,7 +122,7 @@ def test_the_clients_announced_read_timeout_becomes_the_servers_deadline(live):
         with pytest.raises(openai.InternalServerError) as err:
             client.images.generate(prompt="a")
         assert err.value.status_code == 504 and err.value.body["code"] == "deadline_exceeded"
-        assert engine.batcher.depth == 0                     # it left the queue, cancelled by its deadline
+        assert engine.batcher.depth == 0  # it left the queue, cancelled by its deadline
         metrics = httpx.get(f"{url}/metrics").text
         assert 'infinity_cancelled_requests_total{stage="queued"} 1.0' in metrics
     finally:
@@ -138,12 +150,12 @@ def test_disconnect_mid_generation_drops_the_rows(live):
     gate.close()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/generate", json={"prompt": "running", "n": 2}, headers=AUTH, timeout=0.5)
-    assert wait_for_metric(url, 'infinity_cancelled_requests_total{stage="running"} 1.0')   # noticed, still held
+    assert wait_for_metric(url, 'infinity_cancelled_requests_total{stage="running"} 1.0')  # noticed, still held
     gate.opened.set()
-    assert engine.wait_idle(10)                      # the batch ran to its end
+    assert engine.wait_idle(10)  # the batch ran to its end
     text = httpx.get(f"{url}/metrics").text
-    assert "infinity_images_generated_total 0.0" in text      # dropped at the first scale boundary
-    assert "infinity_errors_total{" not in text               # an end, not a failure
+    assert "infinity_images_generated_total 0.0" in text  # dropped at the first scale boundary
+    assert "infinity_errors_total{" not in text  # an end, not a failure
 
 
 def wait_for_metric(url: str, sample: str, timeout: float = 10) -> str:

@@ -11,13 +11,13 @@ from model.schedules import ScaleSchedule
 from tests.server.conftest import LIMITS, make_app
 
 ENDPOINTS = [("/generate", {}), ("/v1/images/generations", {"response_format": "b64_json"})]
-SCHEDULE = ScaleSchedule.official(1.0, LIMITS.default_pn)      # what a request without a size gets
+SCHEDULE = ScaleSchedule.official(1.0, LIMITS.default_pn)  # what a request without a size gets
 
 
 @pytest.mark.parametrize("path,extra", ENDPOINTS)
 def test_a_request_over_the_kv_budget_gets_400_naming_n(pipeline, path, extra):
     per_image = pipeline.kv_cache_bytes_per_image(SCHEDULE, True)
-    app, engine = make_app(pipeline, memory_budget_bytes=per_image * 3 // 2)      # room for one image
+    app, engine = make_app(pipeline, memory_budget_bytes=per_image * 3 // 2)  # room for one image
     try:
         client = TestClient(app)
         one = client.post(path, json={"prompt": "a red circle", "n": 1, "seed": 1, **extra})
@@ -38,9 +38,12 @@ def test_a_deadline_shorter_than_a_batch_gets_503_with_retry_after(pipeline, pat
         first = client.post("/generate", json={"prompt": "a red circle", "seed": 1})
         assert first.status_code == 200, first.text
         timings = first.json()["timings"]
-        batch = timings["text_encode"] + timings["transformer"] + timings["vae_decode"]   # <= the recorded batch time
-        late = client.post(path, json={"prompt": "a red circle", "seed": 2, **extra},
-                           headers={"x-stainless-read-timeout": str(batch / 2)})
+        batch = timings["text_encode"] + timings["transformer"] + timings["vae_decode"]  # <= the recorded batch time
+        late = client.post(
+            path,
+            json={"prompt": "a red circle", "seed": 2, **extra},
+            headers={"x-stainless-read-timeout": str(batch / 2)},
+        )
         assert late.status_code == 503, late.text
         assert late.json()["error"]["code"] == "deadline_unreachable"
         assert 1 <= float(late.headers["retry-after"]) <= 60

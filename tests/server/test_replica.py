@@ -44,9 +44,16 @@ class FakePipeline:
             raise RuntimeError("this prompt breaks the model")
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         n = len(prompts)
-        return GenerationResult(rows=tuple(range(n)), nonfinite=(), images=[np.zeros((2, 2, 3), np.uint8)] * n,
-                                bits=[], seeds=[p.seed for p in params], prompt_tokens=[1] * n, image_tokens=5,
-                                timings=StageTimings(0.0, 0.0, 0.0, ()))
+        return GenerationResult(
+            rows=tuple(range(n)),
+            nonfinite=(),
+            images=[np.zeros((2, 2, 3), np.uint8)] * n,
+            bits=[],
+            seeds=[p.seed for p in params],
+            prompt_tokens=[1] * n,
+            image_tokens=5,
+            timings=StageTimings(0.0, 0.0, 0.0, ()),
+        )
 
     def text_cache_stats(self) -> dict[str, int]:
         return {"hits": 0, "misses": 0, "entries": 0, "bytes": 0}
@@ -64,8 +71,15 @@ class Harness:
         queue = Batcher(8, 0.0, 64, on_take=lambda batch: admission.running(batch))
         self.admission = admission = Admission(queue, self.metrics, 1, lambda schedule, guided: 0)
         self.retired = threading.Event()
-        self.replica = Replica("cpu", pipeline, admission, self.metrics, policy or RestartPolicy(), may_restart,
-                               on_retired=lambda replica: self.retired.set())
+        self.replica = Replica(
+            "cpu",
+            pipeline,
+            admission,
+            self.metrics,
+            policy or RestartPolicy(),
+            may_restart,
+            on_retired=lambda replica: self.retired.set(),
+        )
 
     def submit(self, prompt: str, n: int = 1, seed: int = 0) -> Ticket[GenerationRequest]:
         params = tuple(SamplingParams(seed=seed + i) for i in range(n))
@@ -86,6 +100,7 @@ def make():
     def build(*args, **kwargs) -> Harness:
         made.append(Harness(*args, **kwargs))
         return made[-1]
+
     yield build
     for h in made:
         h.stop()
@@ -110,7 +125,7 @@ def test_a_failing_batch_is_bisected_until_only_the_failing_request_fails(make):
     assert h.count("infinity_errors_total", reason="generation") == 1
     assert h.count("infinity_images_generated_total") == 3
     assert h.count("infinity_running_rows") == 0
-    assert h.admission.times.fastest(SCHEDULE.key) is not None       # the successful batches were timed
+    assert h.admission.times.fastest(SCHEDULE.key) is not None  # the successful batches were timed
 
 
 def test_a_request_is_never_split_between_halves(make):
@@ -149,7 +164,7 @@ def test_a_request_cancelled_while_its_batch_failed_gets_cancelled_not_retried(m
     h.replica.start()
     assert _error(b).code == "cancelled"
     assert a.future.result(10) and c.future.result(10)
-    assert pipeline.calls == [["<failed>"], ["a"], ["c"]]             # the live two, retried as halves
+    assert pipeline.calls == [["<failed>"], ["a"], ["c"]]  # the live two, retried as halves
 
 
 # ---- dying, restarting, retiring --------------------------------------------------------------
@@ -160,6 +175,7 @@ def _killer(times: int):
         if left[0] > 0:
             left[0] -= 1
             raise ThreadKill()
+
     return hook
 
 
@@ -169,7 +185,7 @@ def test_a_dead_worker_fails_its_batch_and_is_restarted(make):
     first = h.submit("first")
     h.replica.start()
     assert _error(first).code == "generation_failed"
-    assert h.submit("second").future.result(10).seeds == [0]         # served by the restarted worker
+    assert h.submit("second").future.result(10).seeds == [0]  # served by the restarted worker
     assert h.replica.alive and not h.retired.is_set() and not h.replica.health.retired
     assert h.count("infinity_worker_deaths_total", device="cpu") == 1
     assert h.count("infinity_worker_restarts_total", device="cpu") == 1
@@ -226,7 +242,7 @@ def test_while_shutting_down_a_dead_worker_is_not_restarted(make):
 
 
 def test_deaths_older_than_the_window_do_not_count(make):
-    h = make(FakePipeline(), policy=RestartPolicy(restarts=1, window_s=0.0))     # every death is the only one
+    h = make(FakePipeline(), policy=RestartPolicy(restarts=1, window_s=0.0))  # every death is the only one
     h.replica.fault_hook = _killer(3)
     h.replica.start()
     for name in ("one", "two", "three"):

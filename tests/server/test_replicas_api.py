@@ -23,7 +23,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from tests.server.conftest import LIMITS, Gate, make_app, wait_until
 
-OUT_OF_MEMORY = torch.OutOfMemoryError       # the real class, whatever a test does to the name later
+OUT_OF_MEMORY = torch.OutOfMemoryError  # the real class, whatever a test does to the name later
 
 
 class ThreadKill(BaseException):
@@ -33,8 +33,12 @@ class ThreadKill(BaseException):
 @pytest.fixture()
 def fresh_pipeline(t5_dir, tiny_transformer, tiny_vae):
     """A pipeline of its own, to break without touching the shared one."""
+
     def build() -> InfinityPipeline:
-        return InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))
+        return InfinityPipeline(
+            copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir)
+        )
+
     return build
 
 
@@ -44,7 +48,7 @@ class Held:
 
     def __init__(self, kill: str | None = None) -> None:
         self.kill = kill
-        self.taken: list[tuple[str, list[str]]] = []       # (replica, prompts of the batch)
+        self.taken: list[tuple[str, list[str]]] = []  # (replica, prompts of the batch)
         self.release = threading.Event()
         self._changed = threading.Condition()
 
@@ -63,20 +67,30 @@ class Held:
 
 
 def post_in_thread(client: TestClient, results: dict, name: str, **body) -> threading.Thread:
-    thread = threading.Thread(target=lambda: results.__setitem__(name, client.post("/generate", json={"prompt": name,
-                                                                                                     **body})))
+    thread = threading.Thread(
+        target=lambda: results.__setitem__(name, client.post("/generate", json={"prompt": name, **body}))
+    )
     thread.start()
     return thread
 
 
 def samples(client: TestClient, prefix: str) -> dict[str, float]:
-    return {line.split()[0]: float(line.split()[1]) for line in client.get("/metrics").text.splitlines()
-            if line.startswith(prefix)}
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    }
 
 
 def test_two_replicas_serve_at_once_and_one_retiring_leaves_the_other_serving(pipeline, fresh_pipeline):
-    engine = Engine({"cpu:0": pipeline, "cpu:1": fresh_pipeline()}, Metrics(), max_batch_size=4, max_wait_ms=0,
-                    max_queue=8, worker_restarts=0)
+    engine = Engine(
+        {"cpu:0": pipeline, "cpu:1": fresh_pipeline()},
+        Metrics(),
+        max_batch_size=4,
+        max_wait_ms=0,
+        max_queue=8,
+        worker_restarts=0,
+    )
     engine.start()
     client = TestClient(create_app(Settings(max_batch_size=4, max_n=4, max_queue=8, warmup=False), engine, LIMITS))
     try:
@@ -84,24 +98,26 @@ def test_two_replicas_serve_at_once_and_one_retiring_leaves_the_other_serving(pi
         engine.fault_hook = held
         results: dict = {}
         threads = [post_in_thread(client, results, "a red circle")]
-        assert held.wait_for(1)                       # one replica holds it ...
+        assert held.wait_for(1)  # one replica holds it ...
         threads.append(post_in_thread(client, results, "a blue square"))
-        assert held.wait_for(2)                       # ... so the other took the second, at the same time
+        assert held.wait_for(2)  # ... so the other took the second, at the same time
         assert sorted(device for device, _ in held.taken) == ["cpu:0", "cpu:1"]
         held.release.set()
         for t in threads:
             t.join(30)
         assert [results[n].status_code for n in ("a red circle", "a blue square")] == [200, 200]
-        lookups = samples(client, "infinity_text_cache_lookups_total{")      # per replica: each encoded a prompt
+        lookups = samples(client, "infinity_text_cache_lookups_total{")  # per replica: each encoded a prompt
         assert {d: sum(v for k, v in lookups.items() if f'device="{d}"' in k) for d in ("cpu:0", "cpu:1")} == {
-            "cpu:0": 1.0, "cpu:1": 1.0}, lookups
+            "cpu:0": 1.0,
+            "cpu:1": 1.0,
+        }, lookups
 
         # cpu:0's worker dies with the next batch it takes; with no restarts allowed it retires.
         dying = Held(kill="cpu:0")
         engine.fault_hook = dying
         threads = [post_in_thread(client, results, "first")]
         assert dying.wait_for(1)
-        if dying.taken[0][0] == "cpu:1":              # held there: the next one can only go to cpu:0
+        if dying.taken[0][0] == "cpu:1":  # held there: the next one can only go to cpu:0
             threads.append(post_in_thread(client, results, "second"))
             assert dying.wait_for(2)
         assert wait_until(lambda: engine.replicas[0].health.retired)
@@ -111,11 +127,13 @@ def test_two_replicas_serve_at_once_and_one_retiring_leaves_the_other_serving(pi
         for device, (prompt,) in dying.taken:
             assert results[prompt].status_code == (500 if device == "cpu:0" else 200), (device, results[prompt].text)
         engine.fault_hook = None
-        for i in range(3):                            # cpu:1 serves on
+        for i in range(3):  # cpu:1 serves on
             assert client.post("/generate", json={"prompt": "a green star", "seed": i}).status_code == 200
         assert client.get("/readyz").status_code == 200 and client.get("/healthz").status_code == 200
-        assert samples(client, "infinity_replica_up{") == {'infinity_replica_up{device="cpu:0"}': 0.0,
-                                                          'infinity_replica_up{device="cpu:1"}': 1.0}
+        assert samples(client, "infinity_replica_up{") == {
+            'infinity_replica_up{device="cpu:0"}': 0.0,
+            'infinity_replica_up{device="cpu:1"}': 1.0,
+        }
         assert samples(client, "infinity_worker_deaths_total{") == {'infinity_worker_deaths_total{device="cpu:0"}': 1.0}
     finally:
         engine.drain(5)
@@ -162,7 +180,7 @@ def test_torchs_out_of_memory_error_fails_only_the_request_too_big_after_the_bis
     try:
         client = TestClient(app)
         assert client.post("/generate", json={"prompt": "one image", "seed": 1}).status_code == 200
-        one_image = max(widest)                      # rows a single image runs with (two with guidance)
+        one_image = max(widest)  # rows a single image runs with (two with guidance)
 
         def out_of_memory(x, *args, **kwargs):
             if x.shape[0] > one_image:
@@ -174,20 +192,27 @@ def test_torchs_out_of_memory_error_fails_only_the_request_too_big_after_the_bis
         threads = [post_in_thread(client, results, "blocker")]
         assert gate.entered.wait(10)
         monkeypatch.setattr(block, "forward", out_of_memory)
-        threads += [post_in_thread(client, results, "two images", n=2),
-                    post_in_thread(client, results, "one", seed=2), post_in_thread(client, results, "another", seed=3)]
-        assert wait_until(lambda: engine.queue_depth == 4)          # one batch of 4 images, all too big together
+        threads += [
+            post_in_thread(client, results, "two images", n=2),
+            post_in_thread(client, results, "one", seed=2),
+            post_in_thread(client, results, "another", seed=3),
+        ]
+        assert wait_until(lambda: engine.queue_depth == 4)  # one batch of 4 images, all too big together
         gate.opened.set()
         for t in threads:
             t.join(30)
         assert {name: r.status_code for name, r in results.items()} == {
-            "blocker": 200, "two images": 503, "one": 200, "another": 200}, {n: r.text[:200] for n, r in results.items()}
+            "blocker": 200,
+            "two images": 503,
+            "one": 200,
+            "another": 200,
+        }, {n: r.text[:200] for n, r in results.items()}
         r = results["two images"]
         assert r.json()["error"]["code"] == "out_of_memory" and r.headers["retry-after"] == "10"
-        assert "20.00 GiB" not in r.text                               # the device's message stays in the log
+        assert "20.00 GiB" not in r.text  # the device's message stays in the log
         text = client.get("/metrics").text
         assert 'infinity_errors_total{reason="out_of_memory"} 1.0' in text
-        assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in text   # 4 -> 2 + 2 -> 1 + 1
+        assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in text  # 4 -> 2 + 2 -> 1 + 1
         assert 'reason="generation"' not in text
     finally:
         gate.opened.set()

@@ -26,8 +26,11 @@ def stream(client: TestClient, prompt: str) -> tuple[list[list[np.ndarray]], lis
     """(the images of each preview, the final images) of one /generate stream."""
     body = {"prompt": prompt, "stream": True, "partial_images": 2, **STREAMS[prompt]}
     text = client.post("/generate", json=body).text
-    events = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
-              for block in text.strip().split("\n\n") if block.startswith("event:")]
+    events = [
+        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+        for block in text.strip().split("\n\n")
+        if block.startswith("event:")
+    ]
     assert [name for name, _ in events][-1] == "completed", text[-300:]
     previews = [[png(image) for image in data["images"]] for name, data in events if name == "preview"]
     return previews, [png(image["b64"]) for image in events[-1][1]["images"]]
@@ -45,7 +48,7 @@ def test_streams_sharing_a_batch_get_previews_of_their_own_images_only(pipeline)
     engine.fault_hook = hook
     client = TestClient(app)
     try:
-        alone = {prompt: stream(client, prompt) for prompt in STREAMS}           # each in a batch of its own
+        alone = {prompt: stream(client, prompt) for prompt in STREAMS}  # each in a batch of its own
         plain_alone = client.post("/generate", json=PLAIN).json()["images"][0]["b64"]
 
         gate.close()
@@ -60,21 +63,21 @@ def test_streams_sharing_a_batch_get_previews_of_their_own_images_only(pipeline)
         assert gate.entered.wait(10)
         threads += [run(prompt, lambda p=prompt: stream(client, p)) for prompt in STREAMS]
         threads.append(run("plain", lambda: client.post("/generate", json=PLAIN)))
-        assert wait_until(lambda: engine.queue_depth == 4)                        # 1 + 2 + 1 images queued
+        assert wait_until(lambda: engine.queue_depth == 4)  # 1 + 2 + 1 images queued
         gate.opened.set()
         for t in threads:
             t.join(60)
-        assert sorted([*STREAMS, PLAIN["prompt"]]) in batches                     # they ran as one batch
+        assert sorted([*STREAMS, PLAIN["prompt"]]) in batches  # they ran as one batch
 
         for prompt, settings in STREAMS.items():
             previews, images = results[prompt]
             solo_previews, solo_images = alone[prompt]
             assert len(previews) == 2 and all(len(p) == settings["n"] for p in previews), prompt
-            for shared, own in zip(previews, solo_previews):                      # the same pixels as alone
+            for shared, own in zip(previews, solo_previews, strict=True):  # the same pixels as alone
                 assert all(np.array_equal(a, b) for a, b in zip(shared, own, strict=True)), prompt
             assert all(np.array_equal(a, b) for a, b in zip(images, solo_images, strict=True)), prompt
         red, blue = (results[p][0][-1][0] for p in STREAMS)
-        assert not np.array_equal(red, blue)                                      # previews differ per request
+        assert not np.array_equal(red, blue)  # previews differ per request
         assert results["plain"].status_code == 200
         assert np.array_equal(png(results["plain"].json()["images"][0]["b64"]), png(plain_alone))
     finally:

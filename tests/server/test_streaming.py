@@ -29,7 +29,7 @@ from server.service import PreviewMailbox, preview_sink, progress, sse
 from server.settings import Settings
 from tests.server.conftest import Gate, make_app, running_server
 
-STALLED = 3                                  # clients that never read, in one batch with a reader
+STALLED = 3  # clients that never read, in one batch with a reader
 
 
 def preview(scale: int) -> Preview:
@@ -69,9 +69,9 @@ def test_mailbox_wait_returns_once_a_preview_is_pending_and_leaves_it_there():
         assert not waiting.done()
         box.put(preview(1))
         await asyncio.wait_for(waiting, 1)
-        box.put(preview(2))                             # still unread: replaced, not queued
+        box.put(preview(2))  # still unread: replaced, not queued
         assert len(box) == 1 and box.take().scale_index == 2
-        again = asyncio.ensure_future(box.wait())       # taken: the next wait blocks again
+        again = asyncio.ensure_future(box.wait())  # taken: the next wait blocks again
         await asyncio.sleep(0.01)
         assert not again.done()
         again.cancel()
@@ -98,13 +98,13 @@ def test_progress_of_a_stuck_consumer_yields_only_the_latest_preview_then_the_ou
         items = progress(_Connected(), _Engine(), ticket, box, deadline=time.monotonic() + 30)
         sink = preview_sink(box)
 
-        def worker() -> None:                           # previews from another thread, nobody reading
+        def worker() -> None:  # previews from another thread, nobody reading
             for scale in range(100):
                 sink(preview(scale))
             ticket.future.set_result("output")
 
         await asyncio.to_thread(worker)
-        await asyncio.sleep(0.05)                       # the loop runs the sink's callbacks
+        await asyncio.sleep(0.05)  # the loop runs the sink's callbacks
         return [item async for item in items]
 
     got = asyncio.run(scenario())
@@ -125,14 +125,18 @@ def test_stream_settings_must_be_positive(field):
 
 
 # ---- keep-alive -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("path, body", [("/generate", {"prompt": "a", "stream": True, "partial_images": 1}),
-                                        ("/v1/images/generations", {"prompt": "a", "stream": True,
-                                                                    "partial_images": 1})])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate", {"prompt": "a", "stream": True, "partial_images": 1}),
+        ("/v1/images/generations", {"prompt": "a", "stream": True, "partial_images": 1}),
+    ],
+)
 def test_a_silent_stream_sends_ping_comments(pipeline, path, body):
     app, engine = make_app(pipeline, stream_ping_s=0.1)
     gate = Gate()
     engine.fault_hook = gate
-    gate.close()                                        # the request starts, then nothing happens
+    gate.close()  # the request starts, then nothing happens
     try:
         with running_server(app) as url, httpx.stream("POST", f"{url}{path}", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -144,7 +148,7 @@ def test_a_silent_stream_sends_ping_comments(pipeline, path, body):
             else:
                 pytest.fail(f"the stream ended without a ping comment: {before}")
             assert not any("preview" in line or "completed" in line or "partial" in line for line in before)
-            gate.opened.set()                           # only now can anything but a ping be sent
+            gate.opened.set()  # only now can anything but a ping be sent
             rest = [line for line in lines if line.startswith("event:")]
         assert rest[-1] in ("event: completed", "event: image_generation.completed"), rest
     finally:
@@ -158,7 +162,7 @@ def test_openai_client_reads_a_stream_with_pings_between_events(pipeline):
     engine.fault_hook = gate
     gate.close()
 
-    def open_later() -> None:                           # several pings land before the first event
+    def open_later() -> None:  # several pings land before the first event
         gate.entered.wait(10)
         time.sleep(0.3)
         gate.opened.set()
@@ -193,11 +197,13 @@ def test_a_sigterm_earlier_in_the_process_does_not_cut_later_streams(pipeline):
 def stalled_client(port: int, body: dict) -> socket.socket:
     """Sends a request and never reads: a small receive window, so the server's sends block soon."""
     s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # before connect: it sets the window
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it sets the window
     s.connect(("127.0.0.1", port))
     payload = json.dumps(body).encode()
-    s.sendall(b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    s.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
     return s
 
 
@@ -236,32 +242,38 @@ def test_clients_that_never_read_are_cut_and_pin_one_preview_each(pipeline, monk
     try:
         with running_server(app, send_buffer=16384) as url:
             port = int(url.rsplit(":", 1)[1])
-            gate.close()                                # park a blocker, so that all of them share a batch
+            gate.close()  # park a blocker, so that all of them share a batch
             blocker = threading.Thread(target=lambda: httpx.post(f"{url}/generate", json={"prompt": "b"}, timeout=60))
             blocker.start()
             assert gate.entered.wait(10)
-            body = {"prompt": "stalled", "stream": True, "pn": "0.25M"}          # every scale's preview
+            body = {"prompt": "stalled", "stream": True, "pn": "0.25M"}  # every scale's preview
             sockets = [stalled_client(port, {**body, "seed": i}) for i in range(STALLED)]
             read: list[str] = []
-            reader = threading.Thread(target=lambda: read.append(httpx.post(
-                f"{url}/generate", json={**body, "prompt": "reader"}, timeout=60).text))
+            reader = threading.Thread(
+                target=lambda: read.append(
+                    httpx.post(f"{url}/generate", json={**body, "prompt": "reader"}, timeout=60).text
+                )
+            )
             reader.start()
             poll(lambda: engine.batcher.depth == STALLED + 1, what="all requests queued")
             gate.opened.set()
 
-            poll(lambda: metric(url, 'infinity_cancelled_requests_total{stage="running"}') == STALLED,
-                 what="the stalled streams cancelled after the send timeout")
+            poll(
+                lambda: metric(url, 'infinity_cancelled_requests_total{stage="running"}') == STALLED,
+                what="the stalled streams cancelled after the send timeout",
+            )
             # the worker is still held and every preview was made, yet each stream pins at most one
             # (its mailbox, still referenced by the running request), and the reader's frame one more
             assert live_previews() - baseline <= STALLED + 2
-            assert metric(url, "infinity_previews_dropped_total") > 0          # replaced while blocked
+            assert metric(url, "infinity_previews_dropped_total") > 0  # replaced while blocked
             hold.set()
             reader.join(60)
             blocker.join(60)
             assert "event: completed" in read[0] and '"seed"' in read[0].rsplit("event: completed", 1)[1]
-            poll(lambda: engine.batcher.depth == 0 and metric(url, "infinity_running_rows") == 0,
-                 what="the engine idle")
-            assert metric(url, "infinity_images_generated_total") == 2            # blocker and reader only
+            poll(
+                lambda: engine.batcher.depth == 0 and metric(url, "infinity_running_rows") == 0, what="the engine idle"
+            )
+            assert metric(url, "infinity_images_generated_total") == 2  # blocker and reader only
     finally:
         hold.set()
         gate.opened.set()
@@ -281,11 +293,13 @@ def test_a_stream_client_that_disconnects_while_queued_is_cancelled(pipeline):
             blocker.start()
             assert gate.entered.wait(10)
             with httpx.stream("POST", f"{url}/generate", json={"prompt": "a", "stream": True}, timeout=30) as r:
-                lines = r.iter_lines()          # kept: dropping it would close the connection now
+                lines = r.iter_lines()  # kept: dropping it would close the connection now
                 assert next(lines) == "event: queued"
                 assert engine.batcher.depth == 1
-            poll(lambda: metric(url, 'infinity_cancelled_requests_total{stage="queued"}') == 1,
-                 what="the queued stream cancelled")
+            poll(
+                lambda: metric(url, 'infinity_cancelled_requests_total{stage="queued"}') == 1,
+                what="the queued stream cancelled",
+            )
             assert engine.batcher.depth == 0
             gate.opened.set()
             blocker.join(60)

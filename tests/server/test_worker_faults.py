@@ -28,6 +28,7 @@ def _kill_once():
         if not fired:
             fired.append(True)
             raise ThreadKill()
+
     return hook
 
 
@@ -44,7 +45,7 @@ def test_a_dead_worker_fails_its_batch_and_is_restarted(pipeline):
         r = c.post("/generate", json={"prompt": "a"})
         assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
         assert time.monotonic() - start < 10 and "ThreadKill" not in r.text
-        assert c.post("/generate", json={"prompt": "a"}).status_code == 200     # served by the new thread
+        assert c.post("/generate", json={"prompt": "a"}).status_code == 200  # served by the new thread
         assert c.get("/readyz").status_code == 200
         assert _metric(c, 'infinity_worker_deaths_total{device="cpu"} 1.0')
         assert _metric(c, 'infinity_worker_restarts_total{device="cpu"} 1.0')
@@ -68,8 +69,8 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
             return t
 
         threads = [post("running")]
-        assert gate.entered.wait(10)                   # a batch is held inside the worker
-        for name, extra in (("next", {}), ("other-size", {"aspect_ratio": "2:1"})):   # two batches, in order
+        assert gate.entered.wait(10)  # a batch is held inside the worker
+        for name, extra in (("next", {}), ("other-size", {"aspect_ratio": "2:1"})):  # two batches, in order
             threads.append(post(name, **extra))
             deadline, depth = time.monotonic() + 10, len(threads) - 1
             while engine.batcher.depth < depth and time.monotonic() < deadline:
@@ -78,14 +79,14 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
         def die(requests):
             raise ThreadKill()
 
-        engine.fault_hook = die                        # the next batch taken kills the thread for good
+        engine.fault_hook = die  # the next batch taken kills the thread for good
         gate.opened.set()
         for t in threads:
             t.join(20)
             assert not t.is_alive(), "a request waited forever"
-        assert results["running"].status_code == 200             # already past the hook: it finishes
-        assert results["next"].status_code == 500                # the batch the thread died with
-        queued = results["other-size"]                           # still queued when no worker was left
+        assert results["running"].status_code == 200  # already past the hook: it finishes
+        assert results["next"].status_code == 500  # the batch the thread died with
+        queued = results["other-size"]  # still queued when no worker was left
         assert queued.status_code == 503 and queued.json()["error"]["code"] == "not_ready"
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["ready"] is False
@@ -95,7 +96,7 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
         assert not _metric(c, 'infinity_worker_restarts_total{device="cpu"}')
         assert _metric(c, "infinity_ready 0.0")
         assert _metric(c, 'infinity_replica_up{device="cpu"} 0.0')
-        r = c.get("/healthz")                          # liveness fails: the orchestrator restarts the pod
+        r = c.get("/healthz")  # liveness fails: the orchestrator restarts the pod
         assert r.status_code == 503 and r.json()["status"] == "broken"
     finally:
         engine.drain(2)
@@ -109,7 +110,7 @@ def test_one_dead_replica_of_two_leaves_the_server_ready_and_serving(pipeline, t
     c = TestClient(create_app(settings, engine, LIMITS))
     try:
         engine.fault_hook = _kill_once()
-        assert c.post("/generate", json={"prompt": "a"}).status_code == 500    # its replica is retired
+        assert c.post("/generate", json={"prompt": "a"}).status_code == 500  # its replica is retired
         for _ in range(3):
             assert c.post("/generate", json={"prompt": "a"}).status_code == 200  # the other one serves
         assert c.get("/readyz").status_code == 200 and c.get("/healthz").status_code == 200

@@ -18,13 +18,27 @@ def test_the_default_model_is_shipped_and_small():
 
 # 8 prompts per category. The shipped model measures single 0.75, single colour 1.0, colour 1.0, two 0.5,
 # overall 0.69 there (the VAE round trip 1.0, 1.0, 1.0, 0.625, 0.67); each bar leaves a prompt or two of margin.
-CI_BARS = ["--min", "single=0.6", "--min", "single colour=0.75", "--min", "colour=0.75", "--min", "two=0.375",
-           "--min", "overall=0.45"]
+CI_BARS = [
+    "--min",
+    "single=0.6",
+    "--min",
+    "single colour=0.75",
+    "--min",
+    "colour=0.75",
+    "--min",
+    "two=0.375",
+    "--min",
+    "overall=0.45",
+]
 
 
 def _eval(*extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "eval", "--per-category", "8", *CI_BARS, *extra],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "eval", "--per-category", "8", *CI_BARS, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_eval_on_a_small_prompt_subset_clears_the_ci_bar():

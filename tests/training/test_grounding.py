@@ -5,8 +5,15 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from model.t5_builder import build_t5_encoder_dir
 from training.common import EVAL_SEEDS, UNKNOWN_WORD, scene_batch, with_unknown_words
-from training.grounding import (ARRANGEMENTS, NONE_COLOUR, NONE_SHAPE, GroundingHead, pretrain_text_encoder,
-                                      scene_targets, t5_features)
+from training.grounding import (
+    ARRANGEMENTS,
+    NONE_COLOUR,
+    NONE_SHAPE,
+    GroundingHead,
+    pretrain_text_encoder,
+    scene_targets,
+    t5_features,
+)
 from training.recipe import GroundingTraining
 from training.shapes import COLOURS, SHAPES, Obj, Scene, make_scene, vocabulary
 
@@ -21,8 +28,11 @@ def test_targets_list_objects_in_reading_order():
     lone = _scene(Obj("square", "lime", 0.5, 0.5, 0.3))
     t = scene_targets([red_right, red_below, lone])
     blue, red, lime = (list(COLOURS).index(c) for c in ("blue", "red", "lime"))
-    assert t.colours.tolist() == [[blue, red, NONE_COLOUR, NONE_COLOUR], [blue, red, NONE_COLOUR, NONE_COLOUR],
-                                  [lime, NONE_COLOUR, NONE_COLOUR, NONE_COLOUR]]
+    assert t.colours.tolist() == [
+        [blue, red, NONE_COLOUR, NONE_COLOUR],
+        [blue, red, NONE_COLOUR, NONE_COLOUR],
+        [lime, NONE_COLOUR, NONE_COLOUR, NONE_COLOUR],
+    ]
     assert t.shapes[2].tolist() == [SHAPES.index("square")] + [NONE_SHAPE] * 3
     assert [ARRANGEMENTS[i] for i in t.arrangement] == ["row", "column", "one"]
 
@@ -31,17 +41,23 @@ def test_targets_follow_the_caption_of_generated_scenes():
     for seed in range(40):
         scene = make_scene(seed, "attribution")
         first = scene_targets([scene]).colours[0, 0].item()
-        assert list(COLOURS)[first] == scene.caption.split()[1] or scene.caption.startswith("a " + scene.objects[0].shape)
-        assert list(COLOURS)[first] == scene.objects[0].colour          # the first named is on the left
+        assert list(COLOURS)[first] == scene.caption.split()[1] or scene.caption.startswith(
+            "a " + scene.objects[0].shape
+        )
+        assert list(COLOURS)[first] == scene.objects[0].colour  # the first named is on the left
 
 
 def test_unknown_words_never_replace_what_the_caption_names():
     captions = [make_scene(i).caption for i in range(200)]
     assert with_unknown_words(captions, 0.0, torch.Generator().manual_seed(0)) == captions
     changed = with_unknown_words(captions, 1.0, torch.Generator().manual_seed(0))
-    naming = set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"two", "three", "four", "left", "right",
-                                                                       "above", "below", "small", "medium", "big"}
-    for before, after in zip(captions, changed):
+    naming = (
+        set(COLOURS)
+        | set(SHAPES)
+        | {s + "s" for s in SHAPES}
+        | {"two", "three", "four", "left", "right", "above", "below", "small", "medium", "big"}
+    )
+    for before, after in zip(captions, changed, strict=True):
         assert after.split().count(UNKNOWN_WORD) == 1
         assert [w for w in before.split() if w in naming] == [w for w in after.split() if w in naming]
     assert UNKNOWN_WORD not in vocabulary()

@@ -9,8 +9,19 @@ from model.config import VAE_SIZES
 from model.quantizer import BitwiseQuantizer
 from training.bsc import corrupted_teacher_batch
 from training.detector import detect, score
-from training.shapes import (CATEGORIES, COLOURS, HELD_OUT, JITTER, SHAPES, TEMPLATES, Obj, Scene, make_scene,
-                                  render, vocabulary)
+from training.shapes import (
+    CATEGORIES,
+    COLOURS,
+    HELD_OUT,
+    JITTER,
+    SHAPES,
+    TEMPLATES,
+    Obj,
+    Scene,
+    make_scene,
+    render,
+    vocabulary,
+)
 
 
 def test_scenes_are_deterministic_by_seed():
@@ -24,7 +35,7 @@ def test_held_out_templates_stay_out_of_training_scenes():
     held = {make_scene(i, held_out=True).template for i in range(300)}
     assert held == set(HELD_OUT.values())
     assert not train & held
-    assert sum(len(t) for t in TEMPLATES.values()) * 0.2 == len(HELD_OUT)      # 20% of the templates
+    assert sum(len(t) for t in TEMPLATES.values()) * 0.2 == len(HELD_OUT)  # 20% of the templates
 
 
 def test_training_caption_words_are_the_vocabulary_and_held_out_wording_is_unknown():
@@ -58,7 +69,7 @@ def test_objects_never_touch_and_stay_inside(layout):
         for i in range(150):
             objs = make_scene(i, category, held_out=None, layout=layout).objects
             assert all(o.size / 2 < o.cx < 1 - o.size / 2 and o.size / 2 < o.cy < 1 - o.size / 2 for o in objs)
-            assert all(_gap(a, b) > 0.03 for j, a in enumerate(objs) for b in objs[j + 1:]), (category, i)
+            assert all(_gap(a, b) > 0.03 for j, a in enumerate(objs) for b in objs[j + 1 :]), (category, i)
 
 
 def test_composed_layouts_place_objects_as_the_caption_reads():
@@ -67,13 +78,13 @@ def test_composed_layouts_place_objects_as_the_caption_reads():
         assert abs(single.cx - 0.5) <= JITTER and abs(single.cy - 0.5) <= JITTER
         for category in ("two", "attribution"):
             first, second = make_scene(i, category, layout="composed").objects
-            assert first.cx < 0.5 - 0.1 < 0.5 + 0.1 < second.cx                 # first named on the left
+            assert first.cx < 0.5 - 0.1 < 0.5 + 0.1 < second.cx  # first named on the left
             assert abs(first.cy - 0.5) <= JITTER and abs(second.cy - 0.5) <= JITTER
         objs = make_scene(i, "counting", layout="composed").objects
         ys = sorted(o.cy for o in objs)
-        if len(objs) == 4:                                                  # a 2x2 grid
+        if len(objs) == 4:  # a 2x2 grid
             assert ys[1] < 0.5 < ys[2] and ys[1] - ys[0] <= 2 * JITTER and ys[3] - ys[2] <= 2 * JITTER
-        else:                                                               # a row
+        else:  # a row
             assert ys[-1] - ys[0] <= 2 * JITTER
     # Free layouts do not: the first-named object is as often on the right.
     lefts = [make_scene(i, "two", layout="free").objects for i in range(100)]
@@ -100,8 +111,11 @@ def test_detector_rejects_wrong_images():
     blank = np.zeros((128, 128, 3), np.uint8)
     assert detect(blank) == []
     assert not score(red_circle, blank)["correct"]
-    other = next(make_scene(i, "single") for i in range(100)
-                 if make_scene(i, "single").objects[0].colour != red_circle.objects[0].colour)
+    other = next(
+        make_scene(i, "single")
+        for i in range(100)
+        if make_scene(i, "single").objects[0].colour != red_circle.objects[0].colour
+    )
     assert not score(red_circle, render(other, 128))["colour"]
 
 
@@ -115,9 +129,9 @@ def test_bitwise_self_correction_labels_correct_the_corrupted_history():
     assert torch.equal(clean.labels, expected_labels)
     torch.testing.assert_close(clean.inputs, q.teacher_inputs(enc.bits, scales))
     noisy = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5))
-    assert torch.equal(noisy.labels[:, :1], clean.labels[:, :1])         # scale 0 labels are the clean bits
-    assert not torch.equal(noisy.inputs, clean.inputs)                   # the history was corrupted
-    assert not torch.equal(noisy.labels[:, 1:], clean.labels[:, 1:])     # later labels correct it
+    assert torch.equal(noisy.labels[:, :1], clean.labels[:, :1])  # scale 0 labels are the clean bits
+    assert not torch.equal(noisy.inputs, clean.inputs)  # the history was corrupted
+    assert not torch.equal(noisy.labels[:, 1:], clean.labels[:, 1:])  # later labels correct it
     # Uncorrupted, the latent is exactly what the sampler decodes from these bits.
     torch.testing.assert_close(clean.latent, q.bits_to_latent(enc.bits, scales))
 
@@ -129,9 +143,9 @@ def test_flipping_the_last_scale_changes_only_what_is_decoded():
     kept = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5))
     flipped = corrupted_teacher_batch(q, latent, scales, 0.3, torch.Generator().manual_seed(5), flip_last=True)
     assert torch.equal(flipped.inputs, kept.inputs) and torch.equal(flipped.labels, kept.labels)
-    last = q.codes(q.binarize(torch.zeros(4, 8, 8, 8)), len(scales) - 1)        # one last-scale code's magnitude
+    last = q.codes(q.binarize(torch.zeros(4, 8, 8, 8)), len(scales) - 1)  # one last-scale code's magnitude
     difference = (flipped.latent - kept.latent).abs()
-    assert difference.max() > 0                                          # some last-scale bits flipped ...
+    assert difference.max() > 0  # some last-scale bits flipped ...
     torch.testing.assert_close(difference[difference > 0], 2 * last.abs().max().expand(int((difference > 0).sum())))
 
 
@@ -154,7 +168,7 @@ def test_detector_names_every_shape_at_the_eval_resolution_sharp_or_soft(sigma):
 
 def test_detector_rejects_the_wrong_shape():
     """Power: the same scene drawn with another shape is judged wrong, for every pair of shapes."""
-    for i, shape in enumerate(SHAPES):
+    for shape in SHAPES:
         for other in SHAPES:
             if other != shape:
                 truth = Scene("", "single", "", "navy", (Obj(shape, "red", 0.5, 0.5, 0.26),))

@@ -42,11 +42,12 @@ def assert_same_state(loaded: torch.nn.Module, expected: torch.nn.Module) -> Non
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_official_checkpoints_load_as_the_cast_weights_and_generate(
-        tmp_path, t5_dir, tiny_transformer, tiny_vae, dtype):
+    tmp_path, t5_dir, tiny_transformer, tiny_vae, dtype
+):
     transformer_file, vae_file = tmp_path / "infinity_tiny.pth", tmp_path / "infinity_vae_tiny.pth"
     torch.save(cast(official_transformer_state(tiny_transformer), dtype), transformer_file)
     torch.save({"vae": cast(official_vae_state(tiny_vae), dtype)}, vae_file)
-    assert torch.load(transformer_file, weights_only=True)["head.weight"].dtype == dtype      # really stored so
+    assert torch.load(transformer_file, weights_only=True)["head.weight"].dtype == dtype  # really stored so
 
     transformer = load_transformer(transformer_file)
     vae = load_vae(vae_file, token_bits=transformer.config.token_bits)

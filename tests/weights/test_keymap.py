@@ -9,10 +9,10 @@ import torch
 from model.config import TRANSFORMER_SIZES, VAE_SIZES
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
+from tests.conftest import DATA
 from weights.infer import infer_transformer_config, infer_vae_config
 from weights.keymap import official_transformer_name
 from weights.loader import check_keys, map_transformer_state, map_vae_state, shapes_of
-from tests.conftest import DATA
 
 
 def read_listing(name: str) -> dict[str, tuple[int, ...]]:
@@ -25,8 +25,9 @@ def meta_tensors(shapes):
     return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
 
 
-@pytest.mark.parametrize("size,listing,entries", [("2b", "infinity-2b-state-dict.tsv", 694),
-                                                  ("8b", "infinity-8b-state-dict.tsv", 862)])
+@pytest.mark.parametrize(
+    "size,listing,entries", [("2b", "infinity-2b-state-dict.tsv", 694), ("8b", "infinity-8b-state-dict.tsv", 862)]
+)
 def test_official_transformer_listing_maps_onto_the_model(size, listing, entries):
     official = read_listing(listing)
     assert len(official) == entries
@@ -35,15 +36,20 @@ def test_official_transformer_listing_maps_onto_the_model(size, listing, entries
     with torch.device("meta"):
         model = Infinity(config)
     mapped = map_transformer_state(meta_tensors(official), config.blocks_per_chunk)
-    check_keys(shapes_of(model.state_dict()), shapes_of(mapped), listing)     # raises on any difference
+    check_keys(shapes_of(model.state_dict()), shapes_of(mapped), listing)  # raises on any difference
     # and back: our names -> the official names
     back = {official_transformer_name(k, config.blocks_per_chunk) for k in model.state_dict()}
     assert back == {k for k in official if not k.endswith("zero_k_bias")}
 
 
-@pytest.mark.parametrize("listing,size,token_bits", [("infinity-vae-d32-state-dict.tsv", "d32", 32),
-                                                     ("infinity-vae-d64-state-dict.tsv", "d64", 64),
-                                                     ("infinity-vae-d56-f8-14-patchify-state-dict.tsv", "d14-patchify", 56)])
+@pytest.mark.parametrize(
+    "listing,size,token_bits",
+    [
+        ("infinity-vae-d32-state-dict.tsv", "d32", 32),
+        ("infinity-vae-d64-state-dict.tsv", "d64", 64),
+        ("infinity-vae-d56-f8-14-patchify-state-dict.tsv", "d14-patchify", 56),
+    ],
+)
 def test_official_vae_listing_maps_onto_the_model(listing, size, token_bits):
     official = read_listing(listing)
     config = infer_vae_config(official, token_bits=token_bits)
@@ -60,6 +66,7 @@ def test_named_layer_sizes_round_trip_through_inference():
         config = TRANSFORMER_SIZES[name]
         with torch.device("meta"):
             model = Infinity(config)
-        official = {official_transformer_name(k, config.blocks_per_chunk): tuple(v.shape)
-                    for k, v in model.state_dict().items()}
+        official = {
+            official_transformer_name(k, config.blocks_per_chunk): tuple(v.shape) for k, v in model.state_dict().items()
+        }
         assert infer_transformer_config(official) == config

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import VAE_SIZES
+from tests.conftest import make_vae
 from weights import CheckpointError, load_transformer, load_vae, read_state_dict
 from weights.convert import convert
 from weights.official import official_transformer_state
-from tests.conftest import make_vae
 
 
 def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -44,8 +44,15 @@ def test_loader_names_every_missing_unexpected_and_misshaped_key(tmp_path, tiny_
     with pytest.raises(CheckpointError) as err:
         load_transformer(path)
     message = str(err.value)
-    for expected in ("missing (2)", "head.bias", "blocks.1.ffn.fc2.weight", "unexpected (1)",
-                     "blocks.0.sa.mystery", "mis-shaped (1)", "word_embed.bias: checkpoint [65], model [64]"):
+    for expected in (
+        "missing (2)",
+        "head.bias",
+        "blocks.1.ffn.fc2.weight",
+        "unexpected (1)",
+        "blocks.0.sa.mystery",
+        "mis-shaped (1)",
+        "word_embed.bias: checkpoint [65], model [64]",
+    ):
         assert expected in message, message
 
 
@@ -89,7 +96,7 @@ def test_truncated_and_wrong_files_give_clear_errors(tmp_path, official_files):
 
 
 def test_a_vae_file_is_not_taken_for_a_transformer(tmp_path, official_files, tiny_vae):
-    with pytest.raises(CheckpointError, match="no tensors found .*'vae'"):
+    with pytest.raises(CheckpointError, match=r"no tensors found .*'vae'"):
         load_transformer(official_files["vae"])
     flat = tmp_path / "vae_flat.pth"
     torch.save(tiny_vae.state_dict(), flat)
@@ -113,7 +120,7 @@ def test_sharded_folder_with_index_loads(tmp_path, tiny_transformer):
 
 @pytest.mark.parametrize("escape", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
 def test_index_shard_names_must_stay_inside_the_folder(tmp_path, escape):
-    outside = tmp_path / "outside.safetensors"                  # exists: only the name check stops it
+    outside = tmp_path / "outside.safetensors"  # exists: only the name check stops it
     save_file({"weight": torch.zeros(2)}, str(outside))
     folder = tmp_path / "checkpoint"
     (folder / "sub").mkdir(parents=True)
@@ -139,7 +146,7 @@ def test_vae_metadata_carries_what_shapes_cannot(tmp_path):
     vae = make_vae(config)
     official = tmp_path / "decay.pth"
     torch.save({"vae": vae.state_dict()}, official)
-    assert load_vae(official).config.code_decay == 1.0        # official files: the official default
+    assert load_vae(official).config.code_decay == 1.0  # official files: the official default
     ours = tmp_path / "decay.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(ours), metadata=vae_metadata(config))
     assert load_vae(ours).config == config
@@ -151,5 +158,5 @@ def test_patchify_is_inferred_from_the_transformer_bits(tmp_path):
     torch.save({"vae": vae.state_dict()}, path)
     assert load_vae(path, token_bits=16).config.spatial_patchify
     assert not load_vae(path, token_bits=4).config.spatial_patchify
-    with pytest.raises(CheckpointError, match="expected 4 .* or 16"):
+    with pytest.raises(CheckpointError, match=r"expected 4 .* or 16"):
         load_vae(path, token_bits=8)
