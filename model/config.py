@@ -319,6 +319,12 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
+# How stream previews are made: "fast" is a per-pixel linear map fitted from the VAE decoder when the
+# pipeline is built (model/preview.py), "decoder" a full decode of the accumulated latent per preview.
+PreviewMode = Literal["fast", "decoder"]
+PREVIEW_MODES: tuple[str, ...] = get_args(PreviewMode)
+
+
 def default_precision(device: str) -> Precision:
     """The dtype of a run that names none: bfloat16 on CUDA (as the official run), float32 elsewhere."""
     return "bfloat16" if device.startswith("cuda") else "float32"
@@ -340,3 +346,7 @@ class RuntimeConfig:
     # shape (see model/invariance.py). Off trades that for one GEMM per layer. The pipeline sets it on
     # its own transformer, so pipelines with different settings can share a process.
     batch_invariant: bool = True
+    # Stream previews: "decoder" (the real decoder per preview, about one final decode each) or "fast"
+    # (a fitted linear map, ~free, but measured less faithful than a flat colour on the default model:
+    # docs/benchmarks.md). Final images always come from the real decoder.
+    preview: PreviewMode = "decoder"

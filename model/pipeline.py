@@ -19,6 +19,7 @@ import torch
 from model.attention import TextMemory, choose_backend, stack_memories
 from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingParams
 from model.memory import MemoryUsage, device_memory
+from model.preview import LinearPreview
 from model.sampler import ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
 from model.text_encoder import T5TextEncoder
@@ -90,15 +91,18 @@ class InfinityPipeline:
                 block.compile(mode=runtime.compile, dynamic=True)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.vae.decoder.to(dtype)
+        # fitted from this pipeline's own decoder, in its dtype; None: previews are full decodes
+        self.fast_preview = LinearPreview.fit(self.vae) if runtime.preview == "fast" else None
         self.text_encoder = text_encoder
         self.backend = choose_backend(runtime.attention, self.device)
         log.info(
-            "pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s",
+            "pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s; previews %s",
             self.device,
             runtime.dtype,
             "on" if runtime.batch_invariant else "off",
             self.backend,
             ATTENTION_MODES[self.backend],
+            runtime.preview,
         )
 
     # ---- public API -------------------------------------------------------------------------
@@ -185,11 +189,17 @@ class InfinityPipeline:
         _sync(self.device)
         return images
 
+    @torch.inference_mode()
     def preview_images(self, event: ScaleEvent, rows: Sequence[int]) -> np.ndarray:
         """(N, H, W, 3) uint8 images of these rows (prompt indices, as in `generate`) as they stand at
-        `event`'s scale; rows no longer running are left out. For streamed previews, from `on_scale`."""
+        `event`'s scale; rows no longer running are left out. For streamed previews, from `on_scale`.
+
+        With `RuntimeConfig.preview` "fast", a fitted linear map, not the decoder: the last scale's preview
+        then approximates the final image (PSNR in docs/benchmarks.md), it is not that image."""
         positions = [event.rows.index(r) for r in rows if r in event.rows]
-        return self.decode_latent(event.latent[positions])
+        if self.fast_preview is None:
+            return self.decode_latent(event.latent[positions])
+        return to_uint8(self.fast_preview(event.latent[positions].to(self.device))).cpu().numpy()
 
     def memory_bytes(self) -> MemoryUsage:
         """Now and at the peak: allocated/reserved on CUDA, the process's resident set on CPU."""

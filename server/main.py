@@ -37,6 +37,7 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
         attention=settings.attention,
         compile=settings.compile,
         batch_invariant=settings.batch_invariant,
+        preview=settings.preview,
     )
 
 

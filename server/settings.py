@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.config import AttentionChoice, CompileMode, Precision, default_precision
+from model.config import AttentionChoice, CompileMode, Precision, PreviewMode, default_precision
 from model.schedules import PN_NAMES, PixelBudget
 
 
@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     attention: AttentionChoice = "auto"
     compile: CompileMode = "off"  # torch.compile the blocks
     batch_invariant: bool = True  # a seed's image never depends on its batch (docs/serving.md)
+    preview: PreviewMode = "decoder"  # stream previews: full decodes, or "fast" (a fitted linear map)
     warmup: bool = True
 
     # --- batching and admission ---

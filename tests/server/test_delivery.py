@@ -166,23 +166,23 @@ def test_with_the_real_pipeline_a_request_cancelled_mid_run_leaves_at_the_next_s
     keep = _ticket("keep", 2, preview_scales={0, 2}, on_preview=seen)
     leave = _ticket("leave", 1)
     delivery = BatchDelivery([keep, leave], pipeline, Metrics())
-    events: list[tuple[int, ...]] = []
+    events: list[ScaleEvent] = []
 
     def on_scale(event: ScaleEvent):
-        events.append(event.rows)
+        events.append(event)
         if event.scale_index == 0:
             leave.cancel_reason = "disconnect"  # the client goes away during scale 0
         return delivery.on_scale(event)
 
     result = pipeline.generate(delivery.prompts, SCHEDULE, delivery.params, on_scale=on_scale)
     delivery.deliver(result, started=time.monotonic())
-    assert events == [(0, 1, 2), (0, 1), (0, 1)]
+    assert [e.rows for e in events] == [(0, 1, 2), (0, 1), (0, 1)]
     height, width = pipeline.image_size(SCHEDULE)
     assert [len(p.images) for p in seen] == [2, 2]
     assert all(img.shape == (height, width, 3) and img.dtype == np.uint8 for p in seen for img in p.images)
     out = keep.future.result(0)
     assert len(out.images) == 2 and out.seeds == [100, 101] and (out.height, out.width) == (height, width)
-    assert np.array_equal(seen[-1].images[0], out.images[0])  # the last scale's preview is the image
+    assert np.array_equal(seen[-1].images[1], pipeline.preview_images(events[-1], [1])[0])  # its own rows
     with pytest.raises(ServingError) as e:
         leave.future.result(0)
     assert e.value.code == "cancelled"
