@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default; set TORCH_CONSTRAINT= (empty) on a GPU machine to let pip pick a CUDA build.
 TORCH_CONSTRAINT ?= -c constraints-cpu.txt
 
-.PHONY: install install-dev serve test lint bench mutate clean
+.PHONY: install install-dev serve test lint bench mutate gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,23 @@ mutate: install-dev
 	rm -rf mutants
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/mutmut run --max-children $$(nproc)
 	$(BIN)/mutmut results
+
+# The GPU check (docs/gpu-check.md). On a machine with network: the server's packages that the bare GPU
+# machine (Python 3.12, torch, transformers, safetensors, numpy, pillow, prometheus-client, httpx, pytest)
+# lacks, as wheels in wheels/ (~10 MB, git-ignored), to ship beside the checkout.
+WHEELS ?= wheels
+SERVER_WHEELS := fastapi uvicorn pydantic pydantic-settings limits sse-starlette
+gpu-wheels:
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d $(WHEELS) $(SERVER_WHEELS)
+
+# On the GPU machine, with its own Python (no venv, no network): install the wheels when present, then
+# one table on stdout and in gpu-check.md, within 8 minutes. PIP_FLAGS=--break-system-packages if pip refuses.
+GPU_PYTHON ?= python3
+PIP_FLAGS ?=
+gpu-check:
+	if [ -d $(WHEELS) ]; then $(GPU_PYTHON) -m pip install -q $(PIP_FLAGS) --no-index --find-links $(WHEELS) $(SERVER_WHEELS); fi
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(GPU_PYTHON) -m tests.gpu.gpu_check --device cuda --out gpu-check.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -34,7 +34,7 @@ from model.transformer import Infinity
 from model.vae import BitwiseVAE
 from tests.bench.flops import image_flops
 from tests.bench.model_bench import VAE_FOR_BITS, build, run_cached, run_recompute
-from tests.bench.server_bench import PROMPTS
+from tests.bench.prompts import PROMPTS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

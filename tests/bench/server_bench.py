@@ -26,10 +26,9 @@ from model.config import RuntimeConfig, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from tests.bench.load_test import start_server
+from tests.bench.prompts import PROMPTS
 from tests.server.conftest import free_port
 from weights.default import load_default_pipeline
-
-PROMPTS = ["a red circle", "two blue squares", "a green star to the left of a red circle", "three yellow triangles"]
 
 
 def percentile(values: list[float], q: float) -> float:
