@@ -277,8 +277,9 @@ class SamplingParams:
             if isinstance(value, tuple) and len(value) < num_scales:
                 raise ScaleListError(name, len(value), num_scales)
 
-    def uses_guidance(self, num_scales: int) -> bool:
-        return any(self.cfg_at(i) != 1.0 for i in range(num_scales))
+    def uses_guidance(self, num_scales: int, start: int = 0) -> bool:
+        """Any scale from `start` on has cfg != 1 (guidance needs the unconditional rows there)."""
+        return any(self.cfg_at(i) != 1.0 for i in range(start, num_scales))
 
     def with_seed(self, seed: int) -> SamplingParams:
         return replace(self, seed=seed)

@@ -73,6 +73,16 @@ class _RunningRows:
         self.nonfinite = self.nonfinite[index]
         return keep
 
+    def stop_guidance(self) -> None:
+        """Every row's cfg is 1 on every remaining scale: keep only the conditional rows (half the
+        transformer work and KV cache from here on). With cfg 1 the unconditional logits enter with
+        weight 0, so the bits do not change (batch invariance keeps the conditional rows' numbers)."""
+        index = torch.arange(len(self.ids), device=self.cache.keys.device)
+        self.cond = self.cond.select(index)
+        self.ca_kv = [(k[index], v[index]) for k, v in self.ca_kv]
+        self.cache = self.cache.select(index)
+        self.guided = False
+
 
 def guide(logits: torch.Tensor, params: list[SamplingParams], scale_index: int, guided: bool) -> torch.Tensor:
     """Temperature then CFG on logits: cfg * l_cond + (1 - cfg) * l_uncond, per row.
@@ -181,7 +191,7 @@ def sample(
     for si, (h, w) in enumerate(schedule.scales):
         t0 = time.perf_counter()
         raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
-        logits, bad = quarantine_nonfinite(guide(raw, state.params, si, guided))
+        logits, bad = quarantine_nonfinite(guide(raw, state.params, si, state.guided))
         state.nonfinite |= bad
         token_bits = sample_bits(logits, state.params, state.generators).view(len(state.ids), h, w, -1)
         bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
@@ -195,8 +205,10 @@ def sample(
             if not state.ids:
                 break
         if si + 1 < n:
+            if state.guided and not any(p.uses_guidance(n, start=si + 1) for p in state.params):
+                state.stop_guidance()  # cfg 1 from here on, for every row
             x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
-            x = torch.cat((x, x)) if guided else x
+            x = torch.cat((x, x)) if state.guided else x
     assert latent is not None  # a schedule has at least one scale
     nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
     return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)

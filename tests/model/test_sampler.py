@@ -405,3 +405,22 @@ def test_sampled_latent_weighs_each_scale_by_the_code_decay(model):
     torch.testing.assert_close(out.latent, quant.bits_to_latent([b.long() for b in out.bits], SCHEDULE.scales))
     plain = QUANT.bits_to_latent([b.long() for b in out.bits], SCHEDULE.scales)
     assert not torch.allclose(out.latent, plain)
+
+
+def test_guidance_stops_once_cfg_is_1_for_every_remaining_scale_and_the_bits_stay(model, monkeypatch):
+    """From the first scale where every row's cfg is 1 for the rest of the schedule, the batch runs the
+    conditional rows only (half the work and KV cache); the unconditional logits had weight 0 there,
+    so every bit is the one the full guided run draws."""
+    n = SCHEDULE.num_scales
+    late = (3.0,) * 3 + (1.0,) * (n - 3)
+    params = [SamplingParams(seed=4, cfg=late, tau=0.7), SamplingParams(seed=5, cfg=(2.0,) * 2 + (1.0,) * (n - 2))]
+    memory = text([5, 3], seed=2)
+    lean = run(model, memory, params)
+    rows = [len(r) for r in model.recorded]
+    assert rows == [4, 4, 4] + [2] * (n - 3), rows  # guided (2B) while any row still guides, then B
+
+    monkeypatch.setattr("model.sampler._RunningRows.stop_guidance", lambda self: None)
+    full = run(model, memory, params)
+    assert [len(r) for r in model.recorded] == [4] * n
+    assert all(torch.equal(a, b) for a, b in zip(lean.bits, full.bits, strict=True))
+    assert torch.equal(lean.latent, full.latent)
