@@ -38,10 +38,18 @@ def per_scale_flops(config: TransformerConfig, tokens: int, visible: int, text_t
     return config.depth * block + embed + head
 
 
-def image_flops(config: TransformerConfig, schedule: ScaleSchedule, text_tokens: int, guided: bool = True) -> int:
-    """FLOPs to sample one image (two rows with classifier-free guidance)."""
-    rows = 2 if guided else 1
-    total = per_request_flops(config, text_tokens)
-    for start, length in zip(schedule.offsets, schedule.lengths, strict=True):
-        total += per_scale_flops(config, length, start + length, text_tokens)
-    return rows * total
+def image_flops(
+    config: TransformerConfig,
+    schedule: ScaleSchedule,
+    text_tokens: int,
+    guided: bool = True,
+    guided_scales: int | None = None,
+) -> int:
+    """FLOPs to sample one image: with classifier-free guidance two rows (conditional and unconditional)
+    on the first `guided_scales` scales (default: all), one row after (the sampler drops the
+    unconditional rows once cfg is 1 for the rest)."""
+    two_rows = (schedule.num_scales if guided_scales is None else guided_scales) if guided else 0
+    total = per_request_flops(config, text_tokens) * (2 if guided else 1)
+    for k, (start, length) in enumerate(zip(schedule.offsets, schedule.lengths, strict=True)):
+        total += per_scale_flops(config, length, start + length, text_tokens) * (2 if k < two_rows else 1)
+    return total

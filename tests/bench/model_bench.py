@@ -53,9 +53,9 @@ def text(setup: Setup, batch: int) -> TextMemory:
     return TextMemory(feats, torch.full((batch,), 12, device=setup.device))
 
 
-def run_cached(setup: Setup, schedule: ScaleSchedule, batch: int) -> list[float]:
+def run_cached(setup: Setup, schedule: ScaleSchedule, batch: int, cfg: float | tuple[float, ...] = 3.0) -> list[float]:
     memory = text(setup, batch)
-    params = [SamplingParams(cfg=3.0, tau=0.5, seed=i) for i in range(batch)]
+    params = [SamplingParams(cfg=cfg, tau=0.5, seed=i) for i in range(batch)]
     gens = [torch.Generator(setup.device).manual_seed(i) for i in range(batch)]
     with torch.inference_mode():
         out = sample(

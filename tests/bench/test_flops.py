@@ -17,13 +17,16 @@ from tests.bench.flops import image_flops
 from tests.bench.model_bench import VAE_FOR_BITS
 
 
+@pytest.mark.parametrize("guided_scales", [None, 4])  # 4: cfg 1 on the last 3 of 7 scales
 @pytest.mark.parametrize("size", ["tiny", "small"])
-def test_counted_flops_match_the_measured_ones(size):
+def test_counted_flops_match_the_measured_ones(size, guided_scales):
     config = TRANSFORMER_SIZES[size]
     model = Infinity(config).eval()
     schedule, batch, text_tokens = ScaleSchedule.official(1.0, "0.06M"), 3, 7
     text = TextMemory(torch.randn(batch, text_tokens, config.text_channels), torch.full((batch,), text_tokens))
-    params = [SamplingParams(cfg=3.0, tau=1.0, seed=i) for i in range(batch)]
+    n = schedule.num_scales
+    cfg = 3.0 if guided_scales is None else (3.0,) * guided_scales + (1.0,) * (n - guided_scales)
+    params = [SamplingParams(cfg=cfg, tau=1.0, seed=i) for i in range(batch)]
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
     # The math attention backend decomposes into matmuls, which the counter sees.
     with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -37,5 +40,5 @@ def test_counted_flops_match_the_measured_ones(size):
             generators,
             "sdpa",
         )
-    counted = batch * image_flops(config, schedule, text_tokens)
+    counted = batch * image_flops(config, schedule, text_tokens, guided_scales=guided_scales)
     assert counted == pytest.approx(counter.get_total_flops(), rel=0.01)
