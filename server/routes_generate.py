@@ -15,7 +15,7 @@ from sse_starlette import ServerSentEvent
 from server.auth import GENERATION_GUARDS
 from server.errors import ServingError, error_body
 from server.images import CONTENT_TYPES, encode_image
-from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.jobs import GenerationOutput, Preview
 from server.protocol import ERROR_RESPONSES, GeneratedImage, GenerateRequest, GenerateResponse, parse_aspect_ratio
 from server.service import (
     PreviewMailbox,
@@ -23,12 +23,11 @@ from server.service import (
     deadline_for,
     encode_b64,
     event_stream,
-    preview_scales,
-    preview_sink,
     progress,
     resolve_schedule,
     sampling_rows,
     sse,
+    submit,
     wait_for_output,
 )
 
@@ -50,21 +49,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     schedule = resolve_schedule(app.limits, body.width, body.height, h_div_w, body.pn)
     rows = sampling_rows(body, body.n, schedule)
     deadline = deadline_for(request, app.settings)
-    rid = request.state.request_id
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
-        gen = GenerationRequest(
-            rid,
-            body.prompt,
-            schedule,
-            rows,
-            deadline,
-            preview_scales(schedule.num_scales, body.partial_images),
-            preview_sink(previews),
-        )
-        ticket = app.engine.submit(gen)
+        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, body.partial_images)
         return event_stream(request, _events(request, body, ticket, previews, deadline))
-    ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
+    ticket = submit(request, body.prompt, schedule, rows, deadline)
     out = await wait_for_output(request, app.engine, ticket, deadline)
     if body.n == 1 and _wants_image(request):
         data = await asyncio.to_thread(encode_image, out.images[0], body.output_format)

@@ -15,7 +15,7 @@ from model.schedules import LARGEST_PN
 from server.auth import GENERATION_GUARDS
 from server.errors import ServingError, error_body
 from server.images import CONTENT_TYPES, OutputFormat, encode_image
-from server.jobs import GenerationOutput, GenerationRequest, Preview
+from server.jobs import GenerationOutput, Preview
 from server.protocol import (
     ERROR_RESPONSES,
     ErrorResponse,
@@ -31,12 +31,11 @@ from server.service import (
     deadline_for,
     encode_b64,
     event_stream,
-    preview_scales,
-    preview_sink,
     progress,
     resolve_schedule,
     sampling_rows,
     sse,
+    submit,
     wait_for_output,
 )
 
@@ -59,22 +58,12 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Resp
     schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, None, pn)
     rows = sampling_rows(body, n, schedule)
     deadline = deadline_for(request, app.settings)
-    rid = request.state.request_id
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
-        count = 0 if body.partial_images is None else body.partial_images
-        gen = GenerationRequest(
-            rid,
-            body.prompt,
-            schedule,
-            rows,
-            deadline,
-            preview_scales(schedule.num_scales, count),
-            preview_sink(previews),
-        )
-        ticket = app.engine.submit(gen)
+        count = 0 if body.partial_images is None else body.partial_images  # OpenAI: none unless asked
+        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, count)
         return event_stream(request, _events(request, body, ticket, previews, deadline))
-    ticket = app.engine.submit(GenerationRequest(rid, body.prompt, schedule, rows, deadline))
+    ticket = submit(request, body.prompt, schedule, rows, deadline)
     out = await wait_for_output(request, app.engine, ticket, deadline)
     response = await _response(request, body, out)
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")

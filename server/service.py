@@ -22,10 +22,11 @@ from starlette.types import Receive, Scope, Send
 
 from model.config import SamplingParams, ScaleListError
 from model.schedules import PN_NAMES, ScaleSchedule, nearest_template, schedule_for_size
+from server.batcher import Ticket
 from server.engine import Engine
 from server.errors import ServingError, cancelled, deadline_exceeded, invalid
 from server.images import OutputFormat, encode_image
-from server.jobs import GenerationOutput, Preview
+from server.jobs import GenerationOutput, GenerationRequest, Preview
 from server.protocol import GenerateRequest, OpenAIImageRequest, SamplingFields
 from server.settings import Settings
 
@@ -246,6 +247,24 @@ def preview_sink(previews: PreviewMailbox) -> Callable[[Preview], None]:
         loop.call_soon_threadsafe(previews.put, preview)
 
     return sink
+
+
+def submit(
+    request: Request,
+    prompt: str,
+    schedule: ScaleSchedule,
+    rows: tuple[SamplingParams, ...],
+    deadline: float,
+    previews: PreviewMailbox | None = None,
+    preview_count: int | None = None,
+) -> Ticket[GenerationRequest]:
+    """Hand one request to the engine; with `previews`, the previews of `preview_count` scales (None:
+    every scale but the last) go to that mailbox. Both endpoints submit through here."""
+    scales, sink = frozenset[int](), None
+    if previews is not None:
+        scales, sink = preview_scales(schedule.num_scales, preview_count), preview_sink(previews)
+    job = GenerationRequest(request.state.request_id, prompt, schedule, rows, deadline, scales, sink)
+    return request.app.state.engine.submit(job)
 
 
 SSE_SEP = "\n"  # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it
