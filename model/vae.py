@@ -142,11 +142,21 @@ class BitwiseVAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         self.quantizer = BitwiseQuantizer(config)
+        self._fast_decoder: nn.Module | None = None  # see use_fast_decoder
+
+    def use_fast_decoder(self) -> None:
+        """Decode through model/fast_decoder.py from now on: the same function, ~1.6x faster on CPU in
+        float32. Inference only; call once the decoder has its final device and dtype."""
+        from model.fast_decoder import FastDecoder  # it builds on this module's classes
+
+        # Kept out of the module tree: the VAE's state dict keeps exactly the official keys.
+        self.__dict__["_fast_decoder"] = FastDecoder(self.decoder)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """(B, d, h, w) -> image in [-1, 1] (B, 3, H, W) float32."""
         z = latent.to(self.decoder.conv_in.weight.dtype)
-        return self.decoder(z).float().clamp_(-1, 1)
+        decoder = self.decoder if self._fast_decoder is None else self._fast_decoder
+        return decoder(z).float().clamp_(-1, 1)
 
     def encode_bits(self, images: torch.Tensor, vae_scales: tuple[tuple[int, int], ...]):
         """Images in [-1, 1] (B, 3, H, W) -> EncodedBits over the given latent scales."""
