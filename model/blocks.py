@@ -8,12 +8,13 @@ Modules with GEMMs or cross-attention carry the model's batch-invariance switch 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.attention import Backend, TextMemory, cross_attention, sdpa
+from model.attention import Backend, TextMemory, as_dtype, cross_attention, sdpa
 from model.invariance import BatchInvariantModule, per_row_linear
 from model.kv_cache import KVCache
 from model.rope import apply_rope
@@ -31,8 +32,8 @@ def linear(
     w = layer.weight
     b = layer.bias if bias is None else bias
     if not torch.is_autocast_enabled(x.device.type):
-        b = None if b is None else b.to(w.dtype)
-        x = x.to(w.dtype)
+        b = None if b is None else as_dtype(b, w.dtype)
+        x = as_dtype(x, w.dtype)
     if batch_invariant and x.dim() >= 2:
         return per_row_linear(x, w, b)
     return F.linear(x, w, b)
@@ -40,7 +41,27 @@ def linear(
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then x * (1 + scale) + shift, all in float32. (B, L, C)"""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).mul(scale.add(1)).add_(shift)
+    return F.layer_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=eps).mul(scale.add(1)).add_(shift)
+
+
+def derived(
+    owner: nn.Module, name: str, params: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """`make()`, a tensor computed from `params` alone (a fused bias, a clamped scale), kept on `owner` and
+    reused while those parameters are unchanged: the scale loop runs every block once per scale, and
+    rebuilding them dispatched a few ops per block each time. A parameter written in place (loading,
+    an optimiser step: its version moves), moved or cast (another storage or dtype) is made afresh.
+    With grad enabled (training) or under torch.compile nothing is kept: autograd and the compiler see
+    the ops, as written."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return make()
+    stamp = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in params)
+    kept: dict[str, tuple[tuple, torch.Tensor, tuple]] = owner.__dict__.setdefault("_derived", {})
+    hit = kept.get(name)
+    if hit is None or hit[0] != stamp:
+        # The entry holds the parameters and their storage: no new one can take their id or address.
+        hit = kept[name] = (stamp, make(), tuple((p, p.detach()) for p in params))
+    return hit[1]
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        x = as_dtype(x, torch.float32)
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(self.eps))) * self.weight.float()
 
 
@@ -76,15 +97,24 @@ class SelfAttention(BatchInvariantModule):
     ) -> torch.Tensor:
         """x: (B, L, C); rope: (2, L, hd/2) for these tokens -> (B, L, C)"""
         B, L, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = linear(self.mat_qkv, x, bias, batch_invariant=self.batch_invariant)
+        qkv = linear(self.mat_qkv, x, self._qkv_bias(), batch_invariant=self.batch_invariant)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, hd)
-        scale = self.scale_mul_1H11.float().clamp_max(LOG_MAX_SCALE_MUL).exp()
-        q = apply_rope(F.normalize(q.float(), dim=-1, eps=1e-12).mul(scale), rope).to(v.dtype)
-        k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
-        out = _attend(q, k, v, mask, cache, layer)
+        f32 = torch.float32
+        q = apply_rope(F.normalize(as_dtype(q, f32), dim=-1, eps=1e-12).mul(self._head_scale()), rope)
+        k = apply_rope(F.normalize(as_dtype(k, f32), dim=-1, eps=1e-12), rope)
+        out = _attend(as_dtype(q, v.dtype), as_dtype(k, v.dtype), v, mask, cache, layer)
         return linear(self.proj, out.transpose(1, 2).reshape(B, L, C), batch_invariant=self.batch_invariant)
+
+    def _qkv_bias(self) -> torch.Tensor:
+        """(3C,): q bias, no k bias, v bias."""
+        q, v = self.q_bias, self.v_bias
+        return derived(self, "qkv_bias", (q, v), lambda: torch.cat((q, torch.zeros_like(q), v)))
+
+    def _head_scale(self) -> torch.Tensor:
+        """(1, H, 1, 1) float32: exp of the learned log-scale, clamped at 100."""
+        s = self.scale_mul_1H11
+        return derived(self, "head_scale", (s,), lambda: s.float().clamp_max(LOG_MAX_SCALE_MUL).exp())
 
 
 @torch.compiler.disable
@@ -165,13 +195,15 @@ class CrossAttnBlock(nn.Module):
     ) -> torch.Tensor:
         """x: (B, L, C) float32; ada: (B, 1, 6, C) float32 shared modulation -> (B, L, C) float32"""
         # Slot order of the 6-vector: SA gate, FFN gate, SA scale, FFN scale, SA shift, FFN shift.
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + ada).unbind(2)
+        f32 = torch.float32
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (as_dtype(self.ada_gss, f32) + ada).unbind(2)
         h = ada_layer_norm(x, scale1, shift1, self.eps)
-        x = x + self.sa(h, rope, mask, cache, layer).float().mul(gamma1)
-        h = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
-        x = x + self.ca(h, ca_kv, memory, backend).float()
+        x = x + as_dtype(self.sa(h, rope, mask, cache, layer), f32).mul(gamma1)
+        norm = self.ca_norm
+        h = F.layer_norm(x, x.shape[-1:], as_dtype(norm.weight, f32), as_dtype(norm.bias, f32), self.eps)
+        x = x + as_dtype(self.ca(h, ca_kv, memory, backend), f32)
         h = ada_layer_norm(x, scale2, shift2, self.eps)
-        return x + self.ffn(h).float().mul(gamma2)
+        return x + as_dtype(self.ffn(h), f32).mul(gamma2)
 
 
 class PoolingAttention(BatchInvariantModule):

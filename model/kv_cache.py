@@ -40,9 +40,10 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this scale's k, v (B, H, l, hd) at the current offset; return the visible prefix."""
         end = self.filled + k.shape[2]
-        self.keys[layer, :, :, self.filled : end] = k
-        self.values[layer, :, :, self.filled : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # the visible prefix
+        keys[:, :, self.filled :].copy_(k)  # one view per tensor, written through: fewer ops than a
+        values[:, :, self.filled :].copy_(v)  # setitem and a second index
+        return keys, values
 
     def select(self, rows: torch.Tensor) -> KVCache:
         """A cache holding only batch rows `rows` (rows leaving a running batch)."""

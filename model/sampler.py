@@ -9,12 +9,12 @@ gives the same bits whatever else shares the batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from model.attention import Backend, TextMemory, stack_memories
+from model.attention import Backend, TextMemory, device_index, stack_memories
 from model.config import SamplingParams
 from model.kv_cache import KVCache
 from model.quantizer import BitwiseQuantizer
@@ -36,6 +36,8 @@ class ScaleEvent:
 # Returns the original indices of rows to drop before the next scale (None: keep them all).
 ScaleCallback = Callable[[ScaleEvent], Collection[int] | None]
 
+SCALE_RANGE = "sampler scale"  # profiler range of each scale: "sampler scale 0", "sampler scale 1", ...
+
 
 @dataclass(frozen=True)
 class SampleOutput:
@@ -46,12 +48,59 @@ class SampleOutput:
     scale_seconds: list[float]
 
 
+@dataclass(frozen=True)
+class RowParams:
+    """Each row's sampling parameters as device tensors, built once per request: the scale loop picks
+    a scale's column on the device instead of copying Python floats to it at every scale.
+
+    Tables are (num_scales, B, 1, 1), so a scale's values are one contiguous (B, 1, 1) view.
+    """
+
+    inv_tau: torch.Tensor  # 1 / tau, float32 of the Python quotient (the official constant)
+    w_cond: torch.Tensor  # cfg
+    w_uncond: torch.Tensor  # 1 - cfg, computed in Python as the official scalar is
+    top_p_limit: torch.Tensor  # (B, 1, 1): 1 - top_p; -1 where top-p is off (no probability is <= -1)
+    greedy: tuple[bool, ...]  # top_k == 1: the bit is the argmax, no draw
+    greedy_mask: torch.Tensor  # (B, 1) bool, the same on the device
+
+    @classmethod
+    def build(
+        cls, params: Sequence[SamplingParams], num_scales: int, dtype: torch.dtype, device: torch.device
+    ) -> RowParams:
+        def table(value: Callable[[SamplingParams, int], float]) -> torch.Tensor:
+            rows = [[value(p, k) for p in params] for k in range(num_scales)]
+            return torch.tensor(rows, dtype=dtype, device=device).view(num_scales, len(params), 1, 1)
+
+        limits = [1 - p.top_p if p.top_p > 0 else -1.0 for p in params]
+        greedy = tuple(p.top_k == 1 for p in params)
+        return cls(
+            table(lambda p, k: 1 / p.tau_at(k)),
+            table(lambda p, k: p.cfg_at(k)),
+            table(lambda p, k: 1 - p.cfg_at(k)),
+            torch.tensor(limits, dtype=dtype, device=device).view(-1, 1, 1),
+            greedy,
+            torch.tensor(greedy, device=device).view(-1, 1),
+        )
+
+    def select(self, positions: Sequence[int], index: torch.Tensor) -> RowParams:
+        """The rows at `positions` (`index`: the same positions on the device)."""
+        return RowParams(
+            self.inv_tau[:, index],
+            self.w_cond[:, index],
+            self.w_uncond[:, index],
+            self.top_p_limit[index],
+            tuple(self.greedy[i] for i in positions),
+            self.greedy_mask[index],
+        )
+
+
 @dataclass
 class _RunningRows:
     """Per-row state of a running batch, so that rows can leave between scales."""
 
     ids: list[int]
     params: list[SamplingParams]
+    rows: RowParams
     generators: list[torch.Generator]
     cond: TextConditioning
     ca_kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -59,26 +108,29 @@ class _RunningRows:
     guided: bool
     nonfinite: torch.Tensor  # (rows,) bool: a logit of this row was inf or NaN at some scale
 
-    def drop(self, ids: Collection[int]) -> list[int]:
-        """Remove rows by original id; returns the positions kept (for tensors held by the caller)."""
+    def drop(self, ids: Collection[int]) -> torch.Tensor:
+        """Remove rows by original id; returns the positions kept as a device index (for tensors held
+        by the caller). The kept positions are copied to the device, without blocking (`device_index`)."""
         keep = [i for i, rid in enumerate(self.ids) if rid not in ids]
-        index = torch.tensor(keep, dtype=torch.long, device=self.cache.keys.device)
-        both = torch.cat((index, index + len(self.ids))) if self.guided else index
+        both = keep + [i + len(self.ids) for i in keep] if self.guided else keep
+        index, index_both = device_index(keep, self.cache.keys.device), device_index(both, self.cache.keys.device)
         self.ids = [self.ids[i] for i in keep]
         self.params = [self.params[i] for i in keep]
+        self.rows = self.rows.select(keep, index)
         self.generators = [self.generators[i] for i in keep]
-        self.cond = self.cond.select(both)
-        self.ca_kv = [(k[both], v[both]) for k, v in self.ca_kv]
-        self.cache = self.cache.select(both)
+        self.cond = self.cond.select(both, index_both)
+        self.ca_kv = [(k[index_both], v[index_both]) for k, v in self.ca_kv]
+        self.cache = self.cache.select(index_both)
         self.nonfinite = self.nonfinite[index]
-        return keep
+        return index
 
     def stop_guidance(self) -> None:
         """Every row's cfg is 1 on every remaining scale: keep only the conditional rows (half the
         transformer work and KV cache from here on). With cfg 1 the unconditional logits enter with
         weight 0, so the bits do not change (batch invariance keeps the conditional rows' numbers)."""
-        index = torch.arange(len(self.ids), device=self.cache.keys.device)
-        self.cond = self.cond.select(index)
+        positions = range(len(self.ids))
+        index = torch.arange(len(self.ids), device=self.cache.keys.device)  # made on the device: no copy
+        self.cond = self.cond.select(positions, index)
         self.ca_kv = [(k[index], v[index]) for k, v in self.ca_kv]
         self.cache = self.cache.select(index)
         self.guided = False
@@ -89,14 +141,17 @@ def guide(logits: torch.Tensor, params: list[SamplingParams], scale_index: int, 
 
     logits: (2B or B, l, V) with conditional rows first -> (B, l, V)
     """
-    B = len(params)
-    # Python-float arithmetic first, then float32: the same constants as the official scalars.
-    inv_tau = logits.new_tensor([1 / p.tau_at(scale_index) for p in params]).view(B, 1, 1)
+    rows = RowParams.build(params, scale_index + 1, logits.dtype, logits.device)
+    return guide_rows(logits, rows, scale_index, guided)
+
+
+def guide_rows(logits: torch.Tensor, rows: RowParams, scale_index: int, guided: bool) -> torch.Tensor:
+    """`guide` with the parameters' tensors built once per request (no host copy here)."""
+    B = rows.inv_tau.shape[1]
+    inv_tau = rows.inv_tau[scale_index]  # (B, 1, 1)
     if not guided:
         return logits * inv_tau
-    w_cond = logits.new_tensor([p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
-    w_uncond = logits.new_tensor([1 - p.cfg_at(scale_index) for p in params]).view(B, 1, 1)
-    return w_cond * (logits[:B] * inv_tau) + w_uncond * (logits[B:] * inv_tau)
+    return rows.w_cond[scale_index] * (logits[:B] * inv_tau) + rows.w_uncond[scale_index] * (logits[B:] * inv_tau)
 
 
 def quarantine_nonfinite(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,32 +171,54 @@ def filter_bit_logits(pairs: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     With two classes top-k >= 2 keeps both, and top-p removes the minority value when its
     probability is <= 1 - top_p (official default 0.97: <= 0.03).
     """
-    pairs = pairs.clone()
     if top_k == 1:
-        pairs.masked_fill_(pairs < pairs.amax(dim=-1, keepdim=True), float("-inf"))
+        pairs = pairs.masked_fill(pairs < pairs.amax(dim=-1, keepdim=True), float("-inf"))
     if top_p > 0:
-        probs = pairs.softmax(dim=-1)
-        minority = pairs.argmin(dim=-1, keepdim=True)
-        p_min = probs.gather(-1, minority)
-        threshold = torch.tensor(1 - top_p, dtype=probs.dtype, device=probs.device)
-        drop = torch.zeros_like(pairs, dtype=torch.bool).scatter_(-1, minority, p_min <= threshold)
-        pairs.masked_fill_(drop, float("-inf"))
-    return pairs
+        pairs = drop_unlikely_bits(pairs, torch.tensor(1 - top_p, dtype=pairs.dtype, device=pairs.device))
+    return pairs.clone()
+
+
+def drop_unlikely_bits(pairs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Top-p on bit pairs (..., 2): the minority value becomes -inf where its probability is <= `limit`
+    (broadcast against (..., 1); compared in the logits' dtype, as the official `cumsum <= 1 - top_p`)."""
+    probs = pairs.softmax(dim=-1)
+    minority = pairs.argmin(dim=-1, keepdim=True)
+    p_min = probs.gather(-1, minority)
+    drop = torch.zeros_like(pairs, dtype=torch.bool).scatter_(-1, minority, p_min <= limit)
+    return pairs.masked_fill(drop, float("-inf"))
 
 
 def sample_bits(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """(B, l, 2D) guided logits -> bits (B, l, D) int64, each row with its own generator."""
+    return sample_bits_rows(logits, RowParams.build(params, 1, logits.dtype, logits.device), generators)
+
+
+def sample_bits_rows(logits: torch.Tensor, rows: RowParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """`sample_bits` with the parameters' tensors built once per request: no host sync, and every
+    row's filter, softmax and choice in one op each; only the noise is drawn row by row, each row
+    from its own generator.
+
+    The draw is `torch.multinomial(probs, 1, replacement=True, generator=g)` as torch computes it
+    (argmax of probs / Exp(1) noise, the noise drawn by `exponential_` on g), without its argument
+    checks, which read the probabilities back to the host. Same bits for a seed
+    (tests/model/test_sampler.py pins them to torch.multinomial).
+    """
     B, l, V = logits.shape
     pairs = logits.view(B, l * V // 2, 2)
-    rows = []
-    for b, p in enumerate(params):
-        if p.top_k == 1:
-            # Greedy must not depend on the seed: argmax, an exact tie resolves to bit 0.
-            rows.append((pairs[b, :, 1] > pairs[b, :, 0]).long())
-            continue
-        probs = filter_bit_logits(pairs[b], p.top_k, p.top_p).softmax(dim=-1)
-        rows.append(torch.multinomial(probs, 1, replacement=True, generator=generators[b])[:, 0])
-    return torch.stack(rows).view(B, l, V // 2)
+    # Greedy must not depend on the seed: argmax, an exact tie resolves to bit 0.
+    greedy = (pairs[..., 1] > pairs[..., 0]).long() if any(rows.greedy) else None
+    if greedy is not None and all(rows.greedy):
+        return greedy.view(B, l, V // 2)
+    probs = drop_unlikely_bits(pairs, rows.top_p_limit).softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    for b, generator in enumerate(generators):
+        if rows.greedy[b]:
+            noise[b].fill_(1.0)  # not drawn: a greedy row leaves its generator untouched
+        else:
+            noise[b].exponential_(generator=generator)
+    drawn = probs.div(noise).argmax(dim=-1)
+    bits = drawn if greedy is None else torch.where(rows.greedy_mask, greedy, drawn)
+    return bits.view(B, l, V // 2)
 
 
 def sample(
@@ -174,41 +251,46 @@ def sample(
         model.blocks_dtype,
         text.features.device,
     )
+    device = text.features.device
     state = _RunningRows(
         list(range(B)),
         list(params),
+        RowParams.build(params, n, torch.float32, device),  # model.logits are float32
         list(generators),
         cond,
         model.cross_kv(cond),
         cache,
         guided,
-        torch.zeros(B, dtype=torch.bool, device=text.features.device),
+        torch.zeros(B, dtype=torch.bool, device=device),
     )
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
 
     x = model.start_tokens(cond)  # (rows, 1, C)
     latent, bits_out, seconds = None, [], []
     for si, (h, w) in enumerate(schedule.scales):
-        t0 = time.perf_counter()
-        raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
-        logits, bad = quarantine_nonfinite(guide(raw, state.params, si, state.guided))
-        state.nonfinite |= bad
-        token_bits = sample_bits(logits, state.params, state.generators).view(len(state.ids), h, w, -1)
-        bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
-        latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
-        bits_out.append(bits.to(torch.uint8))
-        seconds.append(time.perf_counter() - t0)
-        dropped = on_scale(ScaleEvent(si, n, tuple(state.ids), latent, seconds[-1])) if on_scale else None
-        if dropped:
-            keep = state.drop(set(dropped))
-            latent, bits_out = latent[keep], [b[keep] for b in bits_out]
-            if not state.ids:
-                break
-        if si + 1 < n:
-            if state.guided and not any(p.uses_guidance(n, start=si + 1) for p in state.params):
-                state.stop_guidance()  # cfg 1 from here on, for every row
-            x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
-            x = torch.cat((x, x)) if state.guided else x
+        # After scale 0 nothing here reads a device value back (tests/model/test_syncs.py counts them
+        # in these profiler ranges): the host can queue the next scale while the device runs this one.
+        with torch.profiler.record_function(f"{SCALE_RANGE} {si}"):
+            t0 = time.perf_counter()
+            raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
+            logits, bad = quarantine_nonfinite(guide_rows(raw, state.rows, si, state.guided))
+            state.nonfinite |= bad
+            token_bits = sample_bits_rows(logits, state.rows, state.generators).view(len(state.ids), h, w, -1)
+            bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
+            latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
+            bits_out.append(bits.to(torch.uint8))
+            seconds.append(time.perf_counter() - t0)
+            dropped = on_scale(ScaleEvent(si, n, tuple(state.ids), latent, seconds[-1])) if on_scale else None
+            if dropped:
+                keep = state.drop(set(dropped))
+                latent, bits_out = latent[keep], [b[keep] for b in bits_out]
+                if not state.ids:
+                    break
+            if si + 1 < n:
+                if state.guided and not any(p.uses_guidance(n, start=si + 1) for p in state.params):
+                    state.stop_guidance()  # cfg 1 from here on, for every row
+                x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
+                x = torch.cat((x, x)) if state.guided else x
     assert latent is not None  # a schedule has at least one scale
     nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
     return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)

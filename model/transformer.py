@@ -7,6 +7,7 @@ list instead of `block_chunks.{i // k}.module.{i % k}` (see weights/keymap.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -32,9 +33,9 @@ class TextConditioning:
     head_ada: torch.Tensor  # (B, 1, 2, C) float32: modulation before the head
     memory: TextMemory  # projected text (B, T, C) for cross-attention
 
-    def select(self, index: torch.Tensor) -> TextConditioning:
-        """The rows `index` (used when rows leave a running batch)."""
-        memory = TextMemory(self.memory.features[index], self.memory.lengths[index])
+    def select(self, positions: Sequence[int], index: torch.Tensor) -> TextConditioning:
+        """The rows at `positions` (rows leaving a running batch); `index`: the same on the device."""
+        memory = self.memory.select(positions, index)
         return TextConditioning(self.pooled[index], self.ada[index], self.head_ada[index], memory)
 
 
@@ -90,10 +91,11 @@ class Infinity(BatchInvariantModule):
             rows = [self.condition(_row(text, i), backend) for i in range(len(text.lengths))]
             return _stack_conditionings(rows)
         normed = self.text_norm(text.features)
-        pooled = self.text_proj_for_sos(TextMemory(normed, text.lengths), backend).float()
+        pooled = self.text_proj_for_sos(TextMemory(normed, text.lengths, text.sizes), backend).float()
         projected = self.text_proj_for_ca(normed.to(self.text_proj_for_ca[0].weight.dtype))
         ada = self.shared_ada_lin(pooled).view(pooled.shape[0], 1, 6, -1).float()
-        return TextConditioning(pooled, ada, self.head_nm.modulation(pooled), TextMemory(projected, text.lengths))
+        memory = TextMemory(projected, text.lengths, text.sizes)
+        return TextConditioning(pooled, ada, self.head_nm.modulation(pooled), memory)
 
     def unconditional_text(self, lengths: torch.Tensor) -> TextMemory:
         """The learned null prompt, cut to each prompt's own token count. lengths: (B,)"""
@@ -104,9 +106,9 @@ class Infinity(BatchInvariantModule):
     def cross_kv(self, cond: TextConditioning) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block text K/V, computed once per request instead of once per scale."""
         memory = cond.memory
-        if not self.batch_invariant or len(memory.lengths) == 1:
+        if not self.batch_invariant or len(memory.sizes) == 1:
             return [block.ca.project_memory(memory.features) for block in self.block_list]
-        T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.lengths))]
+        T, rows = memory.features.shape[1], [_row(memory, i).features for i in range(len(memory.sizes))]
         out = []
         for block in self.block_list:  # each row's own tokens only, zero-padded back to T
             pairs = [block.ca.project_memory(r) for r in rows]
@@ -188,8 +190,8 @@ class Infinity(BatchInvariantModule):
 
 def _row(text: TextMemory, i: int) -> TextMemory:
     """Row i alone, cut to its own length."""
-    n = int(text.lengths[i])
-    return TextMemory(text.features[i : i + 1, :n], text.lengths[i : i + 1])
+    n = text.sizes[i]
+    return TextMemory(text.features[i : i + 1, :n], text.lengths[i : i + 1], (n,))
 
 
 def _cat_padded(tensors: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:
@@ -209,5 +211,7 @@ def _stack_conditionings(rows: list[TextConditioning]) -> TextConditioning:
         torch.cat([r.pooled for r in rows]),
         torch.cat([r.ada for r in rows]),
         torch.cat([r.head_ada for r in rows]),
-        TextMemory(features, torch.cat([r.memory.lengths for r in rows])),
+        TextMemory(
+            features, torch.cat([r.memory.lengths for r in rows]), tuple(n for r in rows for n in r.memory.sizes)
+        ),
     )

@@ -9,7 +9,8 @@ decode (real VAE architecture, one image at a time as served). Per row: seconds 
 per stage, images/s, peak memory, and model FLOP utilisation = counted transformer FLOPs
 (tests/bench/flops.py) / transformer seconds / the FLOP/s of a matmul of the model's own FFN
 shape and dtype timed in the same run. Then, on CPU: KV cache vs recompute and bf16 vs fp32 (mid),
-batch scaling of the shipped default model, and HTTP overhead at concurrency 1. A last table
+batch scaling of the shipped default model, HTTP overhead at concurrency 1, and the scale loop's
+host syncs, ops per block and per-scale overhead on the tiny model (tests/bench/dispatch_bench.py). A last table
 compares each figure with its target.
 """
 
@@ -32,6 +33,7 @@ from model.t5_builder import build_t5_encoder_dir
 from model.text_encoder import T5TextEncoder
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
+from tests.bench.dispatch_bench import report as dispatch_report
 from tests.bench.flops import image_flops
 from tests.bench.model_bench import VAE_FOR_BITS, build, run_cached, run_recompute
 from tests.bench.prompts import PROMPTS
@@ -340,6 +342,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = speed_table(args, device, Path(tmp))
         kv_cache_table()
+        if not gpu:  # host syncs, ops per block and per-scale overhead of the tiny model (dispatch_bench)
+            dispatch_report()
         targets = compare(args, rows, device, gpu)
     print("\n| target | measured | wanted | met |\n|---|---|---|---|")
     for label, value, wanted, met in targets:

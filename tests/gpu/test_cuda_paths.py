@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from model.attention import stack_memories
 from model.config import RuntimeConfig, SamplingParams
+from model.kv_cache import KVCache
 from model.pipeline import GenerationResult, InfinityPipeline
 from model.schedules import ScaleSchedule
 from weights.pipeline import load_pipeline
@@ -128,3 +130,42 @@ def test_a_seed_gives_the_same_bits_alone_and_in_a_batch(pipelines, dtype, atten
     equal = agreement(alone, together, 0, 2)
     assert min(equal) == 1.0, f"bits equal per scale, alone vs row 2 of 4 ({dtype}, {attention}): {fmt(equal)}"
     assert np.array_equal(alone.images[0], together.images[2]), "same bits, other pixels"
+
+
+def test_a_scale_step_replays_as_a_graph_with_the_eager_logits(pipelines):
+    """A whole scale step (every block, KV-cache write, cross-attention, head) has no host sync and
+    no host-to-device copy after scale 0 (tests/model/test_syncs.py), so CUDA can capture it. On CUDA:
+    scale 1 captured with torch.cuda.graph and replayed over the same cache offsets gives the eager
+    logits. On CPU the same steps run eagerly twice (what a replay relies on: rewriting a scale's
+    cache slots in place gives the same numbers). Not yet run on a GPU."""
+    pipe = pipelines(RuntimeConfig(device=DEVICE, dtype="float32", attention="sdpa", text_dtype="float32"))
+    model, backend = pipe.transformer, pipe.backend
+    with torch.inference_mode():
+        memory = pipe.text_encoder.encode(PROMPTS[:2]).memory
+        cond = model.condition(stack_memories(memory, model.unconditional_text(memory.lengths)), backend)
+        ca_kv, c = model.cross_kv(cond), model.config
+        cache = KVCache.allocate(
+            c.depth, 4, c.num_heads, SCHEDULE.total_tokens, c.head_dim, model.blocks_dtype, pipe.device
+        )
+        model.step(model.start_tokens(cond), 0, SCHEDULE, cond, ca_kv, cache, backend)  # builds the request's indices
+        x = torch.randn(4, SCHEDULE.lengths[1], c.width, device=pipe.device, generator=torch.Generator(pipe.device))
+
+        def step() -> torch.Tensor:
+            cache.filled = SCHEDULE.offsets[1]  # a replay writes the same slots again
+            return model.step(x, 1, SCHEDULE, cond, ca_kv, cache, backend)
+
+        eager = step().clone()
+        if ON_CUDA:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # warm-up on a side stream, as capture requires
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            out = step()
+    assert torch.equal(out, eager)

@@ -82,11 +82,12 @@ def test_conditioning_ignores_what_lies_past_a_prompts_length(model):
 def test_select_keeps_the_rows_of_every_field(model):
     with torch.no_grad():
         cond = model.condition(_text([5, 3, 4]))
-    part = cond.select(torch.tensor([2, 0]))
+    part = cond.select([2, 0], torch.tensor([2, 0]))
     assert isinstance(part, TextConditioning)
     for field in ("pooled", "ada", "head_ada"):
         assert torch.equal(getattr(part, field), getattr(cond, field)[[2, 0]])
     assert part.memory.lengths.tolist() == [4, 5]
+    assert part.memory.sizes == (4, 5)  # the host copy follows the rows, without a read back
 
 
 # ---- the null prompt --------------------------------------------------------------------------
