@@ -31,8 +31,15 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every performance table, each measured within one run (ratios): the model (with ops per block and
+# per-scale overhead), guidance-free late scales, the VAE decode and end to end before/after, stream
+# previews, then the real server. ~25 minutes on 2 cores; docs/benchmarks.md has the latest figures.
 bench: install-dev
-	$(BIN)/python -m tests.bench.perf_bench && $(BIN)/python -m tests.bench.server_bench
+	$(BIN)/python -m tests.bench.perf_bench
+	$(BIN)/python -m tests.bench.guidance_bench
+	$(BIN)/python -m tests.bench.decode_bench
+	$(BIN)/python -m tests.bench.preview_bench
+	$(BIN)/python -m tests.bench.server_bench
 
 # Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
 # ~5 minutes on 2 cores; never part of `make test` or CI. A fresh run each time (the counts stay comparable);

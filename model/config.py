@@ -227,6 +227,15 @@ class ScaleListError(ValueError):
         self.param = param
 
 
+# Guidance presets. "full": `cfg` on every scale, as the official sampler. "skip-last": cfg 1 on the
+# last scale, where the layout is already fixed (StageVAR and SkipVAR report Infinity's late scales need
+# no guidance); the sampler then drops the unconditional rows for that scale. Measured: the 2B at 1M
+# counts 1.30x fewer transformer FLOPs; ShapesEval on the default model 0.70 -> 0.71, within its noise
+# (docs/benchmarks.md, "Guidance-free late scales"). Per-scale `cfg` lists go further, at a measured cost.
+GuidancePreset = Literal["full", "skip-last"]
+GUIDANCE_PRESETS: tuple[str, ...] = get_args(GuidancePreset)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-row sampling knobs. `cfg` and `tau` are one value or one value per scale."""
@@ -237,6 +246,7 @@ class SamplingParams:
     top_p: float = 0.97  # official default: drops a bit value of probability <= 0.03
     seed: int | None = None
     negative_prompt: str | None = None
+    guidance: GuidancePreset = "full"  # applied by `for_schedule` once the schedule is known
 
     def __post_init__(self) -> None:
         for name in ("cfg", "tau"):
@@ -250,6 +260,8 @@ class SamplingParams:
             raise ValueError(f"`top_k` must be >= 0, got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"`top_p` must be in [0, 1], got {self.top_p}")
+        if self.guidance not in GUIDANCE_PRESETS:
+            raise ValueError(f"`guidance` must be one of {', '.join(GUIDANCE_PRESETS)}, got {self.guidance!r}")
 
     @staticmethod
     def _as_tuple(value: ScaleValue) -> tuple[float, ...]:
@@ -276,6 +288,13 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) < num_scales:
                 raise ScaleListError(name, len(value), num_scales)
+
+    def for_schedule(self, num_scales: int) -> SamplingParams:
+        """The `guidance` preset written out as a per-scale `cfg` (after `check_scales`); "full" is unchanged."""
+        if self.guidance == "full":
+            return self
+        cfg = (*(self.cfg_at(i) for i in range(num_scales - 1)), 1.0)
+        return replace(self, cfg=cfg, guidance="full")
 
     def uses_guidance(self, num_scales: int, start: int = 0) -> bool:
         """Any scale from `start` on has cfg != 1 (guidance needs the unconditional rows there)."""
@@ -320,10 +339,19 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
-# How stream previews are made: "fast" is a per-pixel linear map fitted from the VAE decoder when the
-# pipeline is built (model/preview.py), "decoder" a full decode of the accumulated latent per preview.
-PreviewMode = Literal["fast", "decoder"]
+# How stream previews are made (model/preview.py): "auto" is the model's trained preview decoder when it
+# ships one (the default model does: ~1.1x a plain request, 26.5 dB at the last scale), else the real
+# decoder; "fast" is that trained decoder, else a per-pixel linear map fitted from the VAE decoder when the
+# pipeline is built (cheap, but below a flat colour in PSNR); "decoder" a full decode per preview.
+PreviewMode = Literal["auto", "fast", "decoder"]
 PREVIEW_MODES: tuple[str, ...] = get_args(PreviewMode)
+
+
+# The VAE decode: "fast" (model/fast_decoder.py: the official decoder's function with its upsampling
+# folded into transposed convolutions, channels-last, ~1.6x faster on CPU in float32, pixels within a
+# small fraction of a level) or "reference" (the official module graph as written).
+VaeDecodeMode = Literal["fast", "reference"]
+VAE_DECODE_MODES: tuple[str, ...] = get_args(VaeDecodeMode)
 
 
 def default_precision(device: str) -> Precision:
@@ -347,7 +375,8 @@ class RuntimeConfig:
     # shape (see model/invariance.py). Off trades that for one GEMM per layer. The pipeline sets it on
     # its own transformer, so pipelines with different settings can share a process.
     batch_invariant: bool = True
-    # Stream previews: "decoder" (the real decoder per preview, about one final decode each) or "fast"
-    # (a fitted linear map, ~free, but measured less faithful than a flat colour on the default model:
-    # docs/benchmarks.md). Final images always come from the real decoder.
-    preview: PreviewMode = "decoder"
+    # Stream previews (PreviewMode above; docs/benchmarks.md): "auto" uses a trained preview decoder when
+    # the model ships one, else the real decoder (about one final decode per preview). Final images
+    # always come from the real decoder.
+    preview: PreviewMode = "auto"
+    vae_decode: VaeDecodeMode = "fast"  # final images (and decoder previews): VAE_DECODE_MODES above

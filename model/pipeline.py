@@ -11,18 +11,19 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
 from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingParams
+from model.image_condition import PASTE_FEATHER, ImageCondition, feathered_paste, prepare
 from model.memory import MemoryUsage, device_memory
-from model.preview import LinearPreview
+from model.preview import LinearPreview, PreviewDecoder, Previewer
 from model.sampler import ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
-from model.text_encoder import T5TextEncoder
+from model.text_encoder import EncodedText, T5TextEncoder
 from model.transformer import Infinity
 from model.vae import BitwiseVAE, to_uint8
 
@@ -39,6 +40,7 @@ class StageTimings:
     transformer: float
     vae_decode: float
     scales: tuple[float, ...]  # transformer seconds per scale
+    image_encode: float = 0.0  # image-to-image: encoding the input images into bits
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,10 @@ class InfinityPipeline:
         vae: BitwiseVAE,
         text_encoder: T5TextEncoder,
         runtime: RuntimeConfig = RuntimeConfig(),
+        preview_decoder: PreviewDecoder | None = None,
     ) -> None:
+        """preview_decoder: a trained one for this VAE (model/preview.py), used when `runtime.preview` is
+        "fast"; without one, "fast" fits a linear map from the VAE decoder."""
         if transformer.config.token_bits != vae.config.token_bits:
             raise ValueError(
                 f"transformer tokens have {transformer.config.token_bits} bits, the VAE makes "
@@ -91,18 +96,20 @@ class InfinityPipeline:
                 block.compile(mode=runtime.compile, dynamic=True)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.vae.decoder.to(dtype)
-        # fitted from this pipeline's own decoder, in its dtype; None: previews are full decodes
-        self.fast_preview = LinearPreview.fit(self.vae) if runtime.preview == "fast" else None
+        # after the dtype and device: the fast decoder folds copies of the weights
+        self.vae.use_fast_decoder(runtime.vae_decode == "fast")
+        self.fast_preview = self._fast_preview(runtime, preview_decoder)  # None: previews are full decodes
         self.text_encoder = text_encoder
         self.backend = choose_backend(runtime.attention, self.device)
         log.info(
-            "pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s; previews %s",
+            "pipeline on %s: blocks and VAE decoder in %s, batch-invariant %s, attention %s: %s; previews %s%s",
             self.device,
             runtime.dtype,
             "on" if runtime.batch_invariant else "off",
             self.backend,
             ATTENTION_MODES[self.backend],
             runtime.preview,
+            "" if self.fast_preview is None else f" ({type(self.fast_preview).__name__})",
         )
 
     # ---- public API -------------------------------------------------------------------------
@@ -112,15 +119,19 @@ class InfinityPipeline:
         schedule: ScaleSchedule,
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         on_scale: ScaleCallback | None = None,
+        images: Sequence[ImageCondition | None] | None = None,
     ) -> GenerationResult:
-        """One image per prompt; `params` is shared or one per prompt (seeds, cfg, tau, ...)."""
+        """One image per prompt; `params` is shared or one per prompt (seeds, cfg, tau, ...).
+
+        images: per prompt, an input image to vary or edit (model/image_condition.py), or None. A row
+        with an image may have an empty prompt: it is then sampled under the unconditional text alone."""
         # 1. check inputs
-        rows = self._check_inputs(prompts, schedule, params)
+        rows = self._check_inputs(prompts, schedule, params, images)
         # 2. one generator per row, seeded explicitly
         seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         try:
-            return self._generate(prompts, schedule, rows, seeds, generators, on_scale)
+            return self._generate(prompts, schedule, rows, seeds, generators, on_scale, images or [None] * len(rows))
         except torch.OutOfMemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -134,13 +145,20 @@ class InfinityPipeline:
         seeds: list[int],
         generators: list[torch.Generator],
         on_scale: ScaleCallback | None,
+        images: Sequence[ImageCondition | None],
     ) -> GenerationResult:
         with torch.inference_mode():
             # 3. text features of the prompts and of their unconditional counterparts
             t0 = time.perf_counter()
             encoded = self.text_encoder.encode(list(prompts))
             uncond = self._unconditional(encoded.memory, rows)
+            encoded = self._unprompted(encoded, uncond, prompts)
             _sync(self.device)
+            t1 = time.perf_counter()
+            # 3b. image-to-image: the input images' bits, and which of them each row forces
+            vae_scales = schedule.vae_scales(self.vae.config.spatial_patchify)
+            forced = [None if c is None else prepare(c, self.vae, vae_scales, schedule.num_scales) for c in images]
+            t_img = time.perf_counter() - t1
             t1 = time.perf_counter()
             # 4. scale-by-scale sampling of the bits
             out = sample(
@@ -153,24 +171,26 @@ class InfinityPipeline:
                 generators,
                 self.backend,
                 on_scale,
+                forced,
             )
             _sync(self.device)
             t2 = time.perf_counter()
             # 5. decode the accumulated latent of the rows that ran to the end with finite logits
             keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
-            images = list(self.decode_latent(out.latent[keep])) if keep else []
+            decoded = list(self.decode_latent(out.latent[keep])) if keep else []
+            decoded = [self._pasted(image, images[out.rows[k]]) for k, image in zip(keep, decoded, strict=True)]
             t3 = time.perf_counter()
         kept = tuple(out.rows[k] for k in keep)
         tokens = sum(schedule.lengths) * self.transformer.config.token_bits
         return GenerationResult(
             rows=kept,
             nonfinite=out.nonfinite,
-            images=images,
+            images=decoded,
             bits=[b[keep].cpu().numpy() for b in out.bits],
             seeds=[seeds[i] for i in kept],
             prompt_tokens=[encoded.token_counts[i] for i in kept],
             image_tokens=tokens,
-            timings=StageTimings(t1 - t0, t2 - t1, t3 - t2, tuple(out.scale_seconds)),
+            timings=StageTimings(t1 - t0 - t_img, t2 - t1, t3 - t2, tuple(out.scale_seconds), t_img),
         )
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
@@ -194,12 +214,13 @@ class InfinityPipeline:
         """(N, H, W, 3) uint8 images of these rows (prompt indices, as in `generate`) as they stand at
         `event`'s scale; rows no longer running are left out. For streamed previews, from `on_scale`.
 
-        With `RuntimeConfig.preview` "fast", a fitted linear map, not the decoder: the last scale's preview
-        then approximates the final image (PSNR in docs/benchmarks.md), it is not that image."""
+        With `RuntimeConfig.preview` "fast", a trained preview decoder or a fitted linear map, not the
+        real decoder: the last scale's preview then approximates the final image (PSNR in
+        docs/benchmarks.md), it is not that image."""
         positions = [event.rows.index(r) for r in rows if r in event.rows]
         if self.fast_preview is None:
             return self.decode_latent(event.latent[positions])
-        return to_uint8(self.fast_preview(event.latent[positions].to(self.device))).cpu().numpy()
+        return to_uint8(self.fast_preview.preview(event.latent[positions].to(self.device))).cpu().numpy()
 
     def memory_bytes(self) -> MemoryUsage:
         """Now and at the peak: allocated/reserved on CUDA, the process's resident set on CPU."""
@@ -220,21 +241,65 @@ class InfinityPipeline:
         return per_row * (2 if guided else 1)
 
     # ---- steps ------------------------------------------------------------------------------
+    def _fast_preview(self, runtime: RuntimeConfig, decoder: PreviewDecoder | None) -> Previewer | None:
+        """The trained preview decoder if given (float32 on this device: it is tiny, and float32 keeps
+        its previews the same on every device); without one, "fast" fits a linear map from this
+        pipeline's own decoder, in its dtype, and "auto" previews with the real decoder (None)."""
+        if runtime.preview == "decoder" or (runtime.preview == "auto" and decoder is None):
+            return None
+        if decoder is None:
+            return LinearPreview.fit(self.vae)
+        if (decoder.config.bits, decoder.config.stride) != (self.vae.config.bits, self.vae.config.stride):
+            raise ValueError(
+                f"`preview_decoder` is for {decoder.config.bits}-bit latents at stride {decoder.config.stride}, "
+                f"the VAE has {self.vae.config.bits} bits at stride {self.vae.config.stride}"
+            )
+        return decoder.to(self.device, torch.float32).eval().requires_grad_(False)
+
     def _check_inputs(
-        self, prompts: Sequence[str], schedule: ScaleSchedule, params: SamplingParams | Sequence[SamplingParams]
+        self,
+        prompts: Sequence[str],
+        schedule: ScaleSchedule,
+        params: SamplingParams | Sequence[SamplingParams],
+        images: Sequence[ImageCondition | None] | None,
     ) -> list[SamplingParams]:
         if isinstance(prompts, str) or not prompts:
             raise ValueError("`prompts` must be a non-empty list of strings")
         rows = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(rows) != len(prompts):
             raise ValueError(f"`params` has {len(rows)} entries for {len(prompts)} prompts")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"`images` has {len(images)} entries for {len(prompts)} prompts")
+        for i, prompt in enumerate(prompts):
+            if not prompt and (images is None or images[i] is None):
+                raise ValueError("`prompts` may be empty only for a row with an input image")
         if schedule.num_scales > self.transformer.config.num_levels:
             raise ValueError(
                 f"schedule has {schedule.num_scales} scales, the model knows {self.transformer.config.num_levels}"
             )
         for p in rows:  # the one check of per-scale lists for Python callers
             p.check_scales(schedule.num_scales)
-        return rows
+        return [p.for_schedule(schedule.num_scales) for p in rows]
+
+    @staticmethod
+    def _unprompted(encoded: EncodedText, uncond: TextMemory, prompts: Sequence[str]) -> EncodedText:
+        """Rows without a prompt (image variations) are conditioned on their unconditional text, so
+        guidance mixes two equal predictions and the image alone steers them."""
+        empty = [i for i, p in enumerate(prompts) if not p]
+        if not empty:
+            return encoded
+        merged = stack_memories(encoded.memory, uncond)  # common padding; pick rows below
+        positions = [i + len(prompts) if i in empty else i for i in range(len(prompts))]
+        index = torch.tensor(positions, device=merged.lengths.device)
+        sizes = tuple(merged.sizes[i] for i in positions)
+        return replace(encoded, memory=TextMemory(merged.features[index], merged.lengths[index], sizes))
+
+    @staticmethod
+    def _pasted(image: np.ndarray, condition: ImageCondition | None) -> np.ndarray:
+        """A masked edit with `paste`: the input's own pixels outside the mask (model/image_condition.py)."""
+        if condition is None or condition.mask is None or not condition.paste:
+            return image
+        return feathered_paste(image, condition, PASTE_FEATHER)
 
     def _unconditional(self, cond: TextMemory, rows: list[SamplingParams]) -> TextMemory:
         """Per row: the negative prompt's features if given, else the learned null prompt."""

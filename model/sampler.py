@@ -16,6 +16,7 @@ import torch
 
 from model.attention import Backend, TextMemory, device_index, stack_memories
 from model.config import SamplingParams
+from model.image_condition import ForcedBits
 from model.kv_cache import KVCache
 from model.quantizer import BitwiseQuantizer
 from model.schedules import ScaleSchedule
@@ -94,6 +95,41 @@ class RowParams:
         )
 
 
+@dataclass(frozen=True)
+class Forcing:
+    """Bits forced to given values (image-to-image, model/image_condition.py), for a whole batch.
+
+    Per scale, in latent layout: `where` (B, h, w, 1) bool, True = forced; `bits` (B, h, w, d) int64.
+    Rows without an image are never forced. Built once per request; applying it reads nothing back.
+    """
+
+    where: list[torch.Tensor]
+    bits: list[torch.Tensor]
+
+    @classmethod
+    def build(
+        cls, rows: Sequence[ForcedBits | None], vae_scales: tuple[tuple[int, int], ...], bits: int, device: torch.device
+    ) -> Forcing | None:
+        if all(r is None for r in rows):
+            return None
+        where, values = [], []
+        for k, (h, w) in enumerate(vae_scales):
+            where.append(torch.zeros(len(rows), h, w, 1, dtype=torch.bool, device=device))
+            values.append(torch.zeros(len(rows), h, w, bits, dtype=torch.long, device=device))
+            for b, r in enumerate(rows):
+                if r is not None:
+                    where[k][b, ..., 0] = r.where[k]
+                    values[k][b] = r.bits[k]
+        return cls(where, values)
+
+    def select(self, index: torch.Tensor) -> Forcing:
+        return Forcing([w[index] for w in self.where], [b[index] for b in self.bits])
+
+    def apply(self, scale_index: int, bits: torch.Tensor) -> torch.Tensor:
+        """Sampled bits (B, h, w, d) -> the forced values where forced, the sampled ones elsewhere."""
+        return torch.where(self.where[scale_index], self.bits[scale_index], bits)
+
+
 @dataclass
 class _RunningRows:
     """Per-row state of a running batch, so that rows can leave between scales."""
@@ -107,6 +143,7 @@ class _RunningRows:
     cache: KVCache
     guided: bool
     nonfinite: torch.Tensor  # (rows,) bool: a logit of this row was inf or NaN at some scale
+    forcing: Forcing | None = None
 
     def drop(self, ids: Collection[int]) -> torch.Tensor:
         """Remove rows by original id; returns the positions kept as a device index (for tensors held
@@ -122,6 +159,7 @@ class _RunningRows:
         self.ca_kv = [(k[index_both], v[index_both]) for k, v in self.ca_kv]
         self.cache = self.cache.select(index_both)
         self.nonfinite = self.nonfinite[index]
+        self.forcing = None if self.forcing is None else self.forcing.select(index)
         return index
 
     def stop_guidance(self) -> None:
@@ -231,12 +269,15 @@ def sample(
     generators: list[torch.Generator],
     backend: Backend,
     on_scale: ScaleCallback | None = None,
+    forced: Sequence[ForcedBits | None] | None = None,
 ) -> SampleOutput:
     """Generate the bits of every scale for B prompts.
 
     text / uncond_text: raw T5 features of the prompts and of their unconditional counterparts
     (learned null prompt or negative prompt), B rows each. `params` hold a value per scale wherever they
-    give a list: the caller checked them (`InfinityPipeline.generate`).
+    give a list: the caller checked them (`InfinityPipeline.generate`). `forced`: per row, bits to force
+    (image-to-image) or None; a forced bit replaces the sampled one before anything uses it, so every
+    later scale is conditioned on it (teacher forcing).
     """
     B, n = len(params), schedule.num_scales
     guided = any(p.uses_guidance(n) for p in params)
@@ -264,6 +305,7 @@ def sample(
         torch.zeros(B, dtype=torch.bool, device=device),
     )
     vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
+    state.forcing = Forcing.build(forced or [None] * B, vae_scales, quantizer.config.bits, device)
 
     x = model.start_tokens(cond)  # (rows, 1, C)
     latent, bits_out, seconds = None, [], []
@@ -277,6 +319,8 @@ def sample(
             state.nonfinite |= bad
             token_bits = sample_bits_rows(logits, state.rows, state.generators).view(len(state.ids), h, w, -1)
             bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
+            if state.forcing is not None:
+                bits = state.forcing.apply(si, bits)
             latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
             bits_out.append(bits.to(torch.uint8))
             seconds.append(time.perf_counter() - t0)

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.config import ATTENTION_CHOICES, ATTENTION_MODES, COMPILE_MODES, PRECISIONS, default_precision
+from model.config import (
+    ATTENTION_CHOICES,
+    ATTENTION_MODES,
+    COMPILE_MODES,
+    GUIDANCE_PRESETS,
+    PRECISIONS,
+    default_precision,
+)
 from model.schedules import LARGEST_PN, PN_NAMES  # plain Python: --help stays fast
 
 if TYPE_CHECKING:  # commands import what they use when run: --help stays fast
@@ -55,6 +62,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=_scale_values, default=0.5, help="temperature: one value or one per scale")
     p.add_argument("--top-k", type=int, default=0, help="1 = greedy (seed-independent); 0 = off")
     p.add_argument("--top-p", type=float, default=0.97)
+    p.add_argument(
+        "--guidance", choices=GUIDANCE_PRESETS, default="full", help="skip-last: no guidance on the last scale (faster)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -195,6 +205,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--held-out", action="store_true", help="use only the templates kept out of training")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--tau", type=float, default=1.0)
+    p.add_argument(
+        "--guidance", choices=GUIDANCE_PRESETS, default="full", help="skip-last: no guidance on the last scale"
+    )
     p.add_argument("--weights", type=Path, help="a folder laid out like weights/default (default: the shipped one)")
     p.add_argument(
         "--min",
@@ -223,11 +236,16 @@ def _eval(args: argparse.Namespace) -> int:
             args.weights or DEFAULT_DIR,
         )
         return 2
-    report = evaluate(pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau)
+    report = evaluate(
+        pipe, default.schedule, args.per_category, args.held_out, args.cfg, args.tau, guidance=args.guidance
+    )
     ceiling = reconstruction_ceiling(pipe.vae, default.schedule, IMAGE_SIZE, args.per_category, args.held_out)
     vae_psnr = validation_psnr(pipe.vae, 32, default.schedule.scales)
     split = "held-out templates" if args.held_out else "training templates"
-    print(f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}\n")
+    print(
+        f"# {args.per_category} prompts per category, {split}, cfg {args.cfg}, tau {args.tau}, "
+        f"guidance {args.guidance}\n"
+    )
     print(report.table(ceiling))
     print("\nVAE ceiling: the same scenes' renders encoded to bits and decoded (a perfect transformer's score).")
     print(f"\nVAE PSNR (held-out scenes, decoded from bits): {vae_psnr:.2f} dB")
@@ -283,6 +301,7 @@ def _generate(args: argparse.Namespace) -> int:
         tau=args.tau,
         top_k=args.top_k,
         top_p=args.top_p,
+        guidance=args.guidance,
         seed=args.seed,
         negative_prompt=args.negative_prompt,
     )

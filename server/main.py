@@ -38,6 +38,7 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
         compile=settings.compile,
         batch_invariant=settings.batch_invariant,
         preview=settings.preview,
+        vae_decode=settings.vae_decode,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.config import GuidancePreset
 from model.schedules import PixelBudget
 from server.images import OutputFormat
 
@@ -35,6 +36,9 @@ class SamplingFields(BaseModel):
     )
     top_k: int | None = Field(None, ge=0, le=1000, description="1 = greedy")
     top_p: float | None = Field(None, ge=0.0, le=1.0)
+    guidance: GuidancePreset | None = Field(
+        None, description='"full" (default): cfg on every scale; "skip-last": none on the last scale (faster)'
+    )
 
 
 class GenerateRequest(SamplingFields):

@@ -89,6 +89,7 @@ def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tu
         negative_prompt=fields.negative_prompt,
         top_k=defaults.top_k if fields.top_k is None else fields.top_k,
         top_p=defaults.top_p if fields.top_p is None else fields.top_p,
+        guidance=defaults.guidance if fields.guidance is None else fields.guidance,
     )
     try:
         shared.check_scales(schedule.num_scales)

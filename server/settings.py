@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.config import AttentionChoice, CompileMode, Precision, PreviewMode, default_precision
+from model.config import AttentionChoice, CompileMode, Precision, PreviewMode, VaeDecodeMode, default_precision
 from model.schedules import PN_NAMES, PixelBudget
 
 
@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     attention: AttentionChoice = "auto"
     compile: CompileMode = "off"  # torch.compile the blocks
     batch_invariant: bool = True  # a seed's image never depends on its batch (docs/serving.md)
-    preview: PreviewMode = "decoder"  # stream previews: full decodes, or "fast" (a fitted linear map)
+    preview: PreviewMode = "auto"  # stream previews: model.config.PreviewMode (auto: trained decoder if shipped)
+    vae_decode: VaeDecodeMode = "fast"  # "reference": the official decoder graph as written (~1.6x slower on CPU)
     warmup: bool = True
 
     # --- batching and admission ---

@@ -3,7 +3,9 @@
 Stages, each checkpointed in the work directory and skipped or resumed on a rerun:
 0. tokenizer over the caption vocabulary + a small T5 (random init, seeded);
 1. the bitwise VAE, then its decoder alone on the frozen encoder's bits; 1c. the T5 alone, taught to parse a
-caption into its scene (grounding.py); 2. the transformer and T5 jointly; 3. export to weights/default/.
+caption into its scene (grounding.py); 2. the transformer and T5 jointly; 3. export to weights/default/;
+3b. the stream preview decoder against the VAE decoder (preview_decoder.py; a few CPU minutes, not
+checkpointed; skipped when its recipe has 0 steps).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from model.t5_builder import build_t5_encoder_dir
 from model.transformer import Infinity
 from model.vae import BitwiseVAE
 from training.grounding import pretrain_text_encoder
+from training.preview_decoder import train_preview_decoder
 from training.recipe import SCHEDULE, Recipe
 from training.shapes import vocabulary
 from training.transformer_training import train_transformer
 from training.vae_training import refine_decoder, train_vae, validation_psnr
 from weights.loader import vae_metadata
+from weights.preview import PREVIEW_FILE, save_preview_decoder
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +104,9 @@ def train_default(workdir: Path, out: Path, recipe: Recipe = Recipe(), on_checkp
     model, ema_t5 = train_transformer(recipe, vae, t5, tokenizer, head, workdir, on_checkpoint)
     minutes = (time.monotonic() - start) / 60
     export(out, model, vae, ema_t5, tokenizer, psnr_db, minutes, recipe)
+    if recipe.preview.steps > 0:  # retrained on every export: it must match the exported VAE
+        preview, report = train_preview_decoder(vae, recipe.preview, recipe.seed)
+        save_preview_decoder(preview, out / PREVIEW_FILE)
+        log.info("preview decoder: %.1f s, held-out PSNR %.2f dB vs the VAE decoder", report.seconds, report.psnr_db)
+    else:
+        (out / PREVIEW_FILE).unlink(missing_ok=True)  # one made for an earlier VAE would mislead

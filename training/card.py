@@ -63,6 +63,18 @@ def _text_encoder(meta: dict, r: Recipe) -> str:
     )
 
 
+def _preview(weights: Path, r: Recipe) -> str:
+    if not (weights / "preview_decoder.safetensors").exists():
+        return ""
+    p = r.preview
+    return (
+        f"- Stream previews (`INFINITY_PREVIEW=fast`): preview_decoder.safetensors, a TAESD-style decoder "
+        f"({p.blocks + 1} 3x3 convolutions {p.width} wide at the latent's resolution, one at twice it, pixel "
+        f"shuffle) trained {p.steps} steps against the VAE decoder on every partial sum of {p.scenes} encoded "
+        f"scenes' bits (up to {p.flip:.0%} flipped); `python -m training.preview_decoder`.\n"
+    )
+
+
 def write_card(
     path: Path, weights: Path, report: EvalReport, split: str, vae_psnr: float, ceiling: EvalReport | None = None
 ) -> None:
@@ -79,6 +91,7 @@ def write_card(
     scores = {s.split("\n", 1)[0]: s for s in previous.split("\n## ")[1:] if s.startswith("Scores")}
     scores[section.split("\n", 1)[0][3:]] = section[3:]
     t, v, tt, vt = r.transformer, r.vae, r.transformer_training, r.vae_training
+    previews = _preview(weights, r)
     minutes = meta.get("training_minutes_total", meta.get("training_minutes", "?"))
     vae_steps, decoder_steps = meta.get("vae_steps", vt.steps), meta.get("decoder_steps", 0)
     transformer_steps, weighting = meta.get("transformer_steps", tt.steps), meta.get("scale_weighting", "uniform")
@@ -103,7 +116,7 @@ no download. It only knows its domain: {len(SHAPES)} shapes ({", ".join(SHAPES)}
   {tt.text_dropout:.0%} null-prompt rows; loss weights per token: {_weighting(weighting)}; EMA weights.
 - Training: `infinity-serve train-default` on a 2-core CPU, {minutes}
   minutes in all: VAE {vae_steps} steps of {vt.batch} images, transformer {transformer_steps} steps of {tt.batch}.
-- Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).
+{previews}- Files: {", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()) if v > 100_000)} (float16).
 - Sampling for the scores: cfg 3, tau 1, top-p 0.97, one seed per prompt; `infinity-serve eval`.
 
 {limits_paragraph(report, split)}

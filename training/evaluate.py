@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.config import SamplingParams
+from model.config import GuidancePreset, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from model.vae import BitwiseVAE, to_uint8
@@ -56,12 +56,13 @@ def evaluate(
     cfg: float = 3.0,
     tau: float = 1.0,
     batch: int = 16,
+    guidance: GuidancePreset = "full",
 ) -> EvalReport:
     scenes = eval_scenes(per_category, held_out)
     images = []
     for start in range(0, len(scenes), batch):
         chunk = scenes[start : start + batch]
-        params = [SamplingParams(cfg=cfg, tau=tau, seed=start + i) for i in range(len(chunk))]
+        params = [SamplingParams(cfg=cfg, tau=tau, seed=start + i, guidance=guidance) for i in range(len(chunk))]
         images += pipe.generate([s.caption for s in chunk], schedule, params).images
     return judge(scenes, images, per_category)
 

@@ -1,6 +1,7 @@
 """The embedded default model: what `serve` and `generate` use when no weights are configured.
 
-Its files live in `weights/default/` (transformer.safetensors, vae.safetensors, text_encoder/).
+Its files live in `weights/default/` (transformer.safetensors, vae.safetensors, text_encoder/, and
+optionally preview_decoder.safetensors for "fast" stream previews).
 Until the trained default model ships there, a tiny *random* model stands in, and every start
 says so loudly: its images are noise, not prompt-following pictures.
 """
@@ -20,6 +21,7 @@ from model.t5_builder import build_t5_encoder_dir
 from model.text_encoder import T5TextEncoder
 from weights.loader import build_transformer, build_vae
 from weights.pipeline import load_pipeline
+from weights.preview import PREVIEW_FILE
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,10 @@ def default_files_present(root: Path = DEFAULT_DIR) -> bool:
 
 def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> tuple[InfinityPipeline, DefaultModel]:
     if default_files_present(root):
-        pipe = load_pipeline(root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime)
+        previews = root / PREVIEW_FILE if (root / PREVIEW_FILE).exists() else None  # else a fitted linear map
+        pipe = load_pipeline(
+            root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime, previews
+        )
         scales = tuple(tuple(s) for s in json.loads((root / "schedule.json").read_text())["scales"])
         log.info("embedded default model from %s (trained on the shapes domain, schedule %s)", root, scales)
         return pipe, DefaultModel(

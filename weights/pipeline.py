@@ -8,15 +8,26 @@ from model.config import RuntimeConfig
 from model.pipeline import DTYPES, InfinityPipeline
 from model.text_encoder import T5TextEncoder
 from weights.loader import load_transformer, load_vae
+from weights.preview import load_preview_decoder
 
 
 def load_pipeline(
-    transformer: str | Path, vae: str | Path, text_encoder: str | Path, runtime: RuntimeConfig = RuntimeConfig()
+    transformer: str | Path,
+    vae: str | Path,
+    text_encoder: str | Path,
+    runtime: RuntimeConfig = RuntimeConfig(),
+    preview_decoder: str | Path | None = None,
 ) -> InfinityPipeline:
+    """preview_decoder: a trained preview decoder's file (weights/preview.py), read unless previews are
+    "decoder"; without one, "fast" previews use a linear map fitted from the VAE decoder and "auto" the
+    real decoder."""
     model = load_transformer(transformer)
     bitwise_vae = load_vae(vae, token_bits=model.config.token_bits)
     text_dtype = DTYPES[runtime.text_dtype] if runtime.text_dtype else None
     encoder = T5TextEncoder.from_dir(
         text_encoder, runtime.device, text_dtype, max_length=min(512, model.config.text_maxlen)
     )
-    return InfinityPipeline(model, bitwise_vae, encoder, runtime)
+    previews = None
+    if preview_decoder is not None and runtime.preview != "decoder":
+        previews = load_preview_decoder(preview_decoder, bitwise_vae.config)
+    return InfinityPipeline(model, bitwise_vae, encoder, runtime, previews)

@@ -172,3 +172,38 @@ def test_two_pipelines_in_one_process_keep_their_own_batch_invariance(t5_dir, ti
     assert not all(torch.equal(a, b) for a, b in zip(fused_alone, fused_together, strict=True)), (
         "the fused GEMMs are batch-invariant here anyway: this test lost its power"
     )
+
+
+def test_the_skip_last_guidance_preset_is_cfg_1_on_the_last_scale(pipe):
+    """The preset is the per-scale list it stands for (same bits), and it differs from full guidance."""
+    n = SCHEDULE.num_scales
+    assert SamplingParams(cfg=4.0, guidance="skip-last").for_schedule(n).cfg == (4.0,) * (n - 1) + (1.0,)
+    assert SamplingParams(cfg=(2.0,) * n, guidance="skip-last").for_schedule(n).cfg == (2.0,) * (n - 1) + (1.0,)
+    assert SamplingParams(cfg=4.0).for_schedule(n) == SamplingParams(cfg=4.0)
+    with pytest.raises(ValueError, match="guidance"):
+        SamplingParams(guidance="none")  # type: ignore[arg-type]
+    prompts = ["a red circle", "two blue squares"]
+    preset = pipe.generate(prompts, SCHEDULE, SamplingParams(cfg=4.0, tau=1.0, seed=5, guidance="skip-last"))
+    listed = pipe.generate(prompts, SCHEDULE, SamplingParams(cfg=(4.0,) * (n - 1) + (1.0,), tau=1.0, seed=5))
+    full = pipe.generate(prompts, SCHEDULE, SamplingParams(cfg=4.0, tau=1.0, seed=5))
+    assert all(np.array_equal(a, b) for a, b in zip(preset.bits, listed.bits, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(preset.bits[:-1], full.bits[:-1], strict=True))
+    assert not np.array_equal(preset.bits[-1], full.bits[-1])
+
+
+def test_the_vae_decode_mode_reaches_the_vae(t5_dir, tiny_transformer, tiny_vae):
+    import copy
+
+    def build(mode):
+        runtime = RuntimeConfig(vae_decode=mode)
+        return InfinityPipeline(
+            copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir), runtime
+        )
+
+    fast, reference = build("fast"), build("reference")
+    assert RuntimeConfig().vae_decode == "fast"
+    assert fast.vae._fast_decoder is not None and reference.vae._fast_decoder is None
+    a = fast.generate(["a star"], SCHEDULE, SamplingParams(seed=1))
+    b = reference.generate(["a star"], SCHEDULE, SamplingParams(seed=1))
+    assert all(np.array_equal(x, y) for x, y in zip(a.bits, b.bits, strict=True))
+    assert np.abs(a.images[0].astype(int) - b.images[0].astype(int)).max() <= 1

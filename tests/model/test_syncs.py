@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from model.attention import TextMemory
 from model.config import TRANSFORMER_SIZES, VAE_SIZES, SamplingParams
+from model.image_condition import ForcedBits
 from model.quantizer import BitwiseQuantizer
 from model.sampler import SCALE_RANGE, ScaleCallback, ScaleEvent, sample
 from model.schedules import ScaleSchedule
@@ -64,6 +65,7 @@ def host_waits_after_scale_0(
     lengths: list[int],
     params: list[SamplingParams],
     callback: Callable[[ScaleEvent], object] | None = None,
+    forced: list[ForcedBits | None] | None = None,
 ) -> Counter[str]:
     """Run the real sampler; count every sync op, host copy and value read in scales 1.. by name."""
     g = torch.Generator().manual_seed(0)
@@ -81,7 +83,7 @@ def host_waits_after_scale_0(
     with torch.inference_mode():
         uncond = model.unconditional_text(memory.lengths)
         with profile(activities=[ProfilerActivity.CPU]) as prof, reads:
-            out = sample(model, QUANT, SCHEDULE, memory, uncond, params, gens, "sdpa", on_scale)
+            out = sample(model, QUANT, SCHEDULE, memory, uncond, params, gens, "sdpa", on_scale, forced)
     assert len(out.bits) == SCHEDULE.num_scales
     waits: Counter[str] = Counter()
     for e in prof.events():
@@ -111,6 +113,17 @@ def test_guidance_stopping_midway_does_not_wait_either():
     params = [SamplingParams(cfg=(3.0,) * 3 + (1.0,) * 4, seed=s, top_k=k) for s, k in ((1, 0), (2, 1))]
     model = make_transformer(TRANSFORMER_SIZES["tiny"]).eval().set_batch_invariant(True)
     assert host_waits_after_scale_0(model, [4, 6], params) == Counter()
+
+
+def test_forced_bits_of_image_to_image_rows_do_not_wait_either():
+    model = make_transformer(TRANSFORMER_SIZES["tiny"]).eval().set_batch_invariant(True)
+    g = torch.Generator().manual_seed(0)
+    scales = SCHEDULE.vae_scales(False)
+    image = ForcedBits(
+        [torch.rand(h, w, generator=g) < 0.5 for h, w in scales],  # a mask's pattern, every scale
+        [torch.randint(0, 2, (h, w, QUANT.config.bits), generator=g) for h, w in scales],
+    )
+    assert host_waits_after_scale_0(model, [5, 3, 7], MIXED, forced=[image, None, image]) == Counter()
 
 
 def test_a_dropped_row_costs_no_read_back_and_only_a_non_blocking_copy():

@@ -89,6 +89,7 @@ BAD_BODIES = [
     ({"prompt": "a", "top_k": -1}, "top_k"),
     ({"prompt": "a", "cfg": "x"}, "cfg"),
     ({"prompt": "a", "cfg": [3.0, 3.0]}, "cfg"),
+    ({"prompt": "a", "guidance": "none"}, "guidance"),
     ({"prompt": "a", "seed": -1}, "seed"),
     ({"prompt": "a", "width": 512}, "body"),
     ({"prompt": "a", "aspect_ratio": "wide"}, "aspect_ratio"),
@@ -430,3 +431,14 @@ def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, clien
     engine.fault_hook = lambda requests: (_ for _ in ()).throw(DeviceOutOfMemory("injected"))
     r = client.post("/generate", json={"prompt": "a"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"
+
+
+def test_the_guidance_preset_is_accepted_by_both_endpoints_and_changes_only_the_last_scale(client):
+    def image(path: str, **extra) -> str:
+        r = client.post(path, json={"prompt": "a red circle", "seed": 3, "tau": 1.0, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"] if path.startswith("/v1") else r.json()["images"][0]
+
+    for path in ("/generate", "/v1/images/generations"):
+        assert image(path, guidance="skip-last") == image(path, cfg=[3.0] * 6 + [1.0])
+        assert image(path, guidance="skip-last") != image(path, guidance="full")

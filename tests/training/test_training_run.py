@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from model.config import RuntimeConfig, SamplingParams, TransformerConfig, VAEConfig
+from model.preview import PreviewDecoder
 from model.vae import BitwiseVAE
 from training.build import train_default
 from training.common import TRAIN_SEEDS, fingerprint, scene_batch
 from training.grounding import scene_targets
-from training.recipe import GroundingTraining, Recipe, T5Size
+from training.recipe import GroundingTraining, PreviewTraining, Recipe, T5Size
 from training.transformer_training import build_cache
 from training.vae_training import refine_decoder, train_vae
 from weights.default import load_default_pipeline
@@ -32,6 +33,7 @@ TOY = Recipe(
     ),
     t5=T5Size(d_model=32, num_layers=1, num_heads=2, d_ff=64),
     grounding=GroundingTraining(steps=2, batch=4, scenes=16),
+    preview=PreviewTraining(steps=2, batch=4, scenes=2, valid_scenes=2, width=8, blocks=1),
 )
 TOY = replace(
     TOY,
@@ -52,6 +54,7 @@ def test_train_default_end_to_end_and_resume(tmp_path):
         "vae.safetensors",
         "text_encoder",
         "schedule.json",
+        "preview_decoder.safetensors",
     }
     facts = json.loads((out / "schedule.json").read_text())
     assert (facts["vae_layout"], facts["transformer_layout"], facts["scale_weighting"]) == (
@@ -68,6 +71,8 @@ def test_train_default_end_to_end_and_resume(tmp_path):
     assert pipe.vae.config.code_decay == 0.6 and pipe.vae.config.norm_groups == 8
     result = pipe.generate(["a red circle"], default.schedule, SamplingParams(seed=0))
     assert result.images[0].shape == (64, 64, 3)
+    fast = load_default_pipeline(RuntimeConfig(preview="fast"), out)[0]
+    assert isinstance(fast.fast_preview, PreviewDecoder)  # the exported one, not a fitted linear map
     # a rerun resumes from the finished checkpoints: no stage trains again
     mtimes = {
         name: (work / name).stat().st_mtime
