@@ -54,7 +54,7 @@ mutate: install-dev
 # machine (Python 3.12, torch, transformers, safetensors, numpy, pillow, prometheus-client, httpx, pytest)
 # lacks, as wheels in wheels/ (~10 MB, git-ignored), to ship beside the checkout.
 WHEELS ?= wheels
-SERVER_WHEELS := fastapi uvicorn pydantic pydantic-settings limits sse-starlette
+SERVER_WHEELS := fastapi uvicorn pydantic pydantic-settings limits sse-starlette python-multipart
 gpu-wheels:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 -d $(WHEELS) $(SERVER_WHEELS)

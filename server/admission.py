@@ -53,6 +53,8 @@ class Admission:
         self._lock = threading.Lock()
 
     def admit(self, request: GenerationRequest) -> Ticket[GenerationRequest]:
+        # An image-to-image row costs as a plain one: its KV cache is the same, and its forced bits
+        # (one (h, w, d) bool per scale) are small beside it; the input image is held once per request.
         kv = self._kv_bytes_per_image(request.schedule, request.guided) * request.images
         budget = self.queue.memory_budget
         if budget is not None and kv > budget:

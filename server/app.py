@@ -23,10 +23,10 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from server import routes_generate, routes_openai, routes_playground
 from server.auth import check_api_key
 from server.engine import Engine
-from server.errors import ServingError, error_body, invalid
+from server.errors import ServingError, body_too_large, error_body, validation_error
 from server.images import ImageStore
 from server.ratelimit import RateLimiter
-from server.service import ModelLimits
+from server.service import ModelLimits, over_text_body_limit
 from server.settings import Settings
 
 log = logging.getLogger("infinity_serve.http")
@@ -42,24 +42,10 @@ def error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
-def _field(error: dict) -> str:
-    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
-    return loc[0] if loc else "body"  # the top-level field (union members add noise below it)
-
-
-def _validation_error(exc: RequestValidationError) -> ServingError:
-    errors = exc.errors()
-    param = _field(errors[0])
-    # A union such as `float | list[float]` reports one error per member; the one about a list's bad
-    # element (its input is a leaf value) says more than "should be a valid number" about the list.
-    same_field = [e for e in errors if _field(e) == param]
-    first = next((e for e in same_field if not isinstance(e.get("input"), (list, dict))), errors[0])
-    message = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return invalid(f"the body is not valid JSON: {message}", "body", "invalid_json")
-    got = first.get("input")
-    shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80 else ""
-    return invalid(f"invalid `{param}`: {message}{shown}", param)
+# The endpoints whose requests carry an input image get `max_image_body_bytes`; every other one keeps
+# `max_body_bytes`. A /generate body over `max_body_bytes` without an `image` still gets 413, once
+# parsed (routes_generate, and the validation handler below for a body that does not even parse).
+IMAGE_PATHS = frozenset({"/generate", "/v1/images/edits", "/v1/images/variations"})
 
 
 class BodyLimit:
@@ -67,24 +53,20 @@ class BodyLimit:
 
     The body is read here, up to the limit, before the app sees it. Why not count inside the app's
     `receive`: FastAPI turns any error raised while it reads the body into a 400, so a chunked body
-    without Content-Length got 400 instead of 413. Bodies are small (JSON), so buffering costs nothing.
+    without Content-Length got 400 instead of 413. Text bodies are small (JSON); image uploads are
+    bounded by `image_max_bytes`. The size read is left on the request's state as `body_bytes`.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, image_max_bytes: int) -> None:
+        self.app, self.max_bytes, self.image_max_bytes = app, max_bytes, image_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = ServingError(
-            f"request body larger than {self.max_bytes} bytes",
-            413,
-            "invalid_request_error",
-            "body_too_large",
-            retryable=False,
-        )
+        limit = self.image_max_bytes if scope["path"] in IMAGE_PATHS else self.max_bytes
+        too_big = body_too_large(limit)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await error_response(too_big)(scope, receive, send)
         chunks, seen = [], 0
         while True:
@@ -93,10 +75,11 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
-            if seen > self.max_bytes:
+            if seen > limit:
                 return await error_response(too_big)(scope, receive, send)
             if not message.get("more_body", False):
                 break
+        scope.setdefault("state", {})["body_bytes"] = seen
         pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay() -> Message:
@@ -131,7 +114,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     # sse-starlette cuts every stream at the first signal, and its process-wide flag stays set after.
     AppStatus.disable_automatic_graceful_drain()
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, image_max_bytes=settings.max_image_body_bytes)
     app.add_middleware(RequestContext, metrics=engine.metrics)  # sees every response
     # Outermost, so every layer sees the real client: X-Forwarded-For is applied only when the peer is
     # one of `trusted_proxies` (the rightmost untrusted address wins); anyone else's header is ignored.
@@ -176,8 +159,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if over_text_body_limit(request) and not (isinstance(exc.body, dict) and exc.body.get("image")):
+            # A body let in for an image it does not carry (or that is not even JSON): too large.
+            return error_response(body_too_large(request.app.state.settings.max_body_bytes))
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -19,9 +19,11 @@ from model.config import (
 from model.schedules import LARGEST_PN, PN_NAMES  # plain Python: --help stays fast
 
 if TYPE_CHECKING:  # commands import what they use when run: --help stays fast
+    from model.image_condition import ImageCondition
     from server.settings import Settings
 
 log = logging.getLogger("infinity_serve.cli")
+MAX_CLI_PIXELS = 64 * 1024 * 1024  # --image: the user's own file, so a generous cap (the server's: a setting)
 
 
 def _scale_values(text: str) -> float | tuple[float, ...]:
@@ -48,8 +50,8 @@ def _attention_help() -> str:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate one image from a prompt")
-    p.add_argument("--prompt", required=True)
+    p = sub.add_parser("generate", help="generate one image from a prompt (and an input image)")
+    p.add_argument("--prompt", default="", help="required, except with --image (a variation without a prompt)")
     p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")
     p.add_argument("--transformer", type=Path, help="official .pth, sharded folder or safetensors")
     p.add_argument("--vae", type=Path, help="official VAE .pth or safetensors")
@@ -73,6 +75,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=_attention_help())
     p.add_argument("--save-bits", type=Path, help="write the sampled bits of every scale to this .npz")
+    img = p.add_argument_group("image-to-image (docs/image-to-image.md)")
+    img.add_argument("--image", type=Path, help="input image to vary or edit (PNG, JPEG, WebP, ...)")
+    img.add_argument("--mask", type=Path, help="with --image: PNG of its size; fully transparent pixels = edit here")
+    img.add_argument(
+        "--strength", type=float, help="0 = the input (through the VAE), 1 = ignore it; default 1 with --mask, else 0.6"
+    )
+    img.add_argument("--no-paste", dest="paste", action="store_false", help="with --mask: no paste-back outside it")
     p.set_defaults(func=_generate)
 
 
@@ -83,6 +92,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", type=Path)
     p.add_argument("--token-bits", type=int, help="VAE only: the transformer's bits per token (56 for 8B)")
     p.set_defaults(func=_convert)
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch an official model from the Hugging Face hub (resumable, checked)")
+    p.add_argument("model", help="2b, 8b or 8b-512 (weights.download.OFFICIAL_MODELS)")
+    p.add_argument("--dir", type=Path, default=Path("weights"), help="download folder (default weights/)")
+    p.add_argument("--revision", help="branch, tag or commit of FoundationVision/Infinity (default main)")
+    p.add_argument("--convert", action="store_true", help="also write the transformer and VAE as safetensors")
+    p.set_defaults(func=_download)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -279,6 +297,26 @@ def _schedule(args: argparse.Namespace):
     return ScaleSchedule.official(template, args.pn or LARGEST_PN)
 
 
+def _input_image(args: argparse.Namespace) -> ImageCondition | None:
+    """--image (and --mask, --strength, --paste) as the engine's input; the server's checks and messages."""
+    from server.errors import ServingError
+    from server.uploads import image_condition
+
+    if args.image is None:
+        if args.mask is not None or args.strength is not None:
+            raise ValueError("--mask and --strength need --image")
+        return None
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise ValueError(f"--strength must be in [0, 1], got {args.strength}")
+    mask = None if args.mask is None else args.mask.read_bytes()
+    try:
+        return image_condition(
+            args.image.read_bytes(), mask, args.strength, args.paste, MAX_CLI_PIXELS, fields=("--image", "--mask")
+        )
+    except ServingError as e:
+        raise ValueError(e.message.replace("`", "")) from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
@@ -288,6 +326,10 @@ def _generate(args: argparse.Namespace) -> int:
     from weights import load_pipeline
     from weights.default import load_default_pipeline
 
+    condition = _input_image(args)
+    if not args.prompt and condition is None:
+        log.error("--prompt is required (it may be empty only with --image)")
+        return 2
     paths = {n: getattr(args, n) for n in ("transformer", "vae", "text_encoder")}
     given = [n for n, v in paths.items() if v is not None]
     if given and len(given) < 3:
@@ -324,7 +366,7 @@ def _generate(args: argparse.Namespace) -> int:
         def advance(event) -> None:  # returns None: no row is dropped
             bar.update(1)
 
-        result = pipe.generate([args.prompt], schedule, params, on_scale=advance)
+        result = pipe.generate([args.prompt], schedule, params, on_scale=advance, images=[condition])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(result.images[0]).save(args.out)
     if args.save_bits is not None:
@@ -350,12 +392,33 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    """Print the models-file entry on stdout (the log goes to stderr)."""
+    from weights.download import download, official_model
+
+    model = official_model(args.model)
+    try:
+        entry = download(model, args.dir, args.revision, args.convert)
+    except OSError as e:  # the hub's HTTP errors, a file that fails its check twice, a full disk
+        log.error("%s (run the same command again to resume)", e)
+        return 1
+    log.info(
+        "serve it: infinity-serve serve --transformer %s --vae %s --text-encoder %s",
+        entry.transformer,
+        entry.vae,
+        entry.text_encoder,
+    )
+    print(entry.toml(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infinity-serve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_download(sub)
     _add_serve(sub)
     _add_train(sub)
     _add_eval(sub)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from model.config import SamplingParams
+from model.image_condition import ImageCondition
 from model.pipeline import GenerationResult, InfinityPipeline, ScaleEvent
 from server.batcher import Ticket
 from server.errors import cancelled, nonfinite_sampling
@@ -36,6 +37,12 @@ class BatchDelivery:
     @property
     def params(self) -> list[SamplingParams]:
         return [p for r in self.requests for p in r.params]
+
+    @property
+    def conditions(self) -> list[ImageCondition | None] | None:
+        """Each row's input image, or None when no row has one (plain text-to-image)."""
+        rows = [self.requests[i].condition for i in self.owners]
+        return rows if any(c is not None for c in rows) else None
 
     def rows_of(self, ticket_index: int) -> list[int]:
         return [row for row, owner in enumerate(self.owners) if owner == ticket_index]
@@ -77,6 +84,8 @@ class BatchDelivery:
             "transformer": t.transformer,
             "vae_decode": t.vae_decode,
         }
+        if ticket.payload.condition is not None:
+            timings["image_encode"] = t.image_encode  # the batch's input images into bits
         return GenerationOutput(
             schedule=ticket.payload.schedule,
             images=[result.images[k] for k in kept],

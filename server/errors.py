@@ -8,7 +8,9 @@ stream's `error` event). No stack trace or internal path ever reaches a client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,32 @@ def error_body(error: ServingError) -> dict:
 
 def invalid(message: str, param: str | None, code: str = "invalid_value") -> ServingError:
     return ServingError(message, 400, "invalid_request_error", code, param, retryable=False)
+
+
+def body_too_large(limit: int) -> ServingError:
+    return ServingError(
+        f"request body larger than {limit} bytes", 413, "invalid_request_error", "body_too_large", retryable=False
+    )
+
+
+def _field(error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path")]
+    return loc[0] if loc else "body"  # the top-level field (union members add noise below it)
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> ServingError:
+    """A pydantic validation failure (of a JSON body or a form) as a 400 naming its top-level field."""
+    param = _field(errors[0])
+    # A union such as `float | list[float]` reports one error per member; the one about a list's bad
+    # element (its input is a leaf value) says more than "should be a valid number" about the list.
+    same_field = [e for e in errors if _field(e) == param]
+    first = next((e for e in same_field if not isinstance(e.get("input"), (list, dict))), errors[0])
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return invalid(f"the body is not valid JSON: {message}", "body", "invalid_json")
+    got = first.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool)) and len(repr(got)) < 80 else ""
+    return invalid(f"invalid `{param}`: {message}{shown}", param)
 
 
 def queue_full(retry_after: float) -> ServingError:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.config import SamplingParams
+from model.image_condition import ImageCondition
 from model.schedules import ScaleSchedule
 
 
@@ -30,6 +31,7 @@ class GenerationRequest:
     deadline: float  # time.monotonic() by which it must finish
     preview_scales: frozenset[int] = frozenset()
     on_preview: Callable[[Preview], None] | None = None
+    condition: ImageCondition | None = None  # image-to-image: the input of every image of this request
 
     @property
     def images(self) -> int:

@@ -36,6 +36,14 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter("infinity_prompt_tokens_total", "T5 prompt tokens encoded", registry=r)
+        self.image_inputs = Counter(
+            "infinity_image_inputs_total",
+            "Image-to-image requests admitted, by kind (edit: with a mask; variation: without)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("edit", "variation"):
+            self.image_inputs.labels(kind)  # exported at 0 before the first
         self.rejected = Counter(
             "infinity_rejected_requests_total", "Requests refused before running, by reason", ["reason"], registry=r
         )

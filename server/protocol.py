@@ -41,12 +41,37 @@ class SamplingFields(BaseModel):
     )
 
 
-class GenerateRequest(SamplingFields):
+class ImageFields(BaseModel):
+    """Image-to-image knobs shared by /generate and the OpenAI edits and variations (docs/image-to-image.md)."""
+
+    strength: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="0 = the input image (through the VAE), 1 = ignore it; default 1 with a mask, else 0.6",
+    )
+    paste: bool = Field(True, description="masked edits: the input's own pixels pasted back outside the mask")
+
+
+# An image field's length is bounded by the body limit (max_image_body_bytes), not by the 100 000
+# characters of SamplingFields' str_max_length.
+_IMAGE_CHARS = 2**31
+
+
+class GenerateRequest(SamplingFields, ImageFields):
     """POST /generate."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field("", description="required, except with an `image` (a variation without a prompt)")
+    image: str | None = Field(
+        None, max_length=_IMAGE_CHARS, description="image-to-image: the input image, base64 or a data URL"
+    )
+    mask: str | None = Field(
+        None,
+        max_length=_IMAGE_CHARS,
+        description="with `image`: a PNG of its size, base64 or a data URL; fully transparent pixels = edit here",
+    )
     width: int | None = Field(None, ge=1, le=16384)
     height: int | None = Field(None, ge=1, le=16384)
     aspect_ratio: str | None = Field(None, description='width:height such as "16:9", or a number w/h')
@@ -106,6 +131,16 @@ class OpenAIImageRequest(SamplingFields):
         if v is not None and v != "auto" and parse_size(v) is None:
             raise ValueError('size must be "auto" or "WIDTHxHEIGHT" such as "1024x1024"')
         return v
+
+
+class OpenAIEditRequest(OpenAIImageRequest, ImageFields):
+    """The form fields of POST /v1/images/edits besides its files (`image`, `mask`)."""
+
+
+class OpenAIVariationRequest(OpenAIEditRequest):
+    """The form fields of POST /v1/images/variations besides its file (`image`)."""
+
+    prompt: str = Field("", description="optional here (our extra): what the variation should show")
 
 
 def parse_size(text: str) -> tuple[int, int] | None:

@@ -177,7 +177,11 @@ class Replica:
             if self.fault_hook is not None:
                 self.fault_hook(delivery.requests)
             result = self.pipeline.generate(
-                delivery.prompts, schedule, delivery.params, on_scale=lambda event: self._on_scale(delivery, event)
+                delivery.prompts,
+                schedule,
+                delivery.params,
+                on_scale=lambda event: self._on_scale(delivery, event),
+                images=delivery.conditions,
             )
         except DeviceOutOfMemory:
             log.warning(
@@ -218,6 +222,8 @@ class Replica:
         m.stage.labels("text_encode").observe(t.text_encode)
         m.stage.labels("transformer").observe(t.transformer)
         m.stage.labels("vae_decode").observe(t.vae_decode)
+        if t.image_encode > 0:  # a batch with input images
+            m.stage.labels("image_encode").observe(t.image_encode)
         m.images.inc(len(result.images))
         m.image_tokens.inc(result.image_tokens * len(result.images))
         m.prompt_tokens.inc(sum(result.prompt_tokens))

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import ServerSentEvent
 
+from model.image_condition import ImageCondition
 from server.auth import GENERATION_GUARDS
-from server.errors import ServingError, error_body
+from server.errors import ServingError, body_too_large, error_body, invalid
 from server.images import CONTENT_TYPES, encode_image
 from server.jobs import GenerationOutput, Preview
 from server.protocol import ERROR_RESPONSES, GeneratedImage, GenerateRequest, GenerateResponse, parse_aspect_ratio
@@ -23,13 +24,17 @@ from server.service import (
     deadline_for,
     encode_b64,
     event_stream,
+    input_h_div_w,
+    over_text_body_limit,
     progress,
+    read_condition,
     resolve_schedule,
     sampling_rows,
     sse,
     submit,
     wait_for_output,
 )
+from server.uploads import decode_base64
 
 router = APIRouter(tags=["generate"])
 QUEUE_UPDATE_S = 0.5  # while queued, a new `queued` event when the position changes
@@ -42,23 +47,42 @@ QUEUE_UPDATE_S = 0.5  # while queued, a new `queued` event when the position cha
     responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}, "text/event-stream": {}}}},
 )
 async def generate(body: GenerateRequest, request: Request) -> Response:
-    """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE."""
+    """Generate `n` images. `Accept: image/*` with n=1 returns the image bytes; `stream` returns SSE.
+
+    With `image` (and `mask`, `strength`, `paste`): image-to-image, docs/image-to-image.md."""
     app = request.app.state
-    check_common(request, body, body.n)
+    if body.image is None and over_text_body_limit(request):  # BodyLimit let it in for an image
+        raise body_too_large(app.settings.max_body_bytes)
+    check_common(request, body, body.n, has_image=body.image is not None)
+    condition = await _condition(request, body)
     h_div_w = parse_aspect_ratio(body.aspect_ratio) if body.aspect_ratio else None
+    if h_div_w is None and body.width is None:
+        h_div_w = input_h_div_w(condition)
     schedule = resolve_schedule(app.limits, body.width, body.height, h_div_w, body.pn)
     rows = sampling_rows(body, body.n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
-        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, body.partial_images)
+        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, body.partial_images, condition)
         return event_stream(request, _events(request, body, ticket, previews, deadline))
-    ticket = submit(request, body.prompt, schedule, rows, deadline)
+    ticket = submit(request, body.prompt, schedule, rows, deadline, condition=condition)
     out = await wait_for_output(request, app.engine, ticket, deadline)
     if body.n == 1 and _wants_image(request):
         data = await asyncio.to_thread(encode_image, out.images[0], body.output_format)
         return Response(data, media_type=CONTENT_TYPES[body.output_format], headers=_image_headers(out))
     return Response((await _response(request, body, out)).model_dump_json(), media_type="application/json")
+
+
+async def _condition(request: Request, body: GenerateRequest) -> ImageCondition | None:
+    """The input image of an image-to-image request (400 naming `image` or `mask` when unusable);
+    None for text-to-image."""
+    if body.image is None:
+        if body.mask is not None:
+            raise invalid("`mask` needs an `image` to edit", "mask")
+        return None
+    image = decode_base64(body.image, "image")
+    mask = None if body.mask is None else decode_base64(body.mask, "mask")
+    return await read_condition(request, image, mask, body)
 
 
 def _wants_image(request: Request) -> bool:

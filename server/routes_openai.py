@@ -1,4 +1,6 @@
-"""OpenAI-compatible images API: POST /v1/images/generations and the served `url` images."""
+"""OpenAI-compatible images API: POST /v1/images/generations, /edits and /variations (multipart), and
+the served `url` images. All three share one path (`_images`): size, quality, n, stream and partial
+images mean the same everywhere; only the stream's event names differ (`image_edit.*` with an input)."""
 
 from __future__ import annotations
 
@@ -6,22 +8,27 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sse_starlette import ServerSentEvent
 
+from model.image_condition import ImageCondition
 from model.schedules import LARGEST_PN
 from server.auth import GENERATION_GUARDS
-from server.errors import ServingError, error_body
+from server.errors import ServingError, error_body, invalid
+from server.forms import form_schema, one_file, optional_file, read_form
 from server.images import CONTENT_TYPES, OutputFormat, encode_image
 from server.jobs import GenerationOutput, Preview
 from server.protocol import (
     ERROR_RESPONSES,
     ErrorResponse,
     ImageData,
+    OpenAIEditRequest,
     OpenAIImageRequest,
     OpenAIImagesResponse,
+    OpenAIVariationRequest,
     Usage,
     parse_size,
 )
@@ -31,7 +38,9 @@ from server.service import (
     deadline_for,
     encode_b64,
     event_stream,
+    input_h_div_w,
     progress,
+    read_condition,
     resolve_schedule,
     sampling_rows,
     sse,
@@ -40,6 +49,7 @@ from server.service import (
 )
 
 router = APIRouter(tags=["openai"])
+EventKind = Literal["image_generation", "image_edit"]  # a stream's event names: f"{kind}.partial_image", ...
 QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}  # others: the server default
 
 
@@ -50,22 +60,65 @@ QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}  # others:
     responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
+    check_common(request, body, body.n or 1)
+    return await _images(request, body, None, "image_generation")
+
+
+@router.post(
+    "/v1/images/edits",
+    dependencies=GENERATION_GUARDS,
+    response_model=OpenAIImagesResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=form_schema(OpenAIEditRequest, required=("image",), optional=("mask",)),
+)
+async def images_edits(request: Request) -> Response:
+    """OpenAI's edits (multipart): `image`, `prompt`, and `mask`, a PNG of the image's size whose fully
+    transparent pixels mark where to edit (without it, the image's own transparent pixels, if any)."""
+    body, files = await read_form(request, OpenAIEditRequest)
+    check_common(request, body, body.n or 1, has_image=True)
+    image, mask = one_file(files, "image"), optional_file(files, "mask")
+    condition = await read_condition(request, image, mask, body, alpha_as_mask=True)
+    return await _images(request, body, condition, "image_edit")
+
+
+@router.post(
+    "/v1/images/variations",
+    dependencies=GENERATION_GUARDS,
+    response_model=OpenAIImagesResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=form_schema(OpenAIVariationRequest, required=("image",)),
+)
+async def images_variations(request: Request) -> Response:
+    """OpenAI's variations (multipart): `image`, and an optional `prompt` (our extra). A stream sends
+    the edits' events (OpenAI's variations have no stream)."""
+    body, files = await read_form(request, OpenAIVariationRequest)
+    if "mask" in files:
+        raise invalid("`mask`: a variation takes no mask (POST /v1/images/edits does)", "mask")
+    check_common(request, body, body.n or 1, has_image=True)
+    condition = await read_condition(request, one_file(files, "image"), None, body)
+    return await _images(request, body, condition, "image_edit")
+
+
+async def _images(
+    request: Request, body: OpenAIImageRequest, condition: ImageCondition | None, kind: EventKind
+) -> Response:
+    """The one path of all three endpoints, from the checked request to the response or the stream."""
     app = request.app.state
     n = body.n or 1
-    check_common(request, body, n)
     size = parse_size(body.size) if body.size and body.size != "auto" else None
     pn = None if size else _pn_for_quality(body.quality, app.limits)
-    schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, None, pn)
+    h_div_w = None if size else input_h_div_w(condition)  # "auto": an input image keeps its shape
+    schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, h_div_w, pn)
     rows = sampling_rows(body, n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
         count = 0 if body.partial_images is None else body.partial_images  # OpenAI: none unless asked
-        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, count)
-        return event_stream(request, _events(request, body, ticket, previews, deadline))
-    ticket = submit(request, body.prompt, schedule, rows, deadline)
+        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, count, condition)
+        return event_stream(request, _events(request, body, ticket, previews, deadline, kind, condition is not None))
+    ticket = submit(request, body.prompt, schedule, rows, deadline, condition=condition)
     out = await wait_for_output(request, app.engine, ticket, deadline)
-    response = await _response(request, body, out)
+    response = await _response(request, body, out, condition is not None)
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
 
@@ -88,17 +141,21 @@ def _fmt(body: OpenAIImageRequest) -> OutputFormat:
     return body.output_format or "png"
 
 
-def _usage(out: GenerationOutput) -> Usage:
+def _usage(out: GenerationOutput, image_input: bool) -> Usage:
+    """Tokens as OpenAI counts them; an input image counts as the tokens the VAE encodes it into."""
     output = out.image_tokens * len(out.images)
+    image = out.image_tokens if image_input else 0
     return Usage(
-        input_tokens=out.prompt_tokens,
-        input_tokens_details={"text_tokens": out.prompt_tokens, "image_tokens": 0},
+        input_tokens=out.prompt_tokens + image,
+        input_tokens_details={"text_tokens": out.prompt_tokens, "image_tokens": image},
         output_tokens=output,
-        total_tokens=out.prompt_tokens + output,
+        total_tokens=out.prompt_tokens + image + output,
     )
 
 
-async def _response(request: Request, body: OpenAIImageRequest, out: GenerationOutput) -> OpenAIImagesResponse:
+async def _response(
+    request: Request, body: OpenAIImageRequest, out: GenerationOutput, image_input: bool
+) -> OpenAIImagesResponse:
     fmt, data = _fmt(body), []
     for image, seed in zip(out.images, out.seeds, strict=True):
         if body.response_format == "url":
@@ -113,7 +170,7 @@ async def _response(request: Request, body: OpenAIImageRequest, out: GenerationO
         output_format=fmt,
         size=f"{out.width}x{out.height}",
         quality=body.quality,
-        usage=_usage(out),
+        usage=_usage(out, image_input),
     )
 
 
@@ -122,7 +179,13 @@ def _event(data: dict) -> ServerSentEvent:
 
 
 async def _events(
-    request: Request, body: OpenAIImageRequest, ticket, previews: PreviewMailbox, deadline: float
+    request: Request,
+    body: OpenAIImageRequest,
+    ticket,
+    previews: PreviewMailbox,
+    deadline: float,
+    kind: EventKind,
+    image_input: bool,
 ) -> AsyncIterator[ServerSentEvent]:
     fmt = _fmt(body)
     common = {"background": "opaque", "output_format": fmt, "quality": body.quality or "auto"}
@@ -135,7 +198,7 @@ async def _events(
                     h, w = image.shape[:2]
                     yield _event(
                         {
-                            "type": "image_generation.partial_image",
+                            "type": f"{kind}.partial_image",
                             "created_at": int(time.time()),
                             "size": f"{w}x{h}",
                             "partial_image_index": index,
@@ -147,11 +210,11 @@ async def _events(
             elif isinstance(item, ServingError):  # no event name: the SDK reads a bare `error` field
                 yield sse(error_body(item))
             elif item is not None:  # the output (None comes only with tick_s)
-                usage = _usage(item).model_dump()
+                usage = _usage(item, image_input).model_dump()
                 for image in item.images:
                     yield _event(
                         {
-                            "type": "image_generation.completed",
+                            "type": f"{kind}.completed",
                             "created_at": int(time.time()),
                             "size": f"{item.width}x{item.height}",
                             "usage": usage,

@@ -1,6 +1,6 @@
 """The playground: a web page at `/` that generates through the streaming API and shows every scale.
 
-The page is three static files in server/static (index.html, app.js, app.css: no build step,
+The page is four static files in server/static (index.html, app.js, image.js, app.css: no build step,
 nothing from a CDN) and one JSON document of what this server allows (templates with their
 sizes, pixel budgets, limits, defaults), so the page never hard-codes the model's options.
 Loading the page needs no API key; its API calls carry the key the user enters.
@@ -20,7 +20,11 @@ from model.schedules import PN_NAMES, TEMPLATES, ScaleSchedule
 from server.errors import ServingError, stream_statuses
 
 STATIC = Path(__file__).parent / "static"
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "image.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
 # The page runs only its own files and talks only to this server; the browser enforces it.
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "

@@ -21,14 +21,16 @@ from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from model.config import SamplingParams, ScaleListError
+from model.image_condition import ImageCondition
 from model.schedules import PN_NAMES, ScaleSchedule, nearest_template, schedule_for_size
 from server.batcher import Ticket
 from server.engine import Engine
 from server.errors import ServingError, cancelled, deadline_exceeded, invalid
 from server.images import OutputFormat, encode_image
 from server.jobs import GenerationOutput, GenerationRequest, Preview
-from server.protocol import GenerateRequest, OpenAIImageRequest, SamplingFields
+from server.protocol import GenerateRequest, ImageFields, OpenAIImageRequest, SamplingFields
 from server.settings import Settings
+from server.uploads import image_condition
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +102,53 @@ def sampling_rows(fields: SamplingFields, n: int, schedule: ScaleSchedule) -> tu
     return tuple(shared.with_seed((first + i) % 2**63 if first is not None else rng.randrange(2**32)) for i in range(n))
 
 
-def check_common(request: Request, body: GenerateRequest | OpenAIImageRequest, n: int) -> None:
-    """Limits both endpoints share. Bodies (prompts) are logged only when the operator opts in."""
+def check_common(request: Request, body: GenerateRequest | OpenAIImageRequest, n: int, has_image: bool = False) -> None:
+    """Limits every endpoint shares. Bodies (prompts) are logged only when the operator opts in, and
+    never their images. A prompt may be empty only beside an input image."""
     settings: Settings = request.app.state.settings
     if settings.log_requests_body:
-        log.info("request %s body %s", request.state.request_id, body.model_dump_json(exclude_none=True))
+        shown = body.model_dump_json(exclude_none=True, exclude={"image", "mask"})
+        log.info("request %s body %s", request.state.request_id, shown)
     prompt: str = body.prompt
+    if not prompt and not has_image:
+        raise invalid("`prompt` is required (it may be empty only with an input `image`)", "prompt")
     if len(prompt) > settings.max_prompt_chars:
         raise invalid(f"`prompt` must be at most {settings.max_prompt_chars} characters, got {len(prompt)}", "prompt")
     if n > settings.max_n:
         raise invalid(f"`n` must be between 1 and {settings.max_n}, got {n}", "n")
+
+
+def over_text_body_limit(request: Request) -> bool:
+    """The body is larger than a text-only request may be (BodyLimit let it in for its image)."""
+    return getattr(request.state, "body_bytes", 0) > request.app.state.settings.max_body_bytes
+
+
+async def read_condition(
+    request: Request,
+    image: bytes,
+    mask: bytes | None,
+    fields: ImageFields,
+    alpha_as_mask: bool = False,
+) -> ImageCondition:
+    """Decode and check the input image (and mask) off the event loop; a 400 names the bad one."""
+    settings: Settings = request.app.state.settings
+    return await asyncio.to_thread(
+        image_condition,
+        image,
+        mask,
+        fields.strength,
+        fields.paste,
+        settings.max_image_pixels,
+        alpha_as_mask=alpha_as_mask,
+    )
+
+
+def input_h_div_w(condition: ImageCondition | None) -> float | None:
+    """The input image's shape (h / w): an image-to-image request without a size keeps it."""
+    if condition is None:
+        return None
+    height, width = condition.image.shape[:2]
+    return height / width
 
 
 def deadline_for(request: Request, settings: Settings) -> float:
@@ -258,14 +297,19 @@ def submit(
     deadline: float,
     previews: PreviewMailbox | None = None,
     preview_count: int | None = None,
+    condition: ImageCondition | None = None,
 ) -> Ticket[GenerationRequest]:
     """Hand one request to the engine; with `previews`, the previews of `preview_count` scales (None:
-    every scale but the last) go to that mailbox. Both endpoints submit through here."""
+    every scale but the last) go to that mailbox; with `condition`, every image starts from that
+    input image. Every endpoint submits through here."""
     scales, sink = frozenset[int](), None
     if previews is not None:
         scales, sink = preview_scales(schedule.num_scales, preview_count), preview_sink(previews)
-    job = GenerationRequest(request.state.request_id, prompt, schedule, rows, deadline, scales, sink)
-    return request.app.state.engine.submit(job)
+    job = GenerationRequest(request.state.request_id, prompt, schedule, rows, deadline, scales, sink, condition)
+    ticket = request.app.state.engine.submit(job)
+    if condition is not None:
+        request.app.state.metrics.image_inputs.labels("edit" if condition.mask is not None else "variation").inc()
+    return ticket
 
 
 SSE_SEP = "\n"  # LF, as before: the playground maps CRLF to LF per read, so a CRLF split across reads breaks it

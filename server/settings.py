@@ -50,7 +50,16 @@ class Settings(BaseSettings):
     max_pn: PixelBudget | None = None  # None: the model's own limit
     max_n: int = Field(4, ge=1, le=64)
     max_prompt_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)  # text-only requests
+    # Requests that carry an input image (the edits and variations uploads, a /generate body with an
+    # `image`): a 1024x1024 PNG is a few MB, and OpenAI takes up to 50 MB per image. Image and mask
+    # together, as sent (base64 in JSON adds a third). A /generate body over `max_body_bytes` without
+    # an `image` still gets 413 (docs/image-to-image.md, "Limits").
+    max_image_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    # Input images: pixels allowed (width x height), read from the file's header before any decoding,
+    # so a small file that claims a huge size (a decompression bomb) is refused for free. 4096x4096:
+    # a 12 MP phone photo fits; decoded it holds at most 64 MiB (RGBA).
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
     url_ttl_s: float = Field(600.0, gt=0)  # lifetime of `response_format=url` images
     url_store_max_bytes: int = Field(512 * 1024 * 1024, ge=1)
 
@@ -123,6 +132,11 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name}: {path} does not exist")
         if self.default_pn and self.max_pn and PN_NAMES.index(self.default_pn) > PN_NAMES.index(self.max_pn):
             raise ValueError(f"default_pn {self.default_pn} exceeds max_pn {self.max_pn}")
+        if self.max_image_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_image_body_bytes {self.max_image_body_bytes} is below max_body_bytes {self.max_body_bytes}: "
+                f"requests with an image would get less room than text-only ones"
+            )
         if self.max_n > self.max_batch_size:
             raise ValueError(
                 f"max_n {self.max_n} exceeds max_batch_size {self.max_batch_size}: "

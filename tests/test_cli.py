@@ -179,3 +179,31 @@ def test_serve_security_flags_reach_the_settings():
     assert settings.allow_unauthenticated and settings.trusted_proxies == ["10.0.0.0/8", "192.0.2.7"]
     plain = serve_settings(build_parser().parse_args(["serve"]))
     assert not plain.allow_unauthenticated and plain.trusted_proxies == []
+
+
+def test_generate_from_an_input_image_with_a_mask_and_a_strength(tmp_path, files):
+    source = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # the schedule's size
+    Image.fromarray(source).save(tmp_path / "in.png")
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, 32:] = 0  # OpenAI's mask: fully transparent = edit here (the right half)
+    Image.fromarray(np.dstack([source, alpha]), "RGBA").save(tmp_path / "mask.png")
+    common = ["generate", "--pn", "0.06M", "--image", str(tmp_path / "in.png"), *files]
+    r = cli(
+        *common, "--prompt", "two blue squares", "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "e.png")
+    )
+    assert r.returncode == 0, r.stderr
+    edited = np.asarray(Image.open(tmp_path / "e.png"))
+    assert np.array_equal(edited[:, :29], source[:, :29]) and not np.array_equal(edited[:, 36:], source[:, 36:])
+    exact = []
+    for seed in ("1", "2"):  # strength 0, no prompt: the VAE round trip, whatever the seed
+        r = cli(*common, "--strength", "0", "--seed", seed, "--out", str(tmp_path / f"v{seed}.png"))
+        assert r.returncode == 0, r.stderr
+        exact.append(np.asarray(Image.open(tmp_path / f"v{seed}.png")))
+    assert np.array_equal(exact[0], exact[1])
+    Image.fromarray(source).save(tmp_path / "opaque.png")
+    r = cli(*common, "--mask", str(tmp_path / "opaque.png"), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "--mask has no alpha channel" in r.stderr
+    r = cli(*common[:3], "--prompt", "x", "--strength", "0.5", "--out", str(tmp_path / "x.png"), *files)
+    assert r.returncode == 2 and "--mask and --strength need --image" in r.stderr
+    r = cli("generate", "--out", str(tmp_path / "x.png"), *files)
+    assert r.returncode == 2 and "--prompt is required" in r.stderr

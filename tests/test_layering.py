@@ -3,8 +3,9 @@
 model/    plain PyTorch: knows nothing of ours above it, nor of HTTP;
 weights/  checkpoints: uses the model, never the server or the training package;
 training/ trains the default model: a consumer of model/ and weights/, as the server is;
-server/   HTTP: uses only the model's public API (config, schedules, pipeline), and loads the
-          training package only lazily, inside the CLI's train/eval subcommands.
+server/   HTTP: uses only the model's public API (config, schedules, pipeline, and ImageCondition of
+          image_condition), and loads the training package only lazily, inside the CLI's train/eval
+          subcommands.
 """
 
 import ast
@@ -22,7 +23,9 @@ WEB = {
     "sse_starlette",
     "limits",
 }
-MODEL_PUBLIC_API = {"model", "model.config", "model.schedules", "model.pipeline"}
+# model.image_condition: for its ImageCondition, the public dataclass of an input image (the server
+# builds one per image-to-image request; the model's helpers there are not for the server).
+MODEL_PUBLIC_API = {"model", "model.config", "model.schedules", "model.pipeline", "model.image_condition"}
 
 
 def imports_of(package: str, top_level_only: bool = False) -> dict[str, set[str]]:
@@ -74,6 +77,17 @@ def test_server_uses_only_the_models_public_api():
         for f, names in imports_of("server").items()
     }
     assert not {f: n for f, n in bad.items() if n}, bad
+
+
+def test_the_server_takes_only_the_input_image_dataclass_from_image_condition():
+    names = set()
+    for path in (ROOT / "server").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "model.image_condition":
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                assert "model.image_condition" not in {a.name for a in node.names}, path
+    assert names == {"ImageCondition"}, names
 
 
 def test_the_checks_see_imports():

@@ -1,5 +1,6 @@
 // The playground: builds the form from /playground/config, streams POST /generate (server-sent
-// events: queued, preview per scale, completed or error) and keeps a local history.
+// events: queued, preview per scale, completed or error) and keeps a local history. The input image
+// and its mask (image-to-image) are image.js's, loaded first.
 // Plain browser JavaScript, no build step, no third-party code.
 "use strict";
 
@@ -10,7 +11,8 @@ const HISTORY_MAX = 12;
 const THUMB_PX = 96;
 // Form controls named by the `param` of an API error.
 const FIELDS = { prompt: "prompt", negative_prompt: "negative-prompt", n: "n", cfg: "cfg", tau: "tau",
-                 seed: "seed", pn: "pn", aspect_ratio: "aspects" };
+                 seed: "seed", pn: "pn", aspect_ratio: "aspects", image: "image-file", mask: "mask-canvas",
+                 strength: "strength", paste: "paste" };
 const TITLES = { 400: "Invalid request", 401: "API key needed", 404: "Not found", 413: "Request too large",
                  429: "Server busy", 499: "Cancelled", 500: "Server error", 503: "Server unavailable",
                  504: "Too slow" };
@@ -50,6 +52,7 @@ function bindEvents() {
   $("api-key").addEventListener("input", storeKey);
   $("remember-key").addEventListener("change", storeKey);
   $("clear-history").addEventListener("click", () => { saveHistory([]); renderHistory(); });
+  bindImageInput();
 }
 
 function applyConfig() {
@@ -112,6 +115,16 @@ function updateSizes() {
   $("size-hint").textContent = `${template.aspect_ratio} at ${$("pn").value}: ${w}×${h} pixels.`;
 }
 
+// An input image picks the template nearest its shape (as the server does without a size); the user may change it.
+function selectAspectFor(width, height) {
+  if (!config || config.fixed_size) return;
+  const distance = (t) => Math.abs(t.h_div_w - height / width);
+  const nearest = config.templates.reduce((a, b) => (distance(b) < distance(a) ? b : a));
+  const radio = [...document.querySelectorAll('input[name="aspect"]')].find((r) => r.value === nearest.aspect_ratio);
+  if (radio) radio.checked = true;
+  updateSizes();
+}
+
 function syncSeed() {
   const random = $("random-seed").checked;
   $("seed").disabled = random;
@@ -143,7 +156,8 @@ function updateKeyState() {
 
 function requestBody() {
   const body = { prompt: $("prompt").value.trim(), stream: true };
-  if (!body.prompt) return { problem: ["prompt", "Type a prompt first."] };
+  const image = imageFields();          // none without an input image: the request of a text-only page
+  if (!body.prompt && !image.image) return { problem: ["prompt", "Type a prompt first, or choose an image to vary."] };
   const negative = $("negative-prompt").value.trim();
   if (negative) body.negative_prompt = negative;
   if (!config.fixed_size) {
@@ -159,7 +173,7 @@ function requestBody() {
   if (!$("random-seed").checked && body.seed === undefined) {
     return { problem: ["seed", "Enter a seed, or tick Random."] };
   }
-  return { body };
+  return { body: Object.assign(body, image) };
 }
 
 async function generate(event) {
@@ -170,6 +184,7 @@ async function generate(event) {
   if (problem) { showError("Check the form", problem[1], problem[0]); return; }
   startRun(body);
   const current = run;
+  const kind = imageKind();
   try {
     const response = await fetch("/generate", { method: "POST", body: JSON.stringify(body),
       headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeader() },
@@ -184,7 +199,7 @@ async function generate(event) {
     for await (const { event: name, data } of serverEvents(response)) {
       if (name === "queued") onQueued(data);
       else if (name === "preview") onPreview(data);
-      else if (name === "completed") await onCompleted(data, body);
+      else if (name === "completed") await onCompleted(data, body, kind);
       else if (name === "error") {
         showApiError(config.error_statuses[data.error.code] ?? 500, data.error, null);
         setStatus("Not generated.");
@@ -280,7 +295,7 @@ function onPreview(data) {
   addScale(data.images[0], `${data.scale_index + 1}/${data.num_scales} · ${data.elapsed.toFixed(2)} s`, step);
 }
 
-async function onCompleted(data, body) {
+async function onCompleted(data, body, kind) {
   run.done = true;
   clearInterval(run.timer);
   const total = seconds(performance.now() - run.started);
@@ -289,7 +304,8 @@ async function onCompleted(data, body) {
     const tile = run.tiles[i] ?? addTile(i);
     const url = imageUrl(image.b64);
     addDownload(tile, url, image.seed, data.output_format);
-    return showInTile(tile, url, `Image ${i + 1} for “${body.prompt}”, seed ${image.seed}`);
+    const what = body.prompt ? `for “${body.prompt}”` : "varied from the input image";
+    return showInTile(tile, url, `Image ${i + 1} ${what}, seed ${image.seed}`);
   });
   addScale(data.images[0].b64, `${data.num_scales}/${data.num_scales} · ${total} · final`, "final image");
   $("seed").dataset.used = seeds[0];
@@ -299,7 +315,8 @@ async function onCompleted(data, body) {
   await finals[0].decode().catch(() => null);
   addHistory({ id: data.id, at: new Date().toISOString(), prompt: body.prompt,
                negative_prompt: body.negative_prompt ?? "", aspect_ratio: body.aspect_ratio ?? null,
-               pn: body.pn ?? null, cfg: body.cfg ?? null, tau: body.tau ?? null, n: body.n ?? 1, seeds,
+               pn: body.pn ?? null, cfg: body.cfg ?? null, tau: body.tau ?? null, n: body.n ?? 1, seeds, kind,
+               strength: body.strength ?? null,
                width: data.width, height: data.height, thumb: thumbnail(finals[0]) });
 }
 
@@ -442,10 +459,11 @@ function historyItem(entry) {
   const text = document.createElement("div");
   const prompt = document.createElement("p");
   prompt.className = "prompt";
-  prompt.textContent = entry.prompt;
+  prompt.textContent = entry.prompt || "(no prompt)";
   const details = document.createElement("p");
   details.className = "muted";
-  details.textContent = [`seed ${entry.seeds.join(", ")}`, entry.aspect_ratio, entry.pn,
+  const input = entry.kind && `${entry.kind} of an image, strength ${entry.strength}`;
+  details.textContent = [input, `seed ${entry.seeds.join(", ")}`, entry.aspect_ratio, entry.pn,
     entry.cfg !== null && `cfg ${entry.cfg}`, entry.tau !== null && `tau ${entry.tau}`,
     `${entry.width}×${entry.height}`, entry.negative_prompt && `not “${entry.negative_prompt}”`,
     new Date(entry.at).toLocaleString()].filter(Boolean).join(" · ");

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 # What `serve` needs beyond the H200's Python (torch, transformers, safetensors, numpy, pillow,
 # prometheus-client, httpx, pytest): shipped as wheels beside the checkout (`make gpu-wheels`).
-SERVER_MODULES = ("fastapi", "uvicorn", "pydantic_settings", "limits", "sse_starlette")
+SERVER_MODULES = ("fastapi", "uvicorn", "pydantic_settings", "limits", "sse_starlette", "python_multipart")
 RESERVE_S = 15.0  # kept back for writing the table
 
 

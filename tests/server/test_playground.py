@@ -94,7 +94,7 @@ def test_page_and_its_files_load_without_a_key_and_only_from_this_server(live):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert not re.search(r'(src|href)="(https?:)?//', page.text)  # nothing from a CDN
-    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+    for name, kind in (("app.js", "text/javascript"), ("image.js", "text/javascript"), ("app.css", "text/css")):
         asset = httpx.get(f"{url}/playground/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
         assert "http://" not in asset.text and "https://" not in asset.text

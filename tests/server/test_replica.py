@@ -36,7 +36,7 @@ class FakePipeline:
         self.poison, self.oom = set(poison), set(oom)
         self.calls: list[list[str]] = []
 
-    def generate(self, prompts, schedule, params, on_scale=None) -> GenerationResult:
+    def generate(self, prompts, schedule, params, on_scale=None, images=None) -> GenerationResult:
         self.calls.append(list(prompts))
         if self.oom & set(prompts):
             raise DeviceOutOfMemory("out of memory")

@@ -212,7 +212,7 @@ def hold_before_last_scale(monkeypatch, pipeline, hold: threading.Event) -> None
     requests are still running when their streams time out, and every preview has been made."""
     real = pipeline.generate
 
-    def generate(prompts, schedule, params, on_scale=None):
+    def generate(prompts, schedule, params, on_scale=None, images=None):
         def scale(event):
             drop = on_scale(event)
             if event.scale_index == event.num_scales - 2:
@@ -220,7 +220,7 @@ def hold_before_last_scale(monkeypatch, pipeline, hold: threading.Event) -> None
             return drop
 
         held = on_scale is not None and "stalled" in prompts
-        return real(prompts, schedule, params, on_scale=scale if held else on_scale)
+        return real(prompts, schedule, params, on_scale=scale if held else on_scale, images=images)
 
     monkeypatch.setattr(pipeline, "generate", generate)
 
