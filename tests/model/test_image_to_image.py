@@ -136,3 +136,20 @@ def test_the_patchify_layout_forces_the_images_bits_at_every_scale():
     assert [tuple(b.shape[1:3]) for b in out.bits] == list(scales)
     assert all(torch.equal(out.bits[k][0].long(), exact.bits[k]) for k in range(3))
     assert all(torch.equal(out.bits[k][1].long(), exact.bits[k]) for k in range(2))  # round(0.5 * 3) = 2
+
+
+def test_a_row_cancelled_mid_flight_leaves_the_image_rows_unchanged(pipe, source):
+    """Cancellation drops a row between scales: the others' forced bits follow them (Forcing.select)."""
+    mask = np.zeros(source.shape[:2], bool)
+    mask[:, 32:] = True
+    edit, variation = ImageCondition(source, mask), ImageCondition(source, strength=0.4)
+    prompts, params = (
+        ["two blue squares", "a green star", "x"],
+        [PARAMS, SamplingParams(seed=4), SamplingParams(seed=5)],
+    )
+    full = pipe.generate(prompts, SCHEDULE, params, images=[variation, None, edit])
+    dropped = pipe.generate(
+        prompts, SCHEDULE, params, lambda e: {1} if e.scale_index == 2 else None, images=[variation, None, edit]
+    )
+    assert dropped.rows == (0, 2)
+    assert np.array_equal(dropped.images[0], full.images[0]) and np.array_equal(dropped.images[1], full.images[2])
