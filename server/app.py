@@ -1,7 +1,8 @@
 """The FastAPI application factory: middleware, error mapping, health and metrics routes.
 
-`create_app(settings, engine, limits)` wires handles on `app.state`; the lifespan drains the
-engine on shutdown whatever happens. Generation routes live in routes_generate / routes_openai.
+`create_app(settings, models)` (or `(settings, engine, limits)` for one model) wires handles on
+`app.state`; the lifespan drains every model's engine on shutdown whatever happens. Generation
+routes live in routes_generate / routes_openai.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from server.auth import check_api_key
 from server.engine import Engine
 from server.errors import ServingError, body_too_large, error_body, validation_error
 from server.images import ImageStore
+from server.models import ServedModels
 from server.ratelimit import RateLimiter
 from server.service import ModelLimits, over_text_body_limit
 from server.settings import Settings
@@ -89,14 +91,21 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | ServedModels, limits: ModelLimits | None = None) -> FastAPI:
+    """`engine` and `limits`: one model; or the served models (ServedModels) alone."""
+    if isinstance(engine, ServedModels):
+        models = engine
+    else:
+        assert limits is not None, "one engine comes with its model's limits"
+        models = ServedModels.one(engine, limits)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
             yield
         finally:
             log.info("shutting down: draining for up to %.0fs", settings.drain_timeout_s)
-            finished = engine.drain(settings.drain_timeout_s)
+            finished = models.drain(settings.drain_timeout_s)
             log.info("drained%s", "" if finished else " (timeout: work was left unfinished)")
 
     app = FastAPI(
@@ -105,8 +114,10 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
         lifespan=lifespan,
         description="Infinity text-to-image: REST and OpenAI-compatible images API",
     )
-    app.state.settings, app.state.engine, app.state.limits = settings, engine, limits
-    app.state.metrics = engine.metrics
+    app.state.settings, app.state.models = settings, models
+    # The first model's: the playground's (it offers one model for now).
+    app.state.engine, app.state.limits = models.default.engine, models.default.limits
+    app.state.metrics = models.metrics
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
     app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
     app.state.rate_limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
@@ -115,7 +126,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     AppStatus.disable_automatic_graceful_drain()
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, image_max_bytes=settings.max_image_body_bytes)
-    app.add_middleware(RequestContext, metrics=engine.metrics)  # sees every response
+    app.add_middleware(RequestContext, metrics=models.metrics)  # sees every response
     # Outermost, so every layer sees the real client: X-Forwarded-For is applied only when the peer is
     # one of `trusted_proxies` (the rightmost untrusted address wins); anyone else's header is ignored.
     # Here rather than uvicorn's own option, so in-process tests and `serve` behave the same.
@@ -124,7 +135,7 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:
         """Liveness: fails once no replica can ever serve again, so that the orchestrator restarts us."""
-        if engine.broken:
+        if models.broken:
             return JSONResponse(
                 {"status": "broken", "reason": "every replica worker died past its restart budget"}, status_code=503
             )
@@ -132,20 +143,20 @@ def create_app(settings: Settings, engine: Engine, limits: ModelLimits) -> FastA
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> Response:
-        ready = engine.ready
-        return JSONResponse({"ready": ready, "model": limits.name}, status_code=200 if ready else 503)
+        """Ready when every model is; `models`: each one's own readiness."""
+        ready = models.ready
+        body = {"ready": ready, "model": models.default.name, "models": models.readiness()}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"])
     async def metrics() -> Response:
-        engine.observe_memory()  # at scrape time too: a quiet server still reports memory now
-        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        models.observe_memory()  # at scrape time too: a quiet server still reports memory now
+        return Response(models.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)], tags=["openai"])
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": limits.name, "object": "model", "created": 0, "owned_by": "infinity-serve"}],
-        }
+    async def list_models() -> dict:
+        """Every served model (the first serves requests that name none), with what it can make."""
+        return {"object": "list", "data": [m.card() for m in models]}
 
     app.include_router(routes_generate.router)
     app.include_router(routes_openai.router)

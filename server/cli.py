@@ -108,6 +108,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transformer", type=Path)
     p.add_argument("--vae", type=Path)
     p.add_argument("--text-encoder", type=Path)
+    p.add_argument(
+        "--models",
+        dest="models_file",
+        type=Path,
+        help="several models: a TOML file of [[models]] entries (docs/serving.md), instead of the three paths",
+    )
     p.add_argument("--device", dest="devices", action="append", help="repeat for one replica per device")
     p.add_argument("--dtype", choices=PRECISIONS)
     p.add_argument("--host")
@@ -146,6 +152,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         "transformer",
         "vae",
         "text_encoder",
+        "models_file",
         "devices",
         "dtype",
         "host",

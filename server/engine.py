@@ -172,6 +172,11 @@ class Engine:
         """(height, width) in pixels of the images this schedule makes."""
         return self.replicas[0].pipeline.image_size(schedule)
 
+    @property
+    def token_bits(self) -> int:
+        """Bits per image token of the served model."""
+        return self.replicas[0].pipeline.transformer.config.token_bits
+
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Ticket[GenerationRequest]:
         if not self._started or self._broken:

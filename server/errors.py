@@ -65,6 +65,17 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> ServingError:
     return invalid(f"invalid `{param}`: {message}{shown}", param)
 
 
+def model_not_found(name: str, served: Sequence[str]) -> ServingError:
+    return ServingError(
+        f"the model {name!r} does not exist on this server; it serves {list(served)}",
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+        retryable=False,
+    )
+
+
 def queue_full(retry_after: float) -> ServingError:
     return ServingError(
         "the server is busy: the queue is full, retry later",

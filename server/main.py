@@ -1,4 +1,4 @@
-"""Start-up: settings -> pipelines on every device -> warmed engine -> app -> uvicorn.
+"""Start-up: settings -> per model, pipelines on every device and a warmed engine -> app -> uvicorn.
 
 Loading and warm-up finish before the port opens, so a listening server is a ready one. On
 SIGTERM/SIGINT the engine stops admitting (503, /readyz false), queued requests get 503, running work
@@ -22,9 +22,11 @@ from model.schedules import LARGEST_PN
 from server.app import create_app
 from server.engine import Engine
 from server.metrics import Metrics
+from server.models import ServedModel, ServedModels
+from server.models_file import ModelSpec
 from server.service import ModelLimits
 from server.settings import Settings
-from weights.default import load_default_pipeline
+from weights.default import DEFAULT_DIR, load_default_pipeline
 from weights.pipeline import load_pipeline
 
 log = logging.getLogger(__name__)
@@ -42,15 +44,21 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
     )
 
 
-def load_pipelines(settings: Settings) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
+def load_pipelines(
+    settings: Settings, spec: ModelSpec | None = None
+) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
+    """One pipeline per device. `spec`: an entry of the models file (its name, its weights), loaded
+    with `settings` already carrying its overrides; None: the model of the flags (or the default)."""
     pipelines: dict[str, InfinityPipeline] = {}
-    limits = ModelLimits(settings.model_name, settings.default_pn or LARGEST_PN, settings.max_pn or LARGEST_PN)
-    paths = settings.weight_paths
+    name = spec.name if spec is not None else settings.model_name
+    limits = ModelLimits(name, settings.default_pn or LARGEST_PN, settings.max_pn or LARGEST_PN)
+    paths = spec.weight_paths if spec is not None else settings.weight_paths
+    root = spec.weights if spec is not None and spec.weights is not None else DEFAULT_DIR
     for device in settings.devices:
         if paths is None:
-            pipelines[device], default = load_default_pipeline(_runtime(settings, device))
+            pipelines[device], default = load_default_pipeline(_runtime(settings, device), root)
             limits = ModelLimits(
-                default.name,
+                default.name if spec is None else spec.name,
                 settings.default_pn or default.default_pn,
                 settings.max_pn or default.max_pn,
                 default.schedule,
@@ -70,17 +78,14 @@ def in_own_thread(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[Engine, ModelLimits]:
-    pipelines, limits = in_own_thread(load_pipelines, settings)
-    metrics = metrics or Metrics()
-    try:
-        package_version = version("infinity-serve")
-    except PackageNotFoundError:
-        package_version = "dev"
-    metrics.build.info({"version": package_version, "model": limits.name, "devices": ",".join(settings.devices)})
+def build_engine(
+    settings: Settings, metrics: Metrics | None = None, spec: ModelSpec | None = None
+) -> tuple[Engine, ModelLimits]:
+    """One model's warmed engine (`spec`: an entry of the models file, `settings` with its overrides)."""
+    pipelines, limits = in_own_thread(load_pipelines, settings, spec)
     engine = Engine(
         pipelines,
-        metrics,
+        metrics or Metrics(),
         settings.max_batch_size,
         settings.max_wait_ms,
         settings.max_queue,
@@ -94,13 +99,40 @@ def build_engine(settings: Settings, metrics: Metrics | None = None) -> tuple[En
     return engine, limits
 
 
+def build_models(settings: Settings, metrics: Metrics | None = None) -> ServedModels:
+    """Every model of the models file (or the one of the flags), each with its own engine, in order."""
+    metrics = metrics or Metrics()
+    specs = settings.model_specs()
+    served: list[ServedModel] = []
+    try:
+        if specs is None:
+            engine, limits = build_engine(settings, metrics)
+            served.append(ServedModel(limits, engine))
+        for spec in specs or ():
+            log.info("loading model %s", spec.name)
+            engine, limits = build_engine(settings.for_model(spec), metrics, spec)
+            served.append(ServedModel(limits, engine))
+    except BaseException:
+        for model in served:  # the ones already running: stop their workers
+            model.engine.drain(0)
+        raise
+    try:
+        package_version = version("infinity-serve")
+    except PackageNotFoundError:
+        package_version = "dev"
+    names = ",".join(m.name for m in served)
+    devices = ",".join(dict.fromkeys(r.device for m in served for r in m.engine.replicas))
+    metrics.build.info({"version": package_version, "model": names, "devices": devices})
+    return ServedModels(served)
+
+
 class DrainingServer(uvicorn.Server):
     """First signal: one drain deadline (`drain_timeout`) for the whole shutdown. Queued requests get
     503 at once, running batches finish, then uvicorn closes connections and the lifespan stops the
     workers, each with only what is left of that deadline: the process exits within it (plus a
     second), inside Kubernetes' grace period. A second signal exits at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: Engine | ServedModels, drain_timeout: float) -> None:
         super().__init__(config)
         self.engine, self.drain_timeout = engine, drain_timeout
         self._draining = False
@@ -160,8 +192,8 @@ def warn_if_open(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     warn_if_open(settings)
-    engine, limits = build_engine(settings)
-    app = create_app(settings, engine, limits)
+    models = build_models(settings)
+    app = create_app(settings, models)
     config = uvicorn_config(app, settings)
-    log.info("serving %s on http://%s:%d", limits.name, settings.host, settings.port)
-    DrainingServer(config, engine, settings.drain_timeout_s).run()
+    log.info("serving %s on http://%s:%d", ", ".join(models.names), settings.host, settings.port)
+    DrainingServer(config, models, settings.drain_timeout_s).run()

@@ -64,6 +64,7 @@ class GenerateRequest(SamplingFields, ImageFields):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field("", description="required, except with an `image` (a variation without a prompt)")
+    model: str | None = Field(None, description="the served model to use (GET /v1/models); default: the first")
     image: str | None = Field(
         None, max_length=_IMAGE_CHARS, description="image-to-image: the input image, base64 or a data URL"
     )

@@ -17,6 +17,7 @@ from server.auth import GENERATION_GUARDS
 from server.errors import ServingError, body_too_large, error_body, invalid
 from server.images import CONTENT_TYPES, encode_image
 from server.jobs import GenerationOutput, Preview
+from server.models import ServedModel
 from server.protocol import ERROR_RESPONSES, GeneratedImage, GenerateRequest, GenerateResponse, parse_aspect_ratio
 from server.service import (
     PreviewMailbox,
@@ -54,23 +55,26 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if body.image is None and over_text_body_limit(request):  # BodyLimit let it in for an image
         raise body_too_large(app.settings.max_body_bytes)
     check_common(request, body, body.n, has_image=body.image is not None)
+    model = app.models.pick(body.model)
     condition = await _condition(request, body)
     h_div_w = parse_aspect_ratio(body.aspect_ratio) if body.aspect_ratio else None
     if h_div_w is None and body.width is None:
         h_div_w = input_h_div_w(condition)
-    schedule = resolve_schedule(app.limits, body.width, body.height, h_div_w, body.pn)
+    schedule = resolve_schedule(model.limits, body.width, body.height, h_div_w, body.pn)
     rows = sampling_rows(body, body.n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
-        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, body.partial_images, condition)
-        return event_stream(request, _events(request, body, ticket, previews, deadline))
-    ticket = submit(request, body.prompt, schedule, rows, deadline, condition=condition)
-    out = await wait_for_output(request, app.engine, ticket, deadline)
+        ticket = submit(
+            request, model.engine, body.prompt, schedule, rows, deadline, previews, body.partial_images, condition
+        )
+        return event_stream(request, _events(request, body, model, ticket, previews, deadline))
+    ticket = submit(request, model.engine, body.prompt, schedule, rows, deadline, condition=condition)
+    out = await wait_for_output(request, model.engine, ticket, deadline)
     if body.n == 1 and _wants_image(request):
         data = await asyncio.to_thread(encode_image, out.images[0], body.output_format)
         return Response(data, media_type=CONTENT_TYPES[body.output_format], headers=_image_headers(out))
-    return Response((await _response(request, body, out)).model_dump_json(), media_type="application/json")
+    return Response((await _response(request, body, model.name, out)).model_dump_json(), media_type="application/json")
 
 
 async def _condition(request: Request, body: GenerateRequest) -> ImageCondition | None:
@@ -94,8 +98,7 @@ def _image_headers(out: GenerationOutput) -> dict[str, str]:
     return {"x-seed": str(out.seeds[0]), "x-image-width": str(out.width), "x-image-height": str(out.height)}
 
 
-async def _response(request: Request, body: GenerateRequest, out: GenerationOutput) -> GenerateResponse:
-    app = request.app.state
+async def _response(request: Request, body: GenerateRequest, model: str, out: GenerationOutput) -> GenerateResponse:
     images = [
         GeneratedImage(b64=await encode_b64(img, body.output_format), seed=seed)
         for img, seed in zip(out.images, out.seeds, strict=True)
@@ -104,7 +107,7 @@ async def _response(request: Request, body: GenerateRequest, out: GenerationOutp
     return GenerateResponse(
         id=request.state.request_id,
         created=int(time.time()),
-        model=app.limits.name,
+        model=model,
         width=out.width,
         height=out.height,
         h_div_w=out.schedule.h_div_w,
@@ -122,9 +125,9 @@ async def _response(request: Request, body: GenerateRequest, out: GenerationOutp
 
 
 async def _events(
-    request: Request, body: GenerateRequest, ticket, previews: PreviewMailbox, deadline: float
+    request: Request, body: GenerateRequest, model: ServedModel, ticket, previews: PreviewMailbox, deadline: float
 ) -> AsyncIterator[ServerSentEvent]:
-    engine = request.app.state.engine
+    engine = model.engine
     start = time.monotonic()
     ahead = engine.images_ahead(ticket)
     yield sse({"id": request.state.request_id, "queue_depth": engine.queue_depth, "images_ahead": ahead}, "queued")
@@ -153,4 +156,4 @@ async def _events(
             elif isinstance(item, ServingError):
                 yield sse(error_body(item), "error")
             else:
-                yield sse(json.loads((await _response(request, body, item)).model_dump_json()), "completed")
+                yield sse(json.loads((await _response(request, body, model.name, item)).model_dump_json()), "completed")

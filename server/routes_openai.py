@@ -17,6 +17,7 @@ from sse_starlette import ServerSentEvent
 from model.image_condition import ImageCondition
 from model.schedules import LARGEST_PN
 from server.auth import GENERATION_GUARDS
+from server.engine import Engine
 from server.errors import ServingError, error_body, invalid
 from server.forms import form_schema, one_file, optional_file, read_form
 from server.images import CONTENT_TYPES, OutputFormat, encode_image
@@ -104,20 +105,22 @@ async def _images(
 ) -> Response:
     """The one path of all three endpoints, from the checked request to the response or the stream."""
     app = request.app.state
+    model = app.models.pick(body.model)
     n = body.n or 1
     size = parse_size(body.size) if body.size and body.size != "auto" else None
-    pn = None if size else _pn_for_quality(body.quality, app.limits)
+    pn = None if size else _pn_for_quality(body.quality, model.limits)
     h_div_w = None if size else input_h_div_w(condition)  # "auto": an input image keeps its shape
-    schedule = resolve_schedule(app.limits, size[0] if size else None, size[1] if size else None, h_div_w, pn)
+    schedule = resolve_schedule(model.limits, size[0] if size else None, size[1] if size else None, h_div_w, pn)
     rows = sampling_rows(body, n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
         previews = PreviewMailbox(app.metrics.previews_dropped.inc)
         count = 0 if body.partial_images is None else body.partial_images  # OpenAI: none unless asked
-        ticket = submit(request, body.prompt, schedule, rows, deadline, previews, count, condition)
-        return event_stream(request, _events(request, body, ticket, previews, deadline, kind, condition is not None))
-    ticket = submit(request, body.prompt, schedule, rows, deadline, condition=condition)
-    out = await wait_for_output(request, app.engine, ticket, deadline)
+        ticket = submit(request, model.engine, body.prompt, schedule, rows, deadline, previews, count, condition)
+        events = _events(request, body, model.engine, ticket, previews, deadline, kind, condition is not None)
+        return event_stream(request, events)
+    ticket = submit(request, model.engine, body.prompt, schedule, rows, deadline, condition=condition)
+    out = await wait_for_output(request, model.engine, ticket, deadline)
     response = await _response(request, body, out, condition is not None)
     return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
 
@@ -181,6 +184,7 @@ def _event(data: dict) -> ServerSentEvent:
 async def _events(
     request: Request,
     body: OpenAIImageRequest,
+    engine: Engine,
     ticket,
     previews: PreviewMailbox,
     deadline: float,
@@ -191,7 +195,7 @@ async def _events(
     common = {"background": "opaque", "output_format": fmt, "quality": body.quality or "auto"}
     index = 0
     # aclosing: when this stream ends early, progress() cancels the request now, not at garbage collection
-    async with aclosing(progress(request, request.app.state.engine, ticket, previews, deadline)) as items:
+    async with aclosing(progress(request, engine, ticket, previews, deadline)) as items:
         async for item in items:
             if isinstance(item, Preview):
                 for image in item.images:

@@ -291,6 +291,7 @@ def preview_sink(previews: PreviewMailbox) -> Callable[[Preview], None]:
 
 def submit(
     request: Request,
+    engine: Engine,
     prompt: str,
     schedule: ScaleSchedule,
     rows: tuple[SamplingParams, ...],
@@ -299,14 +300,14 @@ def submit(
     preview_count: int | None = None,
     condition: ImageCondition | None = None,
 ) -> Ticket[GenerationRequest]:
-    """Hand one request to the engine; with `previews`, the previews of `preview_count` scales (None:
+    """Hand one request to its model's engine; with `previews`, the previews of `preview_count` scales (None:
     every scale but the last) go to that mailbox; with `condition`, every image starts from that
     input image. Every endpoint submits through here."""
     scales, sink = frozenset[int](), None
     if previews is not None:
         scales, sink = preview_scales(schedule.num_scales, preview_count), preview_sink(previews)
     job = GenerationRequest(request.state.request_id, prompt, schedule, rows, deadline, scales, sink, condition)
-    ticket = request.app.state.engine.submit(job)
+    ticket = engine.submit(job)
     if condition is not None:
         request.app.state.metrics.image_inputs.labels("edit" if condition.mask is not None else "variation").inc()
     return ticket

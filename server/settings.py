@@ -8,11 +8,12 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import AttentionChoice, CompileMode, Precision, PreviewMode, VaeDecodeMode, default_precision
 from model.schedules import PN_NAMES, PixelBudget
+from server.models_file import ModelsFileError, ModelSpec, load_models_file
 
 
 class Settings(BaseSettings):
@@ -23,6 +24,9 @@ class Settings(BaseSettings):
     vae: Path | None = None
     text_encoder: Path | None = None
     model_name: str = "infinity"  # id reported by /v1/models and accepted in requests
+    # Several models in one server: a TOML file of `[[models]]` entries (server/models_file.py), in
+    # place of the three paths above; each entry may set its own devices, dtype, batch size, limits.
+    models_file: Path | None = None
 
     # --- devices ---
     devices: list[str] = Field(default_factory=lambda: ["cpu"])  # one replica per device
@@ -150,6 +154,35 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _models_file_serves(self) -> Settings:
+        """A models file is read at start-up: a bad entry, or one whose settings clash with the
+        server's (max_n over its max_batch_size, say), stops the start with the entry's name."""
+        if self.models_file is None:
+            return self
+        if self.weight_paths is not None:
+            raise ValueError("give either models_file or transformer/vae/text_encoder, not both")
+        try:
+            specs = load_models_file(self.models_file)
+        except ModelsFileError as e:
+            raise ValueError(str(e)) from None
+        for spec in specs:
+            self.for_model(spec)
+        return self
+
+    def model_specs(self) -> tuple[ModelSpec, ...] | None:
+        """The entries of `models_file`, in order; None without one (the one model of the flags)."""
+        return None if self.models_file is None else load_models_file(self.models_file)
+
+    def for_model(self, spec: ModelSpec) -> Settings:
+        """These settings with the entry's own overrides, checked as a whole (ValueError naming the entry)."""
+        values = {**self.model_dump(), "models_file": None, **spec.overrides()}  # None: no recursion
+        try:
+            return Settings(**values)
+        except ValidationError as e:
+            problems = "; ".join(_problem(err) for err in e.errors())
+            raise ValueError(f"models file, model {spec.name!r}: {problems}") from None
+
+    @model_validator(mode="after")
     def _no_open_network_by_accident(self) -> Settings:
         if self.open_to_network and not self.allow_unauthenticated:
             raise ValueError(
@@ -177,6 +210,12 @@ class Settings(BaseSettings):
 
     def dtype_for(self, device: str) -> Precision:
         return self.dtype or default_precision(device)
+
+
+def _problem(error) -> str:
+    """One pydantic error as "field: message" (the message alone for a check of the whole settings)."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message
 
 
 def _is_loopback(host: str) -> bool:

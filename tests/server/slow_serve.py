@@ -10,8 +10,8 @@ from server import cli, main
 
 
 def _slow(build):
-    def build_engine(settings, metrics=None):
-        engine, limits = build(settings, metrics)
+    def build_engine(settings, metrics=None, spec=None):
+        engine, limits = build(settings, metrics, spec)
         engine.fault_hook = lambda requests: time.sleep(HOLD_S)
         return engine, limits
 

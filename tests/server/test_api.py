@@ -27,7 +27,7 @@ def png(b64: str) -> np.ndarray:
 
 def test_health_ready_models_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "model": "infinity-test"}
+    assert client.get("/readyz").json() == {"ready": True, "model": "infinity-test", "models": {"infinity-test": True}}
     assert client.get("/v1/models").json()["data"][0]["id"] == "infinity-test"
     schema = client.get("/openapi.json").json()
     assert "/generate" in schema["paths"] and "/v1/images/generations" in schema["paths"]
@@ -134,7 +134,7 @@ def test_openai_endpoint_b64_and_url(client):
             "seed": 3,
             "style": "vivid",
             "moderation": "low",
-            "model": "gpt-image-1",
+            "model": "infinity-test",
         },
     )
     assert r.status_code == 200, r.text

@@ -7,7 +7,7 @@ from server.errors import ServingError, error_body, stream_statuses
 
 NOT_FACTORIES = {"error_body", "stream_statuses", "validation_error"}  # build bodies or map others' errors
 # Refusals of the request itself, answered before any stream begins (never an `error` event).
-AT_THE_DOOR = {"invalid_value", "body_too_large"}
+AT_THE_DOOR = {"invalid_value", "body_too_large", "model_not_found"}
 
 
 def every_error() -> list[ServingError]:
@@ -17,7 +17,7 @@ def every_error() -> list[ServingError]:
         if fn.__module__ != errors.__name__ or name.startswith("_") or name in NOT_FACTORIES:
             continue
         params = inspect.signature(fn).parameters
-        args = {"message": "m", "param": "p", "retry_after": 1.0, "limit": 1024}
+        args = {"message": "m", "param": "p", "retry_after": 1.0, "limit": 1024, "name": "x", "served": ["a"]}
         made.append(fn(**{k: args[k] for k in params if k in args}))
     return made
 
