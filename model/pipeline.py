@@ -157,7 +157,9 @@ class InfinityPipeline:
             t1 = time.perf_counter()
             # 3b. image-to-image: the input images' bits, and which of them each row forces
             vae_scales = schedule.vae_scales(self.vae.config.spatial_patchify)
-            forced = [None if c is None else prepare(c, self.vae, vae_scales, schedule.num_scales) for c in images]
+            # Encoded once per distinct condition: `n` images of one request share theirs.
+            prepared = {id(c): prepare(c, self.vae, vae_scales, schedule.num_scales) for c in images if c is not None}
+            forced = [None if c is None else prepared[id(c)] for c in images]
             t_img = time.perf_counter() - t1
             t1 = time.perf_counter()
             # 4. scale-by-scale sampling of the bits

@@ -54,11 +54,15 @@ EventKind = Literal["image_generation", "image_edit"]  # a stream's event names:
 QUALITY_PN = {"low": "0.25M", "medium": "0.60M", "standard": "0.60M"}  # others: the server default
 
 
+# JSON, or server-sent events with `stream`; errors in the project's one body (server/errors.py).
+IMAGES_RESPONSES = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}}
+
+
 @router.post(
     "/v1/images/generations",
     dependencies=GENERATION_GUARDS,
     response_model=OpenAIImagesResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses=IMAGES_RESPONSES,
 )
 async def images_generations(body: OpenAIImageRequest, request: Request) -> Response:
     check_common(request, body, body.n or 1)
@@ -69,7 +73,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> Resp
     "/v1/images/edits",
     dependencies=GENERATION_GUARDS,
     response_model=OpenAIImagesResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses=IMAGES_RESPONSES,
     openapi_extra=form_schema(OpenAIEditRequest, required=("image",), optional=("mask",)),
 )
 async def images_edits(request: Request) -> Response:
@@ -86,7 +90,7 @@ async def images_edits(request: Request) -> Response:
     "/v1/images/variations",
     dependencies=GENERATION_GUARDS,
     response_model=OpenAIImagesResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses=IMAGES_RESPONSES,
     openapi_extra=form_schema(OpenAIVariationRequest, required=("image",)),
 )
 async def images_variations(request: Request) -> Response:
