@@ -7,10 +7,11 @@ AdaLN projections, the embeddings and the head stay float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingPar
 from model.image_condition import PASTE_FEATHER, ImageCondition, feathered_paste, prepare
 from model.memory import MemoryUsage, device_memory
 from model.preview import LinearPreview, PreviewDecoder, Previewer
-from model.sampler import ScaleCallback, ScaleEvent, sample
+from model.sampler import SampleOutput, Sampling, ScaleCallback, ScaleEvent
 from model.schedules import ScaleSchedule
 from model.text_encoder import EncodedText, T5TextEncoder
 from model.transformer import Infinity
@@ -29,7 +30,15 @@ from model.vae import BitwiseVAE, to_uint8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "DeviceOutOfMemory", "GenerationResult", "InfinityPipeline", "ScaleEvent", "StageTimings"]
+__all__ = [
+    "DTYPES",
+    "DeviceOutOfMemory",
+    "Generation",
+    "GenerationResult",
+    "InfinityPipeline",
+    "ScaleEvent",
+    "StageTimings",
+]
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISIONS}  # torch spells them alike
 
@@ -125,45 +134,40 @@ class InfinityPipeline:
 
         images: per prompt, an input image to vary or edit (model/image_condition.py), or None. A row
         with an image may have an empty prompt: it is then sampled under the unconditional text alone."""
-        # 1. check inputs
-        rows = self._check_inputs(prompts, schedule, params, images)
-        # 2. one generator per row, seeded explicitly
-        seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        try:
-            return self._generate(prompts, schedule, rows, seeds, generators, on_scale, images or [None] * len(rows))
-        except torch.OutOfMemoryError as e:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise DeviceOutOfMemory(f"out of memory on {self.device} for {len(rows)} images") from e
+        generation = self.start(prompts, schedule, params, images)
+        while not generation.done:
+            generation.step(on_scale)
+        return generation.finish()
 
-    def _generate(
+    def start(
         self,
         prompts: Sequence[str],
         schedule: ScaleSchedule,
-        rows: list[SamplingParams],
-        seeds: list[int],
-        generators: list[torch.Generator],
-        on_scale: ScaleCallback | None,
-        images: Sequence[ImageCondition | None],
-    ) -> GenerationResult:
-        with torch.inference_mode():
-            # 3. text features of the prompts and of their unconditional counterparts
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        images: Sequence[ImageCondition | None] | None = None,
+    ) -> Generation:
+        """`generate` a scale at a time: encode the text and input images now, then `step()` until
+        `done`, then `finish()`. Between two steps the caller may step other generations (continuous
+        batching): a generation's images do not depend on that."""
+        rows = self._check_inputs(prompts, schedule, params, images)
+        # one generator per row, seeded explicitly
+        seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        conditions = list(images or [None] * len(rows))
+        with self._out_of_memory(len(rows)), torch.inference_mode():
             t0 = time.perf_counter()
             encoded = self.text_encoder.encode(list(prompts))
             uncond = self._unconditional(encoded.memory, rows)
             encoded = self._unprompted(encoded, uncond, prompts)
             _sync(self.device)
             t1 = time.perf_counter()
-            # 3b. image-to-image: the input images' bits, and which of them each row forces
+            # image-to-image: the input images' bits, and which of them each row forces. Encoded once
+            # per distinct condition: `n` images of one request share theirs.
             vae_scales = schedule.vae_scales(self.vae.config.spatial_patchify)
-            # Encoded once per distinct condition: `n` images of one request share theirs.
-            prepared = {id(c): prepare(c, self.vae, vae_scales, schedule.num_scales) for c in images if c is not None}
-            forced = [None if c is None else prepared[id(c)] for c in images]
-            t_img = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            # 4. scale-by-scale sampling of the bits
-            out = sample(
+            prepared = {id(c): prepare(c, self.vae, vae_scales, schedule.num_scales) for c in conditions if c}
+            forced = [None if c is None else prepared[id(c)] for c in conditions]  # ImageCondition is truthy
+            t2 = time.perf_counter()
+            sampling = Sampling(
                 self.transformer,
                 self.vae.quantizer,
                 schedule,
@@ -172,28 +176,12 @@ class InfinityPipeline:
                 rows,
                 generators,
                 self.backend,
-                on_scale,
                 forced,
             )
-            _sync(self.device)
-            t2 = time.perf_counter()
-            # 5. decode the accumulated latent of the rows that ran to the end with finite logits
-            keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
-            decoded = list(self.decode_latent(out.latent[keep])) if keep else []
-            decoded = [self._pasted(image, images[out.rows[k]]) for k, image in zip(keep, decoded, strict=True)]
-            t3 = time.perf_counter()
-        kept = tuple(out.rows[k] for k in keep)
-        tokens = sum(schedule.lengths) * self.transformer.config.token_bits
-        return GenerationResult(
-            rows=kept,
-            nonfinite=out.nonfinite,
-            images=decoded,
-            bits=[b[keep].cpu().numpy() for b in out.bits],
-            seeds=[seeds[i] for i in kept],
-            prompt_tokens=[encoded.token_counts[i] for i in kept],
-            image_tokens=tokens,
-            timings=StageTimings(t1 - t0 - t_img, t2 - t1, t3 - t2, tuple(out.scale_seconds), t_img),
-        )
+            setup = time.perf_counter() - t2  # conditioning and text K/V: the transformer's stage
+        generation = Generation(self, schedule, seeds, encoded.token_counts, conditions, sampling, t1 - t0, t2 - t1)
+        generation.transformer_seconds = setup
+        return generation
 
     def image_size(self, schedule: ScaleSchedule) -> tuple[int, int]:
         """(height, width) in pixels that this VAE produces for the schedule."""
@@ -243,6 +231,16 @@ class InfinityPipeline:
         return per_row * (2 if guided else 1)
 
     # ---- steps ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _out_of_memory(self, rows: int) -> Iterator[None]:
+        """torch's out-of-memory error as DeviceOutOfMemory (the server retries smaller batches)."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(f"out of memory on {self.device} for {rows} images") from e
+
     def _fast_preview(self, runtime: RuntimeConfig, decoder: PreviewDecoder | None) -> Previewer | None:
         """The trained preview decoder if given (float32 on this device: it is tiny, and float32 keeps
         its previews the same on every device); without one, "fast" fits a linear map from this
@@ -317,3 +315,74 @@ class InfinityPipeline:
             index[i] = B + j
         index = index.to(merged.lengths.device)
         return TextMemory(merged.features[index], merged.lengths[index])
+
+
+class Generation:
+    """One batch in flight on a pipeline (`InfinityPipeline.start`): a scale per `step()`, then
+    `finish()` decodes the rows that ran to the end."""
+
+    def __init__(
+        self,
+        pipeline: InfinityPipeline,
+        schedule: ScaleSchedule,
+        seeds: list[int],
+        prompt_tokens: list[int],
+        conditions: list[ImageCondition | None],
+        sampling: Sampling,
+        text_seconds: float,
+        image_seconds: float,
+    ) -> None:
+        self.pipeline, self.schedule, self.seeds, self.prompt_tokens = pipeline, schedule, seeds, prompt_tokens
+        self.conditions, self.sampling = conditions, sampling
+        self.text_seconds, self.image_seconds = text_seconds, image_seconds
+        self.transformer_seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.sampling.done
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Prompt index of each row still running."""
+        return self.sampling.rows
+
+    def step(self, on_scale: ScaleCallback | None = None) -> ScaleEvent:
+        """The next scale of every running row; `on_scale` may name rows to drop (cancelled)."""
+        pipeline = self.pipeline
+        with pipeline._out_of_memory(len(self.rows)), torch.inference_mode():
+            t0 = time.perf_counter()
+            event = self.sampling.step(on_scale)
+            _sync(pipeline.device)
+            self.transformer_seconds += time.perf_counter() - t0
+        return event
+
+    def finish(self) -> GenerationResult:
+        """Decode the accumulated latent of the rows that ran to the end with finite logits."""
+        pipeline, out = self.pipeline, self.sampling.output()
+        with pipeline._out_of_memory(len(out.rows)), torch.inference_mode():
+            t0 = time.perf_counter()
+            keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
+            decoded = list(pipeline.decode_latent(out.latent[keep])) if keep else []
+            conditions = [self.conditions[out.rows[k]] for k in keep]
+            decoded = [pipeline._pasted(image, c) for image, c in zip(decoded, conditions, strict=True)]
+            decode_seconds = time.perf_counter() - t0
+        return self._result(out, keep, decoded, decode_seconds)
+
+    def _result(
+        self, out: SampleOutput, keep: list[int], decoded: list[np.ndarray], decode_seconds: float
+    ) -> GenerationResult:
+        kept = tuple(out.rows[k] for k in keep)
+        tokens = sum(self.schedule.lengths) * self.pipeline.transformer.config.token_bits
+        timings = StageTimings(
+            self.text_seconds, self.transformer_seconds, decode_seconds, tuple(out.scale_seconds), self.image_seconds
+        )
+        return GenerationResult(
+            rows=kept,
+            nonfinite=out.nonfinite,
+            images=decoded,
+            bits=[b[keep].cpu().numpy() for b in out.bits],
+            seeds=[self.seeds[i] for i in kept],
+            prompt_tokens=[self.prompt_tokens[i] for i in kept],
+            image_tokens=tokens,
+            timings=timings,
+        )

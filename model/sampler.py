@@ -271,7 +271,17 @@ def sample(
     on_scale: ScaleCallback | None = None,
     forced: Sequence[ForcedBits | None] | None = None,
 ) -> SampleOutput:
-    """Generate the bits of every scale for B prompts.
+    """Generate the bits of every scale for B prompts: a `Sampling` run to its end."""
+    run = Sampling(model, quantizer, schedule, text, uncond_text, params, generators, backend, forced)
+    while not run.done:
+        run.step(on_scale)
+    return run.output()
+
+
+class Sampling:
+    """One batch's scale-by-scale loop, a scale per `step()`: the engine may run other batches' scales
+    between two steps (continuous batching), and a batch's bits do not depend on that, since a batch
+    owns its KV cache, text and generators and the rows of a batch do not see each other.
 
     text / uncond_text: raw T5 features of the prompts and of their unconditional counterparts
     (learned null prompt or negative prompt), B rows each. `params` hold a value per scale wherever they
@@ -279,62 +289,91 @@ def sample(
     (image-to-image) or None; a forced bit replaces the sampled one before anything uses it, so every
     later scale is conditioned on it (teacher forcing).
     """
-    B, n = len(params), schedule.num_scales
-    guided = any(p.uses_guidance(n) for p in params)
-    cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
-    c = model.config
-    cache = KVCache.allocate(
-        c.depth,
-        2 * B if guided else B,
-        c.num_heads,
-        schedule.total_tokens,
-        c.head_dim,
-        model.blocks_dtype,
-        text.features.device,
-    )
-    device = text.features.device
-    state = _RunningRows(
-        list(range(B)),
-        list(params),
-        RowParams.build(params, n, torch.float32, device),  # model.logits are float32
-        list(generators),
-        cond,
-        model.cross_kv(cond),
-        cache,
-        guided,
-        torch.zeros(B, dtype=torch.bool, device=device),
-    )
-    vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
-    state.forcing = Forcing.build(forced or [None] * B, vae_scales, quantizer.config.bits, device)
 
-    x = model.start_tokens(cond)  # (rows, 1, C)
-    latent, bits_out, seconds = None, [], []
-    for si, (h, w) in enumerate(schedule.scales):
+    def __init__(
+        self,
+        model: Infinity,
+        quantizer: BitwiseQuantizer,
+        schedule: ScaleSchedule,
+        text: TextMemory,
+        uncond_text: TextMemory,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+        backend: Backend,
+        forced: Sequence[ForcedBits | None] | None = None,
+    ) -> None:
+        self.model, self.quantizer, self.schedule, self.backend = model, quantizer, schedule, backend
+        B, n = len(params), schedule.num_scales
+        guided = any(p.uses_guidance(n) for p in params)
+        cond = model.condition(stack_memories(text, uncond_text) if guided else text, backend)
+        c = model.config
+        device = text.features.device
+        cache = KVCache.allocate(
+            c.depth, 2 * B if guided else B, c.num_heads, schedule.total_tokens, c.head_dim, model.blocks_dtype, device
+        )
+        self.state = _RunningRows(
+            list(range(B)),
+            list(params),
+            RowParams.build(params, n, torch.float32, device),  # model.logits are float32
+            list(generators),
+            cond,
+            model.cross_kv(cond),
+            cache,
+            guided,
+            torch.zeros(B, dtype=torch.bool, device=device),
+        )
+        self.vae_scales = schedule.vae_scales(quantizer.config.spatial_patchify)
+        self.state.forcing = Forcing.build(forced or [None] * B, self.vae_scales, quantizer.config.bits, device)
+        self.x = model.start_tokens(cond)  # (rows, 1, C): the next scale's inputs
+        self.latent: torch.Tensor | None = None
+        self.bits: list[torch.Tensor] = []
+        self.seconds: list[float] = []
+        self.scale_index = 0
+
+    @property
+    def done(self) -> bool:
+        """Every scale sampled, or every row dropped."""
+        return self.scale_index >= self.schedule.num_scales or not self.state.ids
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """Original index of each row still running."""
+        return tuple(self.state.ids)
+
+    def step(self, on_scale: ScaleCallback | None = None) -> ScaleEvent:
+        """Sample the next scale; `on_scale` sees it and names rows to drop before the next one."""
+        si, n, state, quantizer = self.scale_index, self.schedule.num_scales, self.state, self.quantizer
+        h, w = self.schedule.scales[si]
         # After scale 0 nothing here reads a device value back (tests/model/test_syncs.py counts them
         # in these profiler ranges): the host can queue the next scale while the device runs this one.
         with torch.profiler.record_function(f"{SCALE_RANGE} {si}"):
             t0 = time.perf_counter()
-            raw = model.step(x, si, schedule, state.cond, state.ca_kv, state.cache, backend)
+            raw = self.model.step(self.x, si, self.schedule, state.cond, state.ca_kv, state.cache, self.backend)
             logits, bad = quarantine_nonfinite(guide_rows(raw, state.rows, si, state.guided))
             state.nonfinite |= bad
             token_bits = sample_bits_rows(logits, state.rows, state.generators).view(len(state.ids), h, w, -1)
             bits = quantizer.to_latent_layout(token_bits)  # (B, h', w', d)
             if state.forcing is not None:
                 bits = state.forcing.apply(si, bits)
-            latent = quantizer.accumulate(latent, quantizer.codes(bits, si), vae_scales[-1])
-            bits_out.append(bits.to(torch.uint8))
-            seconds.append(time.perf_counter() - t0)
-            dropped = on_scale(ScaleEvent(si, n, tuple(state.ids), latent, seconds[-1])) if on_scale else None
+            latent = quantizer.accumulate(self.latent, quantizer.codes(bits, si), self.vae_scales[-1])
+            self.bits.append(bits.to(torch.uint8))
+            self.seconds.append(time.perf_counter() - t0)
+            event = ScaleEvent(si, n, tuple(state.ids), latent, self.seconds[-1])
+            dropped = on_scale(event) if on_scale else None
             if dropped:
                 keep = state.drop(set(dropped))
-                latent, bits_out = latent[keep], [b[keep] for b in bits_out]
-                if not state.ids:
-                    break
-            if si + 1 < n:
+                latent, self.bits = latent[keep], [b[keep] for b in self.bits]
+            self.latent, self.scale_index = latent, si + 1
+            if si + 1 < n and state.ids:
                 if state.guided and not any(p.uses_guidance(n, start=si + 1) for p in state.params):
                     state.stop_guidance()  # cfg 1 from here on, for every row
-                x = model.embed_bits(quantizer.next_inputs(latent, vae_scales[si + 1]))
-                x = torch.cat((x, x)) if state.guided else x
-    assert latent is not None  # a schedule has at least one scale
-    nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
-    return SampleOutput(tuple(state.ids), nonfinite, bits_out, latent, seconds)
+                x = self.model.embed_bits(quantizer.next_inputs(latent, self.vae_scales[si + 1]))
+                self.x = torch.cat((x, x)) if state.guided else x
+        return event
+
+    def output(self) -> SampleOutput:
+        """The bits and latent of the rows that ran to the end (call once `done`)."""
+        assert self.latent is not None, "no scale sampled yet"
+        state = self.state
+        nonfinite = tuple(rid for rid, bad in zip(state.ids, state.nonfinite.tolist(), strict=True) if bad)
+        return SampleOutput(tuple(state.ids), nonfinite, self.bits, self.latent, self.seconds)
