@@ -96,13 +96,16 @@ class T5TextEncoder:
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder directory not found: {path}")
         device = torch.device(device)
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = dtype or cls.default_dtype(device)
         tokenizer = AutoTokenizer.from_pretrained(path, legacy=True)
         # ignore: transformers wraps `to` in functools.wraps(nn.Module.to), whose stub drops the bound self
         model = T5EncoderModel.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
         log.info("text encoder %s: d_model=%d, %s on %s", path, model.config.d_model, dtype, device)
         return cls(tokenizer, model, max_length, cache_bytes)
+
+    @staticmethod
+    def default_dtype(device: torch.device | str) -> torch.dtype:
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
     @property
     def channels(self) -> int:

@@ -15,7 +15,7 @@ from model.schedules import ScaleSchedule
 from server.batcher import Batcher, Ticket
 from server.errors import ServingError, deadline_unreachable, invalid
 from server.jobs import GenerationRequest
-from server.metrics import Metrics
+from server.metrics import CancelStage, ModelMetrics
 
 EMA_WEIGHT = 0.3  # weight of the newest batch time in the moving average
 MAX_RETRY_AFTER_S = 60.0
@@ -44,7 +44,11 @@ class BatchTimes:
 
 class Admission:
     def __init__(
-        self, queue: Batcher, metrics: Metrics, replicas: int, kv_bytes_per_image: Callable[[ScaleSchedule, bool], int]
+        self,
+        queue: Batcher,
+        metrics: ModelMetrics,
+        replicas: int,
+        kv_bytes_per_image: Callable[[ScaleSchedule, bool], int],
     ) -> None:
         self.queue, self.metrics, self.replicas = queue, metrics, replicas
         self.times = BatchTimes()
@@ -66,13 +70,13 @@ class Admission:
         estimate = self.estimated_wait(request.schedule.key)
         retry_after = min(MAX_RETRY_AFTER_S, max(1.0, estimate))
         if request.deadline - estimate < self.queue.now():
-            self.metrics.rejected.labels("deadline").inc()
+            self.metrics.rejected("deadline").inc()
             raise deadline_unreachable(retry_after)
         ticket = Ticket(request.schedule.key, request.images, kv, request.deadline, request)
         try:
             self.queue.put(ticket, retry_after=retry_after)
         except ServingError:
-            self.metrics.rejected.labels("queue_full").inc()
+            self.metrics.rejected("queue_full").inc()
             raise
         return ticket
 
@@ -91,10 +95,10 @@ class Admission:
         if ticket.future.done() or ticket.cancelled:
             return
         ticket.cancel_reason = reason
-        stage = "queued" if self.queue.remove(ticket) else "running"
+        stage: CancelStage = "queued" if self.queue.remove(ticket) else "running"
         if stage == "queued":
             ticket.future.cancel()
-        self.metrics.cancelled.labels(stage).inc()
+        self.metrics.cancelled(stage).inc()
 
     def running(self, batch: Iterable[Ticket[GenerationRequest]]) -> None:
         """A batch left the queue (called under the queue's lock, so "queued or running" has no gap)."""

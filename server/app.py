@@ -26,6 +26,7 @@ from server.auth import check_api_key
 from server.engine import Engine
 from server.errors import ServingError, body_too_large, error_body, validation_error
 from server.images import ImageStore
+from server.metrics import NO_MODEL, Metrics
 from server.models import ServedModels
 from server.ratelimit import RateLimiter
 from server.service import ModelLimits, over_text_body_limit
@@ -115,7 +116,7 @@ def create_app(settings: Settings, engine: Engine | ServedModels, limits: ModelL
         description="Infinity text-to-image: REST and OpenAI-compatible images API",
     )
     app.state.settings, app.state.models = settings, models
-    # The first model's: the playground's (it offers one model for now).
+    # The first model's (the default; the playground's config describes it, its picker lists every model).
     app.state.engine, app.state.limits = models.default.engine, models.default.limits
     app.state.metrics = models.metrics
     app.state.images = ImageStore(settings.url_ttl_s, settings.url_store_max_bytes)
@@ -206,7 +207,7 @@ class RequestContext:
     Pure ASGI (no BaseHTTPMiddleware) so that streaming and disconnect detection pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -229,7 +230,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error (request %s)", rid)
-            self.metrics.errors.labels("unhandled").inc()
+            self.metrics.errors.labels(NO_MODEL, "unhandled").inc()  # which model, if any, is not known here
             if not started:
                 await error_response(ServingError("internal error; it was logged with the request id", 500))(
                     scope, receive, send_with_id

@@ -17,14 +17,14 @@ from model.pipeline import GenerationResult, InfinityPipeline, ScaleEvent
 from server.batcher import Ticket
 from server.errors import cancelled, nonfinite_sampling
 from server.jobs import GenerationOutput, GenerationRequest, Preview
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
 
 class BatchDelivery:
     def __init__(
-        self, tickets: Sequence[Ticket[GenerationRequest]], pipeline: InfinityPipeline, metrics: Metrics
+        self, tickets: Sequence[Ticket[GenerationRequest]], pipeline: InfinityPipeline, metrics: ModelMetrics
     ) -> None:
         self.tickets, self.pipeline, self.metrics = list(tickets), pipeline, metrics
         self.requests = [t.payload for t in self.tickets]
@@ -63,7 +63,7 @@ class BatchDelivery:
                 continue
             if any(self.owners[row] == i for row in result.nonfinite):
                 log.warning("request %s: non-finite logits, failed alone", ticket.payload.request_id)
-                self.metrics.errors.labels("non_finite_logits").inc()
+                self.metrics.errors("non_finite_logits").inc()
                 ticket.fail(nonfinite_sampling())
                 continue
             kept = [k for k, row in enumerate(result.rows) if self.owners[row] == i]

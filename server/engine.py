@@ -18,7 +18,7 @@ from server.admission import Admission
 from server.batcher import Batcher, Ticket
 from server.errors import draining, not_ready
 from server.jobs import GenerationOutput, GenerationRequest, Preview
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.replica import FaultHook, Replica, RestartPolicy, Warmup
 
 __all__ = ["Engine", "GenerationOutput", "GenerationRequest", "Preview", "Ticket"]
@@ -30,7 +30,7 @@ class Engine:
     def __init__(
         self,
         pipelines: dict[str, InfinityPipeline],
-        metrics: Metrics,
+        metrics: ModelMetrics,
         max_batch_size: int = 8,
         max_wait_ms: float = 10.0,
         max_queue: int = 64,

@@ -28,6 +28,7 @@ from server.service import ModelLimits
 from server.settings import Settings
 from weights.default import DEFAULT_DIR, load_default_pipeline
 from weights.pipeline import load_pipeline
+from weights.text_encoders import TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,11 @@ def _runtime(settings: Settings, device: str) -> RuntimeConfig:
 
 
 def load_pipelines(
-    settings: Settings, spec: ModelSpec | None = None
+    settings: Settings, spec: ModelSpec | None = None, text_encoders: TextEncoders | None = None
 ) -> tuple[dict[str, InfinityPipeline], ModelLimits]:
     """One pipeline per device. `spec`: an entry of the models file (its name, its weights), loaded
-    with `settings` already carrying its overrides; None: the model of the flags (or the default)."""
+    with `settings` already carrying its overrides; None: the model of the flags (or the default).
+    `text_encoders`: shared across the models of one server, so that the same T5 is loaded once."""
     pipelines: dict[str, InfinityPipeline] = {}
     name = spec.name if spec is not None else settings.model_name
     limits = ModelLimits(name, settings.default_pn or LARGEST_PN, settings.max_pn or LARGEST_PN)
@@ -56,7 +58,7 @@ def load_pipelines(
     root = spec.weights if spec is not None and spec.weights is not None else DEFAULT_DIR
     for device in settings.devices:
         if paths is None:
-            pipelines[device], default = load_default_pipeline(_runtime(settings, device), root)
+            pipelines[device], default = load_default_pipeline(_runtime(settings, device), root, text_encoders)
             limits = ModelLimits(
                 default.name if spec is None else spec.name,
                 settings.default_pn or default.default_pn,
@@ -64,7 +66,7 @@ def load_pipelines(
                 default.schedule,
             )
         else:
-            pipelines[device] = load_pipeline(*paths, _runtime(settings, device))
+            pipelines[device] = load_pipeline(*paths, _runtime(settings, device), text_encoders=text_encoders)
     return pipelines, limits
 
 
@@ -79,13 +81,16 @@ def in_own_thread(fn, *args):
 
 
 def build_engine(
-    settings: Settings, metrics: Metrics | None = None, spec: ModelSpec | None = None
+    settings: Settings,
+    metrics: Metrics | None = None,
+    spec: ModelSpec | None = None,
+    text_encoders: TextEncoders | None = None,
 ) -> tuple[Engine, ModelLimits]:
     """One model's warmed engine (`spec`: an entry of the models file, `settings` with its overrides)."""
-    pipelines, limits = in_own_thread(load_pipelines, settings, spec)
+    pipelines, limits = in_own_thread(load_pipelines, settings, spec, text_encoders)
     engine = Engine(
         pipelines,
-        metrics or Metrics(),
+        (metrics or Metrics()).for_model(limits.name),  # its series carry the name requests pick it by
         settings.max_batch_size,
         settings.max_wait_ms,
         settings.max_queue,
@@ -103,6 +108,7 @@ def build_models(settings: Settings, metrics: Metrics | None = None) -> ServedMo
     """Every model of the models file (or the one of the flags), each with its own engine, in order."""
     metrics = metrics or Metrics()
     specs = settings.model_specs()
+    text_encoders = TextEncoders()  # models naming the same T5 folder (and device, dtype) share it
     served: list[ServedModel] = []
     try:
         if specs is None:
@@ -110,7 +116,7 @@ def build_models(settings: Settings, metrics: Metrics | None = None) -> ServedMo
             served.append(ServedModel(limits, engine))
         for spec in specs or ():
             log.info("loading model %s", spec.name)
-            engine, limits = build_engine(settings.for_model(spec), metrics, spec)
+            engine, limits = build_engine(settings.for_model(spec), metrics, spec, text_encoders)
             served.append(ServedModel(limits, engine))
     except BaseException:
         for model in served:  # the ones already running: stop their workers

@@ -1,8 +1,9 @@
 """The models one server serves: each with its own engine (queue, batcher, replicas) and limits.
 
 A request names its model (`model`), or gets the first one. Engines share nothing but the app's
-metrics: a slow model's queue never delays another, and one model's dead workers leave the others
-serving. Lifecycle calls (drain, readiness) go to every engine.
+metrics registry, where each writes only its own `model`-labelled series: a slow model's queue never
+delays another, and one model's dead workers leave the others serving. Lifecycle calls (drain,
+readiness) go to every engine.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 from model.schedules import PN_NAMES, TEMPLATES, ScaleSchedule
 from server.engine import Engine
@@ -27,14 +29,31 @@ class ServedModel:
     def name(self) -> str:
         return self.limits.name
 
+    @property
+    def allowed_budgets(self) -> list[str]:
+        """The pixel budgets a request may ask for (up to `max_pn`), smallest first."""
+        return list(PN_NAMES[: PN_NAMES.index(self.limits.max_pn) + 1])
+
+    def template_sizes(self) -> list[tuple[float, dict[str, tuple[int, int]]]]:
+        """(h_div_w, {pixel budget: (width, height)}) of every official template, tallest first (a
+        model trained for one schedule only makes none of them: see `limits.fixed_schedule`)."""
+        size, budgets = self.engine.image_size, self.allowed_budgets
+        return [
+            (t, {pn: width_height(size(ScaleSchedule.official(t, pn))) for pn in budgets})
+            for t in sorted(TEMPLATES, reverse=True)
+        ]
+
     def card(self) -> dict:
-        """Its `/v1/models` entry: OpenAI's fields, then what it can make."""
-        limits, size = self.limits, self.engine.image_size
-        budgets = list(PN_NAMES[: PN_NAMES.index(limits.max_pn) + 1])
+        """Its `/v1/models` entry: OpenAI's fields, then what it can make (`templates`: the size each
+        aspect ratio gives at each pixel budget, what the playground offers; empty for a one-size model)."""
+        limits = self.limits
+        templates = self.template_sizes() if limits.fixed_schedule is None else []
         if limits.fixed_schedule is not None:
-            budgets, sizes = [limits.fixed_schedule.pn], [_wxh(size(limits.fixed_schedule))]
+            fixed = width_height(self.engine.image_size(limits.fixed_schedule))
+            budgets, sizes = [limits.fixed_schedule.pn], [_wxh(fixed)]
         else:
-            sizes = sorted({_wxh(size(ScaleSchedule.official(t, pn))) for t in TEMPLATES for pn in budgets})
+            budgets = self.allowed_budgets
+            sizes = sorted({_wxh(wh) for _, by_pn in templates for wh in by_pn.values()})
         return {
             "id": self.name,
             "object": "model",
@@ -43,12 +62,28 @@ class ServedModel:
             "pixel_budgets": budgets,
             "default_pn": limits.default_pn if limits.fixed_schedule is None else limits.fixed_schedule.pn,
             "sizes": sizes,
+            "templates": [
+                {"aspect_ratio": aspect_label(t), "h_div_w": t, "sizes": {pn: _wxh(wh) for pn, wh in by_pn.items()}}
+                for t, by_pn in templates
+            ],
             "token_bits": self.engine.token_bits,
         }
 
 
-def _wxh(height_width: tuple[int, int]) -> str:
+def aspect_label(h_div_w: float) -> str:
+    """Official template (h / w, e.g. 1.333) -> "W:H" in small integers ("3:4"), as `aspect_ratio` takes it."""
+    ratio = Fraction(1 / h_div_w).limit_denominator(8)
+    return f"{ratio.numerator}:{ratio.denominator}"
+
+
+def width_height(height_width: tuple[int, int]) -> tuple[int, int]:
+    """The engine's (height, width) -> (width, height), the order every response gives."""
     h, w = height_width
+    return w, h
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    w, h = size
     return f"{w}x{h}"
 
 
@@ -60,7 +95,8 @@ class ServedModels:
         assert models and len(set(names)) == len(names), f"models need distinct names, got {names}"
         self._models = {m.name: m for m in models}
         self.default = models[0]
-        self.metrics: Metrics = self.default.engine.metrics  # shared by every engine
+        self.metrics: Metrics = self.default.engine.metrics.owner
+        assert all(m.engine.metrics.owner is self.metrics for m in models), "engines share one registry"
 
     @classmethod
     def one(cls, engine: Engine, limits: ModelLimits) -> ServedModels:

@@ -16,6 +16,7 @@ from fastapi import Request
 from limits import parse
 
 from server.errors import ServingError
+from server.metrics import NO_MODEL
 
 
 def rate_limited(retry_after: float, limit: str) -> ServingError:
@@ -89,5 +90,6 @@ def check_rate_limit(request: Request) -> None:
     try:
         limiter.hit(client_id(request))
     except ServingError:
-        request.app.state.metrics.rejected.labels("rate_limited").inc()
+        # Before the body is read, so before its model is known: counted with no model.
+        request.app.state.metrics.rejected.labels(NO_MODEL, "rate_limited").inc()
         raise

@@ -24,7 +24,7 @@ from server.batcher import Ticket
 from server.delivery import BatchDelivery
 from server.errors import cancelled, generation_failed, out_of_memory
 from server.jobs import GenerationRequest
-from server.metrics import Metrics
+from server.metrics import Failure, ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Replica:
         device: str,
         pipeline: InfinityPipeline,
         admission: Admission,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         policy: RestartPolicy,
         may_restart: Callable[[], bool],
         on_retired: Callable[[Replica], None],
@@ -67,8 +67,8 @@ class Replica:
         self.health = _Health()
         self.fault_hook: FaultHook | None = None
         self._thread: threading.Thread | None = None
-        stats = pipeline.text_cache_stats()  # counters start from what the pipeline has seen so far
-        self._text_cache_seen = {"hits": stats["hits"], "misses": stats["misses"]}
+        # the text cache is counted per text encoder: models naming the same T5 on one device share it
+        metrics.start_replica(device, pipeline.text_encoder, pipeline.text_cache_stats())
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self, warmup: Warmup | None = None, warmed: threading.Event | None = None) -> None:
@@ -77,7 +77,7 @@ class Replica:
             target=self._work, args=(warmup, warmed), name=f"replica-{self.device}", daemon=True
         )
         # up before the thread runs: a worker that dies at once (and retires) must leave the gauge at 0
-        self.metrics.replica_up.labels(self.device).set(1)
+        self.metrics.replica_up(self.device).set(1)
         self._thread.start()
 
     @property
@@ -142,11 +142,11 @@ class Replica:
     def _died(self, exc: BaseException) -> None:
         """Restart within the budget; past it (or while shutting down), retire."""
         log.critical("replica %s: worker thread died", self.device, exc_info=exc)
-        self.metrics.worker_deaths.labels(self.device).inc()
+        self.metrics.worker_deaths(self.device).inc()
         now = time.monotonic()
         deaths = self.health.deaths = [t for t in self.health.deaths if now - t < self.policy.window_s] + [now]
         if self._may_restart() and len(deaths) <= self.policy.restarts:
-            self.metrics.worker_restarts.labels(self.device).inc()
+            self.metrics.worker_restarts(self.device).inc()
             log.warning(
                 "replica %s: restarting its worker (%d of %d allowed in %.0fs)",
                 self.device,
@@ -157,7 +157,7 @@ class Replica:
             self.start()
             return
         self.health.retired = True
-        self.metrics.replica_up.labels(self.device).set(0)
+        self.metrics.replica_up(self.device).set(0)
         log.critical("replica %s: not restarted (%d deaths in %.0fs)", self.device, len(deaths), self.policy.window_s)
         self._on_retired(self)
 
@@ -180,56 +180,52 @@ class Replica:
                 delivery.prompts,
                 schedule,
                 delivery.params,
-                on_scale=lambda event: self._on_scale(delivery, event),
+                on_scale=lambda event: self.on_scale(delivery, event),
                 images=delivery.conditions,
             )
         except DeviceOutOfMemory:
             log.warning(
                 "out of device memory for %d images (requests %s)", rows, [r.request_id for r in delivery.requests]
             )
-            return self._bisect(tickets, start, "out_of_memory")
+            return self.retry_apart(tickets, start, "out_of_memory")
         except Exception:
             log.exception("batch failed: requests %s", [r.request_id for r in delivery.requests])
-            return self._bisect(tickets, start, "generation")
+            return self.retry_apart(tickets, start, "generation")
         finally:
             self.metrics.running_rows.dec(rows)
         self.admission.times.record(self.device, schedule.key, time.monotonic() - start)
-        self._observe(result)
+        self.observe(result)
         delivery.deliver(result, start)
 
-    def _bisect(self, tickets: list[Ticket[GenerationRequest]], start: float, reason: str) -> None:
+    def retry_apart(self, tickets: list[Ticket[GenerationRequest]], start: float, reason: Failure) -> None:
         """A failed batch: one request fails with its error; more are retried in two halves."""
         for t in tickets:
             if t.cancelled:  # gone while it ran: nothing to retry for it
                 t.fail(cancelled())
         live = [t for t in tickets if not t.cancelled]
         if len(live) <= 1:
-            self.metrics.errors.labels(reason).inc()
+            self.metrics.errors(reason).inc()
             for t in live:
                 t.fail(out_of_memory() if reason == "out_of_memory" else generation_failed())
             return
-        self.metrics.batch_splits.labels(reason).inc()
+        self.metrics.batch_splits(reason).inc()
         half = len(live) // 2
         self._attempt(live[:half], start)
         self._attempt(live[half:], start)
 
-    def _on_scale(self, delivery: BatchDelivery, event: ScaleEvent) -> set[int]:
-        self.metrics.scale_step.labels(str(event.scale_index)).observe(event.seconds)
+    def on_scale(self, delivery: BatchDelivery, event: ScaleEvent) -> set[int]:
+        self.metrics.scale_step(event.scale_index).observe(event.seconds)
         return delivery.on_scale(event)
 
-    def _observe(self, result: GenerationResult) -> None:
+    def observe(self, result: GenerationResult) -> None:
         m, t = self.metrics, result.timings
-        m.stage.labels("text_encode").observe(t.text_encode)
-        m.stage.labels("transformer").observe(t.transformer)
-        m.stage.labels("vae_decode").observe(t.vae_decode)
+        m.stage("text_encode").observe(t.text_encode)
+        m.stage("transformer").observe(t.transformer)
+        m.stage("vae_decode").observe(t.vae_decode)
         if t.image_encode > 0:  # a batch with input images
-            m.stage.labels("image_encode").observe(t.image_encode)
+            m.stage("image_encode").observe(t.image_encode)
         m.images.inc(len(result.images))
         m.image_tokens.inc(result.image_tokens * len(result.images))
         m.prompt_tokens.inc(sum(result.prompt_tokens))
         self.observe_memory()
-        cache = self.pipeline.text_cache_stats()
-        for label, key in (("hit", "hits"), ("miss", "misses")):  # counters move by what changed since
-            m.text_cache_lookups.labels(self.device, label).inc(cache[key] - self._text_cache_seen[key])
-            self._text_cache_seen[key] = cache[key]
-        m.text_cache_bytes.labels(self.device).set(cache["bytes"])
+        m.count_text_cache(self.device, self.pipeline.text_encoder, self.pipeline.text_cache_stats())

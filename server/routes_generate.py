@@ -64,7 +64,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     rows = sampling_rows(body, body.n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
-        previews = PreviewMailbox(app.metrics.previews_dropped.inc)
+        previews = PreviewMailbox(model.engine.metrics.previews_dropped.inc)
         ticket = submit(
             request, model.engine, body.prompt, schedule, rows, deadline, previews, body.partial_images, condition
         )

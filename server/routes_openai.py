@@ -118,7 +118,7 @@ async def _images(
     rows = sampling_rows(body, n, schedule)
     deadline = deadline_for(request, app.settings)
     if body.stream:
-        previews = PreviewMailbox(app.metrics.previews_dropped.inc)
+        previews = PreviewMailbox(model.engine.metrics.previews_dropped.inc)
         count = 0 if body.partial_images is None else body.partial_images  # OpenAI: none unless asked
         ticket = submit(request, model.engine, body.prompt, schedule, rows, deadline, previews, count, condition)
         events = _events(request, body, model.engine, ticket, previews, deadline, kind, condition is not None)

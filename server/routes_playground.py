@@ -3,12 +3,14 @@
 The page is four static files in server/static (index.html, app.js, image.js, app.css: no build step,
 nothing from a CDN) and one JSON document of what this server allows (templates with their
 sizes, pixel budgets, limits, defaults), so the page never hard-codes the model's options.
-Loading the page needs no API key; its API calls carry the key the user enters.
+Loading the page needs no API key; its API calls carry the key the user enters. The config
+describes the first model (the one a request without `model` gets); the page's model picker lists
+every served model from `GET /v1/models` (which needs the key where keys are set), whose cards
+give each model's templates, sizes and pixel budgets in the same terms.
 """
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -16,8 +18,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from model.config import SamplingParams
-from model.schedules import PN_NAMES, TEMPLATES, ScaleSchedule
 from server.errors import ServingError, stream_statuses
+from server.models import aspect_label, width_height
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {
@@ -67,18 +69,12 @@ async def page() -> FileResponse:
 
 @router.get("/playground/config", response_model=PlaygroundConfig)
 async def playground_config(request: Request) -> PlaygroundConfig:
-    """What the playground may offer on this server: templates, pixel budgets, limits and defaults."""
+    """What the playground may offer on this server: the first model's templates, pixel budgets and
+    defaults (every model's are on its `GET /v1/models` card), the limits every model shares."""
     app = request.app.state
-    limits, image_size = app.limits, app.engine.image_size
-    budgets = list(PN_NAMES[: PN_NAMES.index(limits.max_pn) + 1])
-    templates = [
-        Template(
-            aspect_ratio=aspect_label(t),
-            h_div_w=t,
-            sizes={pn: _width_height(image_size(ScaleSchedule.official(t, pn))) for pn in budgets},
-        )
-        for t in sorted(TEMPLATES, reverse=True)
-    ]
+    model = app.models.default
+    limits = model.limits
+    templates = [Template(aspect_ratio=aspect_label(t), h_div_w=t, sizes=sizes) for t, sizes in model.template_sizes()]
     fixed = limits.fixed_schedule
     defaults = SamplingParams()
     return PlaygroundConfig(
@@ -89,9 +85,9 @@ async def playground_config(request: Request) -> PlaygroundConfig:
         default_cfg=defaults.cfg_at(0),
         default_tau=defaults.tau_at(0),
         default_pn=limits.default_pn,
-        pixel_budgets=budgets,
+        pixel_budgets=model.allowed_budgets,
         templates=templates,
-        fixed_size=_width_height(image_size(fixed)) if fixed is not None else None,
+        fixed_size=width_height(model.engine.image_size(fixed)) if fixed is not None else None,
         error_statuses=stream_statuses(),
     )
 
@@ -101,14 +97,3 @@ async def asset(name: str) -> FileResponse:
     if name not in ASSETS:  # a fixed list: no path from the URL ever reaches the file system
         raise ServingError("not found", 404, "invalid_request_error", "not_found", retryable=False)
     return FileResponse(STATIC / name, media_type=ASSETS[name], headers=HEADERS)
-
-
-def aspect_label(h_div_w: float) -> str:
-    """Official template (h / w, e.g. 1.333) -> "W:H" in small integers ("3:4")."""
-    ratio = Fraction(1 / h_div_w).limit_denominator(8)
-    return f"{ratio.numerator}:{ratio.denominator}"
-
-
-def _width_height(height_width: tuple[int, int]) -> tuple[int, int]:
-    h, w = height_width
-    return w, h

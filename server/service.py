@@ -309,7 +309,7 @@ def submit(
     job = GenerationRequest(request.state.request_id, prompt, schedule, rows, deadline, scales, sink, condition)
     ticket = engine.submit(job)
     if condition is not None:
-        request.app.state.metrics.image_inputs.labels("edit" if condition.mask is not None else "variation").inc()
+        engine.metrics.image_inputs("edit" if condition.mask is not None else "variation").inc()
     return ticket
 
 

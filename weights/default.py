@@ -22,6 +22,7 @@ from model.text_encoder import T5TextEncoder
 from weights.loader import build_transformer, build_vae
 from weights.pipeline import load_pipeline
 from weights.preview import PREVIEW_FILE
+from weights.text_encoders import TextEncoders
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,13 @@ def default_files_present(root: Path = DEFAULT_DIR) -> bool:
     return all((root / n).exists() for n in names)
 
 
-def load_default_pipeline(runtime: RuntimeConfig, root: Path = DEFAULT_DIR) -> tuple[InfinityPipeline, DefaultModel]:
+def load_default_pipeline(
+    runtime: RuntimeConfig, root: Path = DEFAULT_DIR, text_encoders: TextEncoders | None = None
+) -> tuple[InfinityPipeline, DefaultModel]:
     if default_files_present(root):
         previews = root / PREVIEW_FILE if (root / PREVIEW_FILE).exists() else None  # else a fitted linear map
-        pipe = load_pipeline(
-            root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder", runtime, previews
-        )
+        files = root / "transformer.safetensors", root / "vae.safetensors", root / "text_encoder"
+        pipe = load_pipeline(*files, runtime, previews, text_encoders)
         scales = tuple(tuple(s) for s in json.loads((root / "schedule.json").read_text())["scales"])
         log.info("embedded default model from %s (trained on the shapes domain, schedule %s)", root, scales)
         return pipe, DefaultModel(

@@ -1,24 +1,31 @@
-// The playground: builds the form from /playground/config, streams POST /generate (server-sent
-// events: queued, preview per scale, completed or error) and keeps a local history. The input image
-// and its mask (image-to-image) are image.js's, loaded first.
+// The playground: builds the form from /playground/config and the chosen model's card of
+// GET /v1/models (the model picker), streams POST /generate (server-sent events: queued, preview per
+// scale, completed or error) and keeps a local history. The input image and its mask (image-to-image)
+// are image.js's, loaded first.
 // Plain browser JavaScript, no build step, no third-party code.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const HISTORY_KEY = "infinity-playground.history";
 const API_KEY = "infinity-playground.api-key";
+const MODEL_KEY = "infinity-playground.model";   // the last model picked, on this device
 const HISTORY_MAX = 12;
 const THUMB_PX = 96;
 // Form controls named by the `param` of an API error.
-const FIELDS = { prompt: "prompt", negative_prompt: "negative-prompt", n: "n", cfg: "cfg", tau: "tau",
-                 seed: "seed", pn: "pn", aspect_ratio: "aspects", image: "image-file", mask: "mask-canvas",
-                 strength: "strength", paste: "paste" };
+const FIELDS = { model: "model", prompt: "prompt", negative_prompt: "negative-prompt", n: "n", cfg: "cfg",
+                 tau: "tau", seed: "seed", pn: "pn", aspect_ratio: "aspects", image: "image-file",
+                 mask: "mask-canvas", strength: "strength", paste: "paste" };
 const TITLES = { 400: "Invalid request", 401: "API key needed", 404: "Not found", 413: "Request too large",
                  429: "Server busy", 499: "Cancelled", 500: "Server error", 503: "Server unavailable",
                  504: "Too slow" };
 // Errors that arrive inside the stream carry a code, not a status.
 
 let config = null;
+let models = [];            // what each served model offers (modelFromCard); the first model's alone until listed
+let model = null;           // the one picked
+let modelsListed = false;   // GET /v1/models answered (it needs the key where the server has keys)
+let modelsAsked = 0;        // the latest GET /v1/models: an older answer (an older key) is dropped
+let keyTimer = null;
 let run = null;             // the generation in flight: {controller, started, timer, tiles, done}
 let objectUrls = [];        // images of the last generation, released when the next one starts
 
@@ -38,6 +45,7 @@ async function boot() {
     return;
   }
   applyConfig();
+  loadModels();
 }
 
 function bindEvents() {
@@ -49,6 +57,10 @@ function bindEvents() {
   $("cancel").addEventListener("click", cancel);
   $("random-seed").addEventListener("change", syncSeed);
   $("pn").addEventListener("change", updateSizes);
+  $("model").addEventListener("change", () => {
+    safeSet(localStorage, MODEL_KEY, $("model").value);
+    applyModel();
+  });
   $("api-key").addEventListener("input", storeKey);
   $("remember-key").addEventListener("change", storeKey);
   $("clear-history").addEventListener("click", () => { saveHistory([]); renderHistory(); });
@@ -56,30 +68,100 @@ function bindEvents() {
 }
 
 function applyConfig() {
-  const fixed = config.fixed_size;
-  $("model-line").textContent = `Model ${config.model}` +
-    (fixed ? ` · ${fixed[0]}×${fixed[1]} images` : "") + ` · up to ${config.max_n} images per request` +
-    (config.auth_required ? " · this server needs an API key" : "");
   $("prompt").maxLength = config.max_prompt_chars;
   $("n").max = config.max_n;
   $("cfg").value = config.default_cfg;
   $("tau").value = config.default_tau;
-  for (const pn of config.pixel_budgets) $("pn").append(new Option(pn, pn, false, pn === config.default_pn));
-  renderAspects();
-  $("pn").disabled = Boolean(fixed);
+  models = [modelFromConfig(config)];
+  showModels();
   updateKeyState();
   if (config.auth_required && !$("api-key").value) $("key-box").open = true;
 }
 
+// ---- the model picker: each model offers its own sizes ----------------------------------------------
+
+// What the page needs of a model: {name, budgets, defaultPn, templates: [{aspect_ratio, h_div_w,
+// sizes: {pn: [w, h]}}], fixed: [w, h] of a one-size model, else null}. From its /v1/models card...
+function modelFromCard(card) {
+  const size = (wxh) => wxh.split("x").map(Number);
+  const templates = (card.templates ?? []).map((t) => ({ aspect_ratio: t.aspect_ratio, h_div_w: t.h_div_w,
+    sizes: Object.fromEntries(Object.entries(t.sizes).map(([pn, wxh]) => [pn, size(wxh)])) }));
+  return { name: card.id, budgets: card.pixel_budgets, defaultPn: card.default_pn, templates,
+           fixed: templates.length ? null : size(card.sizes[0]) };
+}
+
+// ...or, until the list comes (or without the key it needs), the first model's from /playground/config.
+function modelFromConfig(c) {
+  return { name: c.model, budgets: c.pixel_budgets, defaultPn: c.default_pn,
+           templates: c.fixed_size ? [] : c.templates, fixed: c.fixed_size };
+}
+
+// Every served model, from GET /v1/models, with the key where the server needs one: without it (401) the
+// picker keeps the first model, and typing the key asks again.
+async function loadModels() {
+  const asked = ++modelsAsked;
+  let response, cards;
+  try {
+    response = await fetch("/v1/models", { headers: authHeader() });
+    cards = response.ok ? (await response.json()).data : null;
+  } catch {
+    cards = null;                           // the page keeps the first model; generating says what is wrong
+  }
+  if (asked !== modelsAsked || modelsListed) return;
+  if (!Array.isArray(cards) || !cards.length) {
+    $("model-hint").textContent = response?.status === 401 ? "Enter the API key to list every model."
+      : "Cannot list the models: the first one is offered.";
+    return;
+  }
+  models = cards.map(modelFromCard);
+  modelsListed = true;
+  showModels();
+}
+
+function showModels() {
+  const select = $("model");
+  const wanted = safeGet(localStorage, MODEL_KEY) ?? select.value;
+  select.replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+  select.value = models.some((m) => m.name === wanted) ? wanted : models[0].name;
+  select.disabled = models.length < 2;     // one model: shown, nothing to choose
+  if (modelsListed) {
+    $("model-hint").textContent = models.length < 2 ? "The only model on this server."
+      : `${models.length} models here, each with its own sizes.`;
+  }
+  applyModel();
+}
+
+// The chosen model's pixel budgets (its default picked when the model changes) and aspect ratios.
+function applyModel() {
+  const previous = model;
+  model = models.find((m) => m.name === $("model").value) ?? models[0];
+  const fixed = model.fixed;
+  $("model-line").textContent = `Model ${model.name}` +
+    (fixed ? ` · ${fixed[0]}×${fixed[1]} images` : "") + ` · up to ${config.max_n} images per request` +
+    (config.auth_required ? " · this server needs an API key" : "");
+  if (JSON.stringify(model) === JSON.stringify(previous)) return;   // same options: the form stays as it is
+  const pn = previous?.name === model.name ? $("pn").value : model.defaultPn;
+  $("pn").replaceChildren(...model.budgets.map((b) => new Option(b, b)));
+  $("pn").value = model.budgets.includes(pn) ? pn : model.budgets.includes(model.defaultPn) ? model.defaultPn
+    : model.budgets[0];
+  $("pn").disabled = Boolean(fixed);
+  renderAspects();
+}
+
 function renderAspects() {
   const box = $("aspects");
-  for (const t of config.templates) {
+  const before = document.querySelector('input[name="aspect"]:checked')?.value;
+  const offered = model.templates;      // none for a one-size model
+  // The aspect ratio in use if this model offers it, else the one nearest an input image, else 1:1.
+  const keep = offered.find((t) => t.aspect_ratio === before)
+    ?? (source && nearestTemplate(source.width, source.height)) ?? offered.find((t) => t.h_div_w === 1) ?? offered[0];
+  box.replaceChildren();
+  for (const t of offered) {
     const [w, h] = t.aspect_ratio.split(":").map(Number);
     const label = document.createElement("label");
     label.className = "aspect";
     const input = document.createElement("input");
-    Object.assign(input, { type: "radio", name: "aspect", value: t.aspect_ratio, checked: t.h_div_w === 1,
-                           disabled: Boolean(config.fixed_size) });
+    Object.assign(input, { type: "radio", name: "aspect", value: t.aspect_ratio, checked: t === keep });
     input.addEventListener("change", updateSizes);
     const shape = document.createElement("span");
     shape.className = "shape";
@@ -97,12 +179,12 @@ function renderAspects() {
 
 function selectedTemplate() {
   const checked = document.querySelector('input[name="aspect"]:checked');
-  return config.templates.find((t) => t.aspect_ratio === checked?.value) ?? config.templates[0];
+  return model.templates.find((t) => t.aspect_ratio === checked?.value) ?? model.templates[0];
 }
 
 function updateSizes() {
-  if (config.fixed_size) {
-    const [w, h] = config.fixed_size;
+  if (model.fixed) {
+    const [w, h] = model.fixed;
     $("size-hint").textContent = `This model makes one size only: ${w}×${h} pixels.`;
     return;
   }
@@ -117,12 +199,16 @@ function updateSizes() {
 
 // An input image picks the template nearest its shape (as the server does without a size); the user may change it.
 function selectAspectFor(width, height) {
-  if (!config || config.fixed_size) return;
-  const distance = (t) => Math.abs(t.h_div_w - height / width);
-  const nearest = config.templates.reduce((a, b) => (distance(b) < distance(a) ? b : a));
+  if (!model || model.fixed) return;
+  const nearest = nearestTemplate(width, height);
   const radio = [...document.querySelectorAll('input[name="aspect"]')].find((r) => r.value === nearest.aspect_ratio);
   if (radio) radio.checked = true;
   updateSizes();
+}
+
+function nearestTemplate(width, height) {
+  const distance = (t) => Math.abs(t.h_div_w - height / width);
+  return model.templates.reduce((a, b) => (distance(b) < distance(a) ? b : a), model.templates[0]);
 }
 
 function syncSeed() {
@@ -145,6 +231,10 @@ function storeKey() {
   safeSet(localStorage, API_KEY, key && $("remember-key").checked ? key : null);
   $("api-key").removeAttribute("aria-invalid");
   updateKeyState();
+  if (!modelsListed) {                     // the key may be what listing the models needed
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(loadModels, 300);
+  }
 }
 
 function updateKeyState() {
@@ -155,12 +245,12 @@ function updateKeyState() {
 // ---- one generation ------------------------------------------------------------------------------
 
 function requestBody() {
-  const body = { prompt: $("prompt").value.trim(), stream: true };
+  const body = { prompt: $("prompt").value.trim(), model: model.name, stream: true };
   const image = imageFields();          // none without an input image: the request of a text-only page
   if (!body.prompt && !image.image) return { problem: ["prompt", "Type a prompt first, or choose an image to vary."] };
   const negative = $("negative-prompt").value.trim();
   if (negative) body.negative_prompt = negative;
-  if (!config.fixed_size) {
+  if (!model.fixed) {
     body.aspect_ratio = selectedTemplate().aspect_ratio;
     body.pn = $("pn").value;
   }
@@ -313,7 +403,7 @@ async function onCompleted(data, body, kind) {
   setStatus(`Done in ${total}: ${data.images.length} image${data.images.length === 1 ? "" : "s"} of ` +
             `${data.width}×${data.height}, ${data.num_scales} scales, seed ${seeds.join(", ")}.`);
   await finals[0].decode().catch(() => null);
-  addHistory({ id: data.id, at: new Date().toISOString(), prompt: body.prompt,
+  addHistory({ id: data.id, at: new Date().toISOString(), model: data.model ?? body.model, prompt: body.prompt,
                negative_prompt: body.negative_prompt ?? "", aspect_ratio: body.aspect_ratio ?? null,
                pn: body.pn ?? null, cfg: body.cfg ?? null, tau: body.tau ?? null, n: body.n ?? 1, seeds, kind,
                strength: body.strength ?? null,
@@ -463,7 +553,7 @@ function historyItem(entry) {
   const details = document.createElement("p");
   details.className = "muted";
   const input = entry.kind && `${entry.kind} of an image, strength ${entry.strength}`;
-  details.textContent = [input, `seed ${entry.seeds.join(", ")}`, entry.aspect_ratio, entry.pn,
+  details.textContent = [entry.model, input, `seed ${entry.seeds.join(", ")}`, entry.aspect_ratio, entry.pn,
     entry.cfg !== null && `cfg ${entry.cfg}`, entry.tau !== null && `tau ${entry.tau}`,
     `${entry.width}×${entry.height}`, entry.negative_prompt && `not “${entry.negative_prompt}”`,
     new Date(entry.at).toLocaleString()].filter(Boolean).join(" · ");
@@ -479,6 +569,11 @@ function historyItem(entry) {
 }
 
 function reuseEntry(entry) {
+  if (entry.model && entry.model !== model?.name && models.some((m) => m.name === entry.model)) {
+    $("model").value = entry.model;
+    safeSet(localStorage, MODEL_KEY, entry.model);
+    applyModel();
+  }
   $("prompt").value = entry.prompt;
   $("negative-prompt").value = entry.negative_prompt;
   if (entry.cfg !== null) $("cfg").value = entry.cfg;

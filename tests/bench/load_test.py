@@ -201,8 +201,11 @@ def _recheck(url: str, outcomes: list[Outcome], sample: int) -> tuple[int, int]:
 
 
 def _queue_depth(url: str) -> float:
+    """Images queued, summed over the served models (each has its own queue and `model` series)."""
     text = httpx.get(f"{url}/metrics").text
-    return float(re.search(r"^infinity_queue_depth (\S+)$", text, re.M)[1])
+    depths = re.findall(r"^infinity_queue_depth\{[^}]*\} (\S+)$", text, re.M)
+    assert depths, "no infinity_queue_depth in /metrics"
+    return sum(float(d) for d in depths)
 
 
 def start_server(

@@ -39,6 +39,9 @@ def dashboard_expressions() -> list[str]:
     return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
 
 
+ALL_MODELS = ".*"  # what Grafana puts for `$model` when "All" is chosen (the variable's allValue)
+
+
 def rule_expressions() -> list[str]:
     return [r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
@@ -103,6 +106,21 @@ def test_compose_file_parses_and_references_existing_files():
             source = volume.split(":")[0]
             if source.startswith("./"):
                 assert (DOCKER / source).exists(), source
+
+
+def test_the_dashboard_picks_models_and_every_per_model_query_follows_the_pick():
+    from server.metrics import Metrics
+    from tests.server.test_metrics import _every_series
+
+    (variable,) = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert variable["name"] == "model" and variable["definition"] == "label_values(infinity_ready, model)"
+    assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ALL_MODELS
+    per_model = {s.name for f in _every_series(Metrics(), "a") for s in f.samples if "model" in s.labels}
+    assert "infinity_queue_depth" in per_model and "infinity_batch_size_images_bucket" in per_model
+    for expr in dashboard_expressions():
+        for name in set(re.findall(r"\binfinity_[a-z_]+", expr)) & per_model:
+            uses = re.findall(rf"\b{name}\b(\{{[^}}]*\}})?", expr)
+            assert all('model=~"$model"' in selector for selector in uses), (name, expr)
 
 
 def test_every_metric_the_dashboard_and_rules_use_exists(pipeline):
@@ -191,7 +209,7 @@ def test_real_prometheus_scrapes_the_server_and_every_expression_evaluates(pipel
             assert httpx.post(f"{url}/generate", json={"prompt": "a", "n": 0}).status_code == 400
             time.sleep(3)  # a few scrapes after the traffic
             for expr in dashboard_expressions():
-                data = query(expr)
+                data = query(expr.replace("$model", ALL_MODELS))
                 if any(marker in expr for marker in EXPECT_DATA) and "reason" not in expr:
                     assert data["result"], f"no data for {expr}"
             for expr in rule_expressions():  # alerts: evaluate; quiet is the right answer

@@ -62,7 +62,7 @@ def make_app(pipeline, **overrides):
     settings = Settings(**values)
     engine = Engine(
         {"cpu": pipeline},
-        Metrics(),
+        Metrics().for_model(LIMITS.name),
         settings.max_batch_size,
         settings.max_wait_ms,
         settings.max_queue,

@@ -12,7 +12,7 @@ from server.admission import EMA_WEIGHT, MAX_RETRY_AFTER_S, Admission, BatchTime
 from server.batcher import Batcher
 from server.errors import ServingError
 from server.jobs import GenerationRequest
-from server.metrics import Metrics
+from server.metrics import Metrics, ModelMetrics
 
 SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2)))
 OTHER = ScaleSchedule.custom(((1, 1), (3, 3)))
@@ -31,8 +31,8 @@ def _kv(schedule: ScaleSchedule, guided: bool) -> int:
     return KV_PER_ROW * (2 if guided else 1)
 
 
-def _admission(budget=None, max_batch=4, max_queue=16, replicas=1) -> tuple[Admission, Clock, Metrics]:
-    clock, metrics = Clock(), Metrics()
+def _admission(budget=None, max_batch=4, max_queue=16, replicas=1) -> tuple[Admission, Clock, ModelMetrics]:
+    clock, metrics = Clock(), Metrics().for_model("m")
     admission: Admission | None = None
     queue = Batcher(max_batch, 0.0, max_queue, budget, clock=clock, on_take=lambda batch: admission.running(batch))
     admission = Admission(queue, metrics, replicas, _kv)
@@ -44,8 +44,10 @@ def _request(clock: Clock, n=1, deadline_in=60.0, cfg=3.0, schedule=SCHEDULE, na
     return GenerationRequest(name, "a prompt", schedule, params, clock.now + deadline_in)
 
 
-def _count(metrics: Metrics, name: str, **labels) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+def _count(metrics: ModelMetrics, name: str, **labels) -> float:
+    value = metrics.owner.registry.get_sample_value(name, {"model": metrics.model, **labels})
+    assert value is not None, f"no {name} {labels}"  # each model's series are exported from its start
+    return value
 
 
 # ---- the KV budget ----------------------------------------------------------------------------

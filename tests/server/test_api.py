@@ -250,7 +250,8 @@ def test_queue_full_gives_429_with_retry_after(app_and_engine, client):
     for t in threads:
         t.join(30)
     assert sorted(r.status_code for r in results) == [200, 200, 200]
-    assert 'infinity_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+    text = client.get("/metrics").text
+    assert 'infinity_rejected_requests_total{model="infinity-test",reason="queue_full"} 1.0' in text
 
 
 def test_deadline_from_the_client_read_timeout_gives_504_quickly(app_and_engine, client):
@@ -275,7 +276,7 @@ def test_a_failing_batch_fails_each_request_and_the_server_goes_on(app_and_engin
     assert "injected" not in r.text and "Traceback" not in r.text
     engine.fault_hook = None
     assert client.post("/generate", json={"prompt": "a"}).status_code == 200
-    assert 'infinity_errors_total{reason="generation"} 1.0' in client.get("/metrics").text
+    assert 'infinity_errors_total{model="infinity-test",reason="generation"} 1.0' in client.get("/metrics").text
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_images(app_and_engine, client):
@@ -302,7 +303,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_images(app_and_en
     for seed, b64 in solo.items():
         assert np.array_equal(png(by_seed[seed]), png(b64))
     metrics = client.get("/metrics").text
-    assert 'infinity_batch_size_images_bucket{le="2.0"}' in metrics
+    assert 'infinity_batch_size_images_bucket{le="2.0",model="infinity-test"}' in metrics
     sizes = [line for line in metrics.splitlines() if line.startswith("infinity_batch_size_images_bucket")]
     at_most_two = float(next(s for s in sizes if 'le="2.0"' in s).split()[-1])
     total = float(next(s for s in sizes if 'le="+Inf"' in s).split()[-1])
@@ -382,12 +383,12 @@ def test_metrics_expose_every_documented_metric(client):
         "infinity_running_rows",
         "infinity_batch_size_images_bucket",
         "infinity_queue_wait_seconds_bucket",
-        'infinity_stage_duration_seconds_bucket{le="0.05",stage="transformer"}',
-        'infinity_stage_duration_seconds_bucket{le="0.05",stage="vae_decode"}',
-        'infinity_stage_duration_seconds_bucket{le="0.05",stage="text_encode"}',
-        'infinity_scale_step_seconds_bucket{le="0.001",scale="6"}',
+        'infinity_stage_duration_seconds_bucket{le="0.05",model="infinity-test",stage="transformer"}',
+        'infinity_stage_duration_seconds_bucket{le="0.05",model="infinity-test",stage="vae_decode"}',
+        'infinity_stage_duration_seconds_bucket{le="0.05",model="infinity-test",stage="text_encode"}',
+        'infinity_scale_step_seconds_bucket{le="0.001",model="infinity-test",scale="6"}',
         "infinity_device_memory_bytes",
-        "infinity_ready 1.0",
+        'infinity_ready{model="infinity-test"} 1.0',
         "infinity_build_info",
     ):
         assert name in text, name
@@ -400,8 +401,8 @@ def test_repeated_prompts_hit_the_text_feature_cache(client):
     for seed in (1, 2):
         assert client.post("/generate", json={"prompt": "a cached yellow star", "seed": seed}).status_code == 200
     text = client.get("/metrics").text
-    assert 'infinity_text_cache_lookups_total{device="cpu",result="hit"} 1.0' in text
-    assert 'infinity_text_cache_lookups_total{device="cpu",result="miss"} 1.0' in text
+    assert 'infinity_text_cache_lookups_total{device="cpu",model="infinity-test",result="hit"} 1.0' in text
+    assert 'infinity_text_cache_lookups_total{device="cpu",model="infinity-test",result="miss"} 1.0' in text
 
 
 def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, client):
@@ -427,7 +428,8 @@ def test_out_of_device_memory_splits_the_batch_and_retries(app_and_engine, clien
         t.join(30)
     assert sorted(r.status_code for r in results) == [200] * 4
     metrics = client.get("/metrics").text
-    assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in metrics  # 3 requests -> 1 + 2 -> 1 + 1 + 1
+    # 3 requests -> 1 + 2 -> 1 + 1 + 1
+    assert 'infinity_batch_splits_total{model="infinity-test",reason="out_of_memory"} 2.0' in metrics
     engine.fault_hook = lambda requests: (_ for _ in ()).throw(DeviceOutOfMemory("injected"))
     r = client.post("/generate", json={"prompt": "a"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory"

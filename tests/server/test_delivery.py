@@ -20,7 +20,7 @@ from server.batcher import Ticket
 from server.delivery import BatchDelivery
 from server.errors import ServingError
 from server.jobs import GenerationOutput, GenerationRequest, Preview
-from server.metrics import Metrics
+from server.metrics import Metrics, ModelMetrics
 
 SCHEDULE = ScaleSchedule.custom(((1, 1), (2, 2), (4, 4)))
 SIZE = (6, 4)  # (height, width) of the stand-in images
@@ -71,8 +71,8 @@ def _result(rows, nonfinite=()) -> GenerationResult:
     )
 
 
-def _delivery(*tickets) -> tuple[BatchDelivery, PreviewPipeline, Metrics]:
-    pipeline, metrics = PreviewPipeline(), Metrics()
+def _delivery(*tickets) -> tuple[BatchDelivery, PreviewPipeline, ModelMetrics]:
+    pipeline, metrics = PreviewPipeline(), Metrics().for_model("m")
     return BatchDelivery(list(tickets), pipeline, metrics), pipeline, metrics
 
 
@@ -135,7 +135,8 @@ def test_non_finite_rows_fail_only_their_own_request():
     assert (e.value.status, e.value.code) == (422, "non_finite_logits")
     assert [int(img[0, 0, 0]) for img in a.future.result(0).images] == [0]
     assert [int(img[0, 0, 0]) for img in c.future.result(0).images] == [3]
-    assert metrics.registry.get_sample_value("infinity_errors_total", {"reason": "non_finite_logits"}) == 1
+    errors = metrics.owner.registry.get_sample_value
+    assert errors("infinity_errors_total", {"model": "m", "reason": "non_finite_logits"}) == 1
 
 
 def test_a_request_whose_rows_were_all_dropped_gets_the_cancelled_error():
@@ -165,7 +166,7 @@ def test_with_the_real_pipeline_a_request_cancelled_mid_run_leaves_at_the_next_s
     seen = Previews()
     keep = _ticket("keep", 2, preview_scales={0, 2}, on_preview=seen)
     leave = _ticket("leave", 1)
-    delivery = BatchDelivery([keep, leave], pipeline, Metrics())
+    delivery = BatchDelivery([keep, leave], pipeline, Metrics().for_model("m"))
     events: list[ScaleEvent] = []
 
     def on_scale(event: ScaleEvent):

@@ -36,7 +36,7 @@ class ThreadKill(BaseException):
 
 @pytest.fixture()
 def engine(pipeline):
-    engine = Engine({"cpu": pipeline}, Metrics(), max_batch_size=4, max_wait_ms=0, max_queue=8)
+    engine = Engine({"cpu": pipeline}, Metrics().for_model("m"), max_batch_size=4, max_wait_ms=0, max_queue=8)
     yield engine
     engine.fault_hook = None
     engine.drain(5)
@@ -74,7 +74,7 @@ def test_not_ready_until_started_then_serves_after_a_warm_up(engine, pipeline, m
     monkeypatch.setattr(pipeline, "generate", slow_warm_up)
     engine.start(warmup=SCHEDULE, warmup_batches=(1, 2))
     assert warmed == [1, 2]  # start returned after the whole warm-up
-    assert engine.ready and engine.metrics.registry.get_sample_value("infinity_ready") == 1
+    assert engine.ready and engine.metrics.owner.registry.get_sample_value("infinity_ready", {"model": "m"}) == 1
     out = engine.submit(_request("a", n=2)).future.result(30)
     assert isinstance(out, GenerationOutput) and out.schedule == SCHEDULE and out.seeds == [0, 1]
     height, width = engine.image_size(SCHEDULE)
@@ -106,7 +106,7 @@ def test_stop_admitting_refuses_new_requests_and_finishes_the_rest(held):
     running = _hold_one_running(engine, gate)
     queued = engine.submit(_request("queued"))
     engine.stop_admitting()
-    assert not engine.ready and engine.metrics.registry.get_sample_value("infinity_ready") == 0
+    assert not engine.ready and engine.metrics.owner.registry.get_sample_value("infinity_ready", {"model": "m"}) == 0
     error = _error(lambda: engine.submit(_request("late")))
     assert (error.status, error.code) == (503, "draining")
     gate.opened.set()
@@ -148,7 +148,9 @@ def test_drain_reports_running_work_it_could_not_wait_for(held):
 
 
 def test_broken_once_every_replica_retired(pipeline):
-    engine = Engine({"cpu": pipeline}, Metrics(), max_batch_size=4, max_wait_ms=0, max_queue=8, worker_restarts=0)
+    engine = Engine(
+        {"cpu": pipeline}, Metrics().for_model("m"), max_batch_size=4, max_wait_ms=0, max_queue=8, worker_restarts=0
+    )
     try:
         engine.start()
 
@@ -160,6 +162,6 @@ def test_broken_once_every_replica_retired(pipeline):
         assert wait_until(lambda: engine.broken)
         assert not engine.ready and not engine.replicas[0].alive
         assert _error(lambda: engine.submit(_request("after"))).code == "not_ready"
-        assert engine.metrics.registry.get_sample_value("infinity_ready") == 0
+        assert engine.metrics.owner.registry.get_sample_value("infinity_ready", {"model": "m"}) == 0
     finally:
         engine.drain(2)

@@ -49,7 +49,7 @@ def test_an_unexpected_error_gets_a_500_with_the_request_id_it_names(app_and_eng
     logged = caplog.text
     assert "unhandled error (request trace-123)" in logged and "RuntimeError" in logged
     assert "request trace-123 GET /boom -> 500" in logged
-    assert 'infinity_errors_total{reason="unhandled"} 2.0' in client.get("/metrics").text
+    assert 'infinity_errors_total{model="",reason="unhandled"} 2.0' in client.get("/metrics").text
 
 
 def test_percent_encoded_newlines_cannot_forge_log_lines(client, caplog):

@@ -112,7 +112,7 @@ def test_openai_client_edits_with_a_mask_and_keeps_what_the_mask_does_not_cover(
         assert np.array_equal(out[:, KEPT], SOURCE[:, KEPT])  # pasted back outside the mask
         assert not np.array_equal(out[:, 36:], SOURCE[:, 36:])  # repainted inside it
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'infinity_image_inputs_total{kind="edit"} 1.0' in metrics
+    assert 'infinity_image_inputs_total{kind="edit",model="infinity-test"} 1.0' in metrics
     assert 'infinity_requests_total{endpoint="/v1/images/edits",status="2xx"} 1.0' in metrics
 
 
@@ -124,7 +124,7 @@ def test_openai_client_creates_variations_as_urls(live):
     )
     images = [decode(httpx.get(item.url or "").content) for item in r.data]
     assert [i.shape for i in images] == [(64, 64, 3)] * 2 and not np.array_equal(images[0], images[1])
-    assert 'infinity_image_inputs_total{kind="variation"} 1.0' in httpx.get(f"{url}/metrics").text
+    assert 'infinity_image_inputs_total{kind="variation",model="infinity-test"} 1.0' in httpx.get(f"{url}/metrics").text
 
 
 def test_openai_client_streams_an_edit_with_partial_images(live):
@@ -157,12 +157,11 @@ def test_an_image_request_cancelled_mid_generation_drops_its_rows(live):
     body = {"prompt": "running", "n": 2, "image": b64(SOURCE_PNG), "strength": 0.5}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/generate", json=body, timeout=0.5)
-    assert wait_until(
-        lambda: 'infinity_cancelled_requests_total{stage="running"} 1.0' in httpx.get(f"{url}/metrics").text
-    )
+    running = 'infinity_cancelled_requests_total{model="infinity-test",stage="running"} 1.0'
+    assert wait_until(lambda: running in httpx.get(f"{url}/metrics").text)
     gate.opened.set()
     assert engine.wait_idle(10)
-    assert "infinity_images_generated_total 0.0" in httpx.get(f"{url}/metrics").text
+    assert 'infinity_images_generated_total{model="infinity-test"} 0.0' in httpx.get(f"{url}/metrics").text
 
 
 # ---- /generate --------------------------------------------------------------------------------------

@@ -70,9 +70,11 @@ def test_a_row_with_non_finite_logits_fails_alone(held_engine, poison):
     for ticket, (prompt, _) in zip(tickets, NORMAL, strict=True):
         out = ticket.future.result(30)
         assert np.array_equal(out.images[0], alone[prompt]), prompt
-    assert engine.metrics.batch_size.collect()[0].samples  # they did share a batch
+    value, model = engine.metrics.owner.registry.get_sample_value, {"model": "infinity-test"}
+    batches, of_three_or_fewer = "infinity_batch_size_images_count", "infinity_batch_size_images_bucket"
+    assert value(batches, model) > value(of_three_or_fewer, {**model, "le": "3.0"})  # they did share a batch
     text = TestClient(app).get("/metrics").text
-    assert 'infinity_errors_total{reason="non_finite_logits"} 1.0' in text
+    assert 'infinity_errors_total{model="infinity-test",reason="non_finite_logits"} 1.0' in text
 
 
 def test_a_failing_request_is_bisected_out_of_its_batch(held_engine):
@@ -95,8 +97,8 @@ def test_a_failing_request_is_bisected_out_of_its_batch(held_engine):
         assert np.array_equal(ticket.future.result(30).images[0], alone[prompt]), prompt
     text = TestClient(app).get("/metrics").text
     # 4 requests: [a b | poison c] -> [poison | c] -> poison alone fails: two splits, one error
-    assert 'infinity_batch_splits_total{reason="generation"} 2.0' in text
-    assert 'infinity_errors_total{reason="generation"} 1.0' in text
+    assert 'infinity_batch_splits_total{model="infinity-test",reason="generation"} 2.0' in text
+    assert 'infinity_errors_total{model="infinity-test",reason="generation"} 1.0' in text
 
 
 EXTREMES = [

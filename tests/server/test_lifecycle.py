@@ -151,7 +151,8 @@ def test_a_drain_past_its_deadline_cancels_the_running_request_and_exits_in_time
     try:
         assert not thread.is_alive() and took < 1.0 + 2.0, took  # one deadline (1 s), not three
         # uvicorn cancelled the handler at the deadline, and the handler cancelled its engine ticket
-        assert 'infinity_cancelled_requests_total{stage="running"} 1.0' in engine.metrics.render().decode()
+        cancelled = 'infinity_cancelled_requests_total{model="infinity-test",stage="running"} 1.0'
+        assert cancelled in engine.metrics.owner.render().decode()
     finally:
         gate.opened.set()
         inflight.join(10)
@@ -207,9 +208,9 @@ def test_sigterm_on_the_real_process_finishes_running_work_refuses_queued_and_ex
 
     try:
         threads = [post("running")]
-        _wait_for_metric(url, "infinity_running_rows 1.0")
+        _wait_for_metric(url, 'infinity_running_rows{model="infinity-default"} 1.0')
         threads += [post("queued-1"), post("queued-2")]
-        _wait_for_metric(url, "infinity_queue_depth 2.0")
+        _wait_for_metric(url, 'infinity_queue_depth{model="infinity-default"} 2.0')
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

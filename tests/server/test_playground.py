@@ -225,7 +225,7 @@ def test_cancel_removes_the_queued_request_on_the_server(live, browser):
     ahead.start()
     try:
         wait(driver, lambda: engine.batcher.depth == 1)
-        before = counter(url, 'infinity_cancelled_requests_total{stage="queued"}')
+        before = counter(url, 'infinity_cancelled_requests_total{model="infinity-test",stage="queued"}')
         driver.find_element(By.ID, "prompt").send_keys("never mind")
         driver.find_element(By.ID, "generate").click()
         status = driver.find_element(By.ID, "status")
@@ -234,7 +234,7 @@ def test_cancel_removes_the_queued_request_on_the_server(live, browser):
         driver.find_element(By.ID, "cancel").click()
         wait(driver, lambda: status.text.startswith("Cancelled"))
         deadline = time.monotonic() + 5
-        while counter(url, 'infinity_cancelled_requests_total{stage="queued"}') < before + 1:
+        while counter(url, 'infinity_cancelled_requests_total{model="infinity-test",stage="queued"}') < before + 1:
             assert time.monotonic() < deadline, "the server never counted the cancellation"
             time.sleep(0.05)
         assert engine.batcher.depth == 1  # the other request still waits

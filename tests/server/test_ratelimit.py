@@ -36,7 +36,7 @@ def test_each_api_key_has_its_own_window(pipeline):
         assert "key-a" not in r.text
         assert _post(c, "/generate", "key-b").status_code == 200  # another key is not throttled
         assert _post(c, "/generate", "wrong").status_code == 401  # auth comes first, and costs nothing
-        assert 'infinity_rejected_requests_total{reason="rate_limited"} 1.0' in c.get("/metrics").text
+        assert 'infinity_rejected_requests_total{model="",reason="rate_limited"} 1.0' in c.get("/metrics").text
         assert c.get("/healthz").status_code == 200  # health and metrics are never limited
     finally:
         engine.drain(5)

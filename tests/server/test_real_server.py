@@ -124,7 +124,7 @@ def test_the_clients_announced_read_timeout_becomes_the_servers_deadline(live):
         assert err.value.status_code == 504 and err.value.body["code"] == "deadline_exceeded"
         assert engine.batcher.depth == 0  # it left the queue, cancelled by its deadline
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'infinity_cancelled_requests_total{stage="queued"} 1.0' in metrics
+        assert 'infinity_cancelled_requests_total{model="infinity-test",stage="queued"} 1.0' in metrics
     finally:
         gate.opened.set()
         held.join(30)
@@ -140,7 +140,7 @@ def test_disconnect_removes_a_queued_request(live):
         time.sleep(0.05)
     assert engine.batcher.depth == 0
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'infinity_cancelled_requests_total{stage="queued"} 1.0' in metrics
+    assert 'infinity_cancelled_requests_total{model="infinity-test",stage="queued"} 1.0' in metrics
     gate.opened.set()
     held.join(30)
 
@@ -150,12 +150,14 @@ def test_disconnect_mid_generation_drops_the_rows(live):
     gate.close()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/generate", json={"prompt": "running", "n": 2}, headers=AUTH, timeout=0.5)
-    assert wait_for_metric(url, 'infinity_cancelled_requests_total{stage="running"} 1.0')  # noticed, still held
+    running = 'infinity_cancelled_requests_total{model="infinity-test",stage="running"} 1.0'
+    assert wait_for_metric(url, running)  # noticed, still held
     gate.opened.set()
     assert engine.wait_idle(10)  # the batch ran to its end
     text = httpx.get(f"{url}/metrics").text
-    assert "infinity_images_generated_total 0.0" in text  # dropped at the first scale boundary
-    assert "infinity_errors_total{" not in text  # an end, not a failure
+    assert 'infinity_images_generated_total{model="infinity-test"} 0.0' in text  # dropped at the first scale boundary
+    errors = [line for line in text.splitlines() if line.startswith("infinity_errors_total{")]
+    assert errors and all(line.endswith(" 0.0") for line in errors), errors  # an end, not a failure
 
 
 def wait_for_metric(url: str, sample: str, timeout: float = 10) -> str:

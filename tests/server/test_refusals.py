@@ -48,6 +48,6 @@ def test_a_deadline_shorter_than_a_batch_gets_503_with_retry_after(pipeline, pat
         assert late.json()["error"]["code"] == "deadline_unreachable"
         assert 1 <= float(late.headers["retry-after"]) <= 60
         scrape = client.get("/metrics").text
-        assert 'infinity_rejected_requests_total{reason="deadline"} 1.0' in scrape
+        assert 'infinity_rejected_requests_total{model="infinity-test",reason="deadline"} 1.0' in scrape
     finally:
         engine.drain(5)

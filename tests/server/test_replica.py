@@ -35,6 +35,7 @@ class FakePipeline:
     def __init__(self, poison=(), oom=()) -> None:
         self.poison, self.oom = set(poison), set(oom)
         self.calls: list[list[str]] = []
+        self.text_encoder = object()  # owns the text cache, which the metrics count lookups of
 
     def generate(self, prompts, schedule, params, on_scale=None, images=None) -> GenerationResult:
         self.calls.append(list(prompts))
@@ -66,7 +67,7 @@ class Harness:
     """One replica over a real queue; tickets put before `start` leave as one batch."""
 
     def __init__(self, pipeline: FakePipeline, policy: RestartPolicy | None = None, may_restart=lambda: True) -> None:
-        self.metrics = Metrics()
+        self.metrics = Metrics().for_model("m")
         admission: Admission | None = None
         queue = Batcher(8, 0.0, 64, on_take=lambda batch: admission.running(batch))
         self.admission = admission = Admission(queue, self.metrics, 1, lambda schedule, guided: 0)
@@ -86,7 +87,9 @@ class Harness:
         return self.admission.admit(GenerationRequest(prompt, prompt, SCHEDULE, params, time.monotonic() + 60))
 
     def count(self, name: str, **labels) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+        value = self.metrics.owner.registry.get_sample_value(name, {"model": "m", **labels})
+        assert value is not None, f"no {name} {labels}"
+        return value
 
     def stop(self) -> None:
         self.admission.queue.close()

@@ -85,7 +85,7 @@ def samples(client: TestClient, prefix: str) -> dict[str, float]:
 def test_two_replicas_serve_at_once_and_one_retiring_leaves_the_other_serving(pipeline, fresh_pipeline):
     engine = Engine(
         {"cpu:0": pipeline, "cpu:1": fresh_pipeline()},
-        Metrics(),
+        Metrics().for_model(LIMITS.name),
         max_batch_size=4,
         max_wait_ms=0,
         max_queue=8,
@@ -131,10 +131,13 @@ def test_two_replicas_serve_at_once_and_one_retiring_leaves_the_other_serving(pi
             assert client.post("/generate", json={"prompt": "a green star", "seed": i}).status_code == 200
         assert client.get("/readyz").status_code == 200 and client.get("/healthz").status_code == 200
         assert samples(client, "infinity_replica_up{") == {
-            'infinity_replica_up{device="cpu:0"}': 0.0,
-            'infinity_replica_up{device="cpu:1"}': 1.0,
+            'infinity_replica_up{device="cpu:0",model="infinity-test"}': 0.0,
+            'infinity_replica_up{device="cpu:1",model="infinity-test"}': 1.0,
         }
-        assert samples(client, "infinity_worker_deaths_total{") == {'infinity_worker_deaths_total{device="cpu:0"}': 1.0}
+        assert samples(client, "infinity_worker_deaths_total{") == {
+            'infinity_worker_deaths_total{device="cpu:0",model="infinity-test"}': 1.0,
+            'infinity_worker_deaths_total{device="cpu:1",model="infinity-test"}': 0.0,  # exported from the start
+        }
     finally:
         engine.drain(5)
 
@@ -146,7 +149,13 @@ def test_a_warm_up_that_fails_names_its_replica_and_the_server_is_not_ready(fres
         raise RuntimeError("injected: a kernel that fails on this device")
 
     bad.transformer.blocks[0].forward = fault
-    engine = Engine({"cpu:good": good, "cpu:bad": bad}, Metrics(), max_batch_size=4, max_wait_ms=0, max_queue=8)
+    engine = Engine(
+        {"cpu:good": good, "cpu:bad": bad},
+        Metrics().for_model(LIMITS.name),
+        max_batch_size=4,
+        max_wait_ms=0,
+        max_queue=8,
+    )
     try:
         with pytest.raises(RuntimeError, match="warm-up failed") as err:
             engine.start(warmup=LIMITS.warmup_schedule)
@@ -157,7 +166,7 @@ def test_a_warm_up_that_fails_names_its_replica_and_the_server_is_not_ready(fres
         assert r.status_code == 503 and r.json()["ready"] is False
         r = client.post("/generate", json={"prompt": "a"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        assert "infinity_ready 0.0" in client.get("/metrics").text
+        assert 'infinity_ready{model="infinity-test"} 0.0' in client.get("/metrics").text
     finally:
         engine.drain(2)
 
@@ -211,9 +220,11 @@ def test_torchs_out_of_memory_error_fails_only_the_request_too_big_after_the_bis
         assert r.json()["error"]["code"] == "out_of_memory" and r.headers["retry-after"] == "10"
         assert "20.00 GiB" not in r.text  # the device's message stays in the log
         text = client.get("/metrics").text
-        assert 'infinity_errors_total{reason="out_of_memory"} 1.0' in text
-        assert 'infinity_batch_splits_total{reason="out_of_memory"} 2.0' in text  # 4 -> 2 + 2 -> 1 + 1
-        assert 'reason="generation"' not in text
+        model = 'model="infinity-test"'
+        assert f'infinity_errors_total{{{model},reason="out_of_memory"}} 1.0' in text
+        assert f'infinity_batch_splits_total{{{model},reason="out_of_memory"}} 2.0' in text  # 4 -> 2 + 2 -> 1 + 1
+        assert f'infinity_errors_total{{{model},reason="generation"}} 0.0' in text
+        assert f'infinity_batch_splits_total{{{model},reason="generation"}} 0.0' in text
     finally:
         gate.opened.set()
         engine.drain(5)

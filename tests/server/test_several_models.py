@@ -26,8 +26,9 @@ from server.metrics import Metrics
 from server.models import ServedModel, ServedModels
 from server.service import ModelLimits
 from server.settings import Settings
-from tests.server.conftest import Gate
+from tests.server.conftest import Gate, wait_until
 from tests.server.test_lifecycle import _start_serve
+from tests.server.test_metrics import sample
 from weights.default import DEFAULT_DIR
 
 
@@ -40,20 +41,24 @@ def other_pipeline(t5_dir, tiny_transformer, tiny_vae) -> InfinityPipeline:
 def two_models(pipeline, other_pipeline):
     """ "small" (0.06M, the first: the default) and "large" (up to 0.25M), each with its own engine."""
     settings = Settings(max_batch_size=4, max_n=2, max_wait_ms=10, max_queue=4, warmup=False)
+    models = _served({"small": pipeline, "large": other_pipeline})
+    yield TestClient(create_app(settings, models)), {m.name: m.engine for m in models}
+    models.drain(5)
+
+
+def _served(pipelines: dict[str, InfinityPipeline]) -> ServedModels:
+    """ "small" (0.06M, the first: the default) and "large" (up to 0.25M), each with its own engine,
+    on one metrics registry."""
     metrics = Metrics()
-    engines = {
-        name: Engine({"cpu": p}, metrics, max_queue=4) for name, p in (("small", pipeline), ("large", other_pipeline))
-    }
+    engines = {name: Engine({"cpu": p}, metrics.for_model(name), max_queue=4) for name, p in pipelines.items()}
     for engine in engines.values():
         engine.start()
-    models = ServedModels(
+    return ServedModels(
         [
             ServedModel(ModelLimits("small", "0.06M", "0.06M"), engines["small"]),
             ServedModel(ModelLimits("large", "0.25M", "0.25M"), engines["large"]),
         ]
     )
-    yield TestClient(create_app(settings, models)), engines
-    models.drain(5)
 
 
 def test_each_request_reaches_the_model_it_names_and_the_first_serves_the_rest(two_models):
@@ -127,6 +132,72 @@ def test_readyz_is_ready_only_when_every_model_is(two_models):
     r = client.get("/readyz")
     assert r.status_code == 503 and r.json()["models"] == {"small": True, "large": False}
     assert client.post("/generate", json={"prompt": "a"}).status_code == 200  # the other still serves
+
+
+# ---- metrics: each model's own series --------------------------------------------------------
+
+
+def _value(client: TestClient, name: str, model: str, **labels: str) -> float:
+    value = sample(client.get("/metrics").text, name, model=model, **labels)
+    assert value is not None, f"no {name} for {model}"
+    return value
+
+
+def _both(client: TestClient, name: str) -> tuple[float, float]:
+    return _value(client, name, "small"), _value(client, name, "large")
+
+
+def test_each_model_has_its_own_series_and_traffic_to_one_moves_only_its_own(two_models):
+    client, engines = two_models
+    # exported from the start, before any request
+    assert _both(client, "infinity_ready") == (1, 1)
+    assert _both(client, "infinity_images_generated_total") == (0, 0)
+    assert _both(client, "infinity_queue_depth") == (0, 0)
+    gate = Gate()
+    engines["small"].fault_hook = gate
+    gate.close()
+    held = [
+        threading.Thread(target=lambda body=body: client.post("/generate", json=body))
+        for body in ({"prompt": "held"}, {"prompt": "queued", "n": 2})
+    ]
+    held[0].start()
+    try:
+        assert gate.entered.wait(10)  # small's worker runs one image ...
+        held[1].start()
+        assert wait_until(lambda: engines["small"].queue_depth == 2)  # ... and two wait behind it
+        assert _both(client, "infinity_queue_depth") == (2, 0)
+        assert _both(client, "infinity_running_rows") == (1, 0)
+        assert client.post("/generate", json={"prompt": "a", "model": "large"}).status_code == 200
+        assert _both(client, "infinity_images_generated_total") == (0, 1)  # small's is still held
+        assert _both(client, "infinity_batch_size_images_count") == (1, 1)
+    finally:
+        gate.opened.set()
+        for t in held:
+            t.join(30)
+    assert _both(client, "infinity_images_generated_total") == (3, 1)
+    assert _both(client, "infinity_queue_depth") == (0, 0)
+    engines["large"].stop_admitting()
+    assert _both(client, "infinity_ready") == (1, 0)
+
+
+def test_models_sharing_a_text_encoder_count_each_cache_lookup_once(pipeline, tiny_transformer, tiny_vae):
+    """Models that name the same T5 share its cache (weights/text_encoders.py): a lookup counts once,
+    under the model whose request made it, not once per model."""
+    shared = InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), pipeline.text_encoder)
+    models = _served({"small": pipeline, "large": shared})
+    client = TestClient(create_app(Settings(max_n=2, max_wait_ms=10, warmup=False), models))
+    try:
+        prompt = "a prompt no other test of this module sends"
+        assert client.post("/generate", json={"prompt": prompt}).status_code == 200
+        assert client.post("/generate", json={"prompt": prompt, "model": "large"}).status_code == 200
+        lookups = {
+            (model, result): _value(client, "infinity_text_cache_lookups_total", model, result=result)
+            for model in ("small", "large")
+            for result in ("hit", "miss")
+        }
+        assert lookups == {("small", "hit"): 0, ("small", "miss"): 1, ("large", "hit"): 1, ("large", "miss"): 0}
+    finally:
+        models.drain(5)
 
 
 # ---- the real `infinity-serve serve --models` process -----------------------------------------

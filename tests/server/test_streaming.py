@@ -90,7 +90,7 @@ class _Engine:
 
 
 def test_progress_of_a_stuck_consumer_yields_only_the_latest_preview_then_the_output():
-    metrics = Metrics()
+    metrics = Metrics().for_model("m")
     ticket = type("Ticket", (), {"future": concurrent.futures.Future()})()
 
     async def scenario() -> list:
@@ -109,7 +109,7 @@ def test_progress_of_a_stuck_consumer_yields_only_the_latest_preview_then_the_ou
 
     got = asyncio.run(scenario())
     assert [p.scale_index for p in got[:-1]] == [99] and got[-1] == "output"
-    assert b"infinity_previews_dropped_total 99.0" in metrics.render()
+    assert b'infinity_previews_dropped_total{model="m"} 99.0' in metrics.owner.render()
 
 
 def test_events_are_framed_as_before_the_library():
@@ -258,22 +258,22 @@ def test_clients_that_never_read_are_cut_and_pin_one_preview_each(pipeline, monk
             poll(lambda: engine.batcher.depth == STALLED + 1, what="all requests queued")
             gate.opened.set()
 
+            running = 'infinity_cancelled_requests_total{model="infinity-test",stage="running"}'
             poll(
-                lambda: metric(url, 'infinity_cancelled_requests_total{stage="running"}') == STALLED,
+                lambda: metric(url, running) == STALLED,
                 what="the stalled streams cancelled after the send timeout",
             )
             # the worker is still held and every preview was made, yet each stream pins at most one
             # (its mailbox, still referenced by the running request), and the reader's frame one more
             assert live_previews() - baseline <= STALLED + 2
-            assert metric(url, "infinity_previews_dropped_total") > 0  # replaced while blocked
+            assert metric(url, 'infinity_previews_dropped_total{model="infinity-test"}') > 0  # replaced while blocked
             hold.set()
             reader.join(60)
             blocker.join(60)
             assert "event: completed" in read[0] and '"seed"' in read[0].rsplit("event: completed", 1)[1]
-            poll(
-                lambda: engine.batcher.depth == 0 and metric(url, "infinity_running_rows") == 0, what="the engine idle"
-            )
-            assert metric(url, "infinity_images_generated_total") == 2  # blocker and reader only
+            rows = 'infinity_running_rows{model="infinity-test"}'
+            poll(lambda: engine.batcher.depth == 0 and metric(url, rows) == 0, what="the engine idle")
+            assert metric(url, 'infinity_images_generated_total{model="infinity-test"}') == 2  # blocker and reader only
     finally:
         hold.set()
         gate.opened.set()
@@ -297,7 +297,7 @@ def test_a_stream_client_that_disconnects_while_queued_is_cancelled(pipeline):
                 assert next(lines) == "event: queued"
                 assert engine.batcher.depth == 1
             poll(
-                lambda: metric(url, 'infinity_cancelled_requests_total{stage="queued"}') == 1,
+                lambda: metric(url, 'infinity_cancelled_requests_total{model="infinity-test",stage="queued"}') == 1,
                 what="the queued stream cancelled",
             )
             assert engine.batcher.depth == 0

@@ -47,8 +47,8 @@ def test_a_dead_worker_fails_its_batch_and_is_restarted(pipeline):
         assert time.monotonic() - start < 10 and "ThreadKill" not in r.text
         assert c.post("/generate", json={"prompt": "a"}).status_code == 200  # served by the new thread
         assert c.get("/readyz").status_code == 200
-        assert _metric(c, 'infinity_worker_deaths_total{device="cpu"} 1.0')
-        assert _metric(c, 'infinity_worker_restarts_total{device="cpu"} 1.0')
+        assert _metric(c, 'infinity_worker_deaths_total{device="cpu",model="infinity-test"} 1.0')
+        assert _metric(c, 'infinity_worker_restarts_total{device="cpu",model="infinity-test"} 1.0')
     finally:
         engine.drain(5)
 
@@ -92,10 +92,10 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
         assert r.status_code == 503 and r.json()["ready"] is False
         r = c.post("/generate", json={"prompt": "after"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        assert _metric(c, 'infinity_worker_deaths_total{device="cpu"} 1.0')
-        assert not _metric(c, 'infinity_worker_restarts_total{device="cpu"}')
-        assert _metric(c, "infinity_ready 0.0")
-        assert _metric(c, 'infinity_replica_up{device="cpu"} 0.0')
+        assert _metric(c, 'infinity_worker_deaths_total{device="cpu",model="infinity-test"} 1.0')
+        assert _metric(c, 'infinity_worker_restarts_total{device="cpu",model="infinity-test"} 0.0')
+        assert _metric(c, 'infinity_ready{model="infinity-test"} 0.0')
+        assert _metric(c, 'infinity_replica_up{device="cpu",model="infinity-test"} 0.0')
         r = c.get("/healthz")  # liveness fails: the orchestrator restarts the pod
         assert r.status_code == 503 and r.json()["status"] == "broken"
     finally:
@@ -105,7 +105,7 @@ def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipel
 def test_one_dead_replica_of_two_leaves_the_server_ready_and_serving(pipeline, t5_dir, tiny_transformer, tiny_vae):
     second = InfinityPipeline(copy.deepcopy(tiny_transformer), copy.deepcopy(tiny_vae), T5TextEncoder.from_dir(t5_dir))
     settings = Settings(max_batch_size=4, max_n=4, max_queue=8, warmup=False, worker_restarts=0)
-    engine = Engine({"cpu": pipeline, "cpu-b": second}, Metrics(), 4, 0, 8, None, 0)
+    engine = Engine({"cpu": pipeline, "cpu-b": second}, Metrics().for_model(LIMITS.name), 4, 0, 8, None, 0)
     engine.start()
     c = TestClient(create_app(settings, engine, LIMITS))
     try:
@@ -116,6 +116,6 @@ def test_one_dead_replica_of_two_leaves_the_server_ready_and_serving(pipeline, t
         assert c.get("/readyz").status_code == 200 and c.get("/healthz").status_code == 200
         up = {line for line in c.get("/metrics").text.splitlines() if line.startswith("infinity_replica_up{")}
         assert sorted(line.split()[-1] for line in up) == ["0.0", "1.0"], up
-        assert _metric(c, "infinity_ready 1.0")
+        assert _metric(c, 'infinity_ready{model="infinity-test"} 1.0')
     finally:
         engine.drain(2)
