@@ -81,6 +81,7 @@ async def images_edits(request: Request) -> Response:
     transparent pixels mark where to edit (without it, the image's own transparent pixels, if any)."""
     body, files = await read_form(request, OpenAIEditRequest)
     check_common(request, body, body.n or 1, has_image=True)
+    request.app.state.models.pick(body.model)  # an unknown model: 404 before the upload is decoded
     image, mask = one_file(files, "image"), optional_file(files, "mask")
     condition = await read_condition(request, image, mask, body, alpha_as_mask=True)
     return await _images(request, body, condition, "image_edit")
@@ -100,6 +101,7 @@ async def images_variations(request: Request) -> Response:
     if "mask" in files:
         raise invalid("`mask`: a variation takes no mask (POST /v1/images/edits does)", "mask")
     check_common(request, body, body.n or 1, has_image=True)
+    request.app.state.models.pick(body.model)  # an unknown model: 404 before the upload is decoded
     condition = await read_condition(request, one_file(files, "image"), None, body)
     return await _images(request, body, condition, "image_edit")
 

@@ -90,6 +90,11 @@ def test_the_edits_and_variations_model_form_field_picks_the_model(two_models):
     assert r.status_code == 200, r.text
     r = client.post("/v1/images/edits", data={"model": "nope", "prompt": "a"}, files=files)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # the model is checked before the upload is read: an unknown model with a broken image is a 404
+    broken = {"image": ("in.png", b"not a png", "image/png")}
+    for path in ("/v1/images/edits", "/v1/images/variations"):
+        r = client.post(path, data={"model": "nope", "prompt": "a"}, files=broken)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (path, r.text)
 
 
 def test_models_lists_each_with_what_it_can_make(two_models):
