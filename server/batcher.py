@@ -13,11 +13,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from server.errors import ServingError, cancelled, deadline_exceeded, draining, queue_full
 
 P = TypeVar("P")
+
+# "static": a batch runs all its scales before the queue is looked at again (`Batcher.take`);
+# "continuous": waiting requests join the running ones at the next scale boundary (`take_admissible`,
+# server/continuous.py).
+BatchingMode = Literal["static", "continuous"]
 
 
 @dataclass(eq=False)
@@ -132,6 +137,33 @@ class Batcher:
                     if wait_s is not None and wait_s <= 0:
                         return []
                 self._cond.wait(wait_s)
+
+    def take_admissible(self, max_rows: int, max_bytes: int | None, block: bool) -> list[Ticket] | None:
+        """Continuous batching: the queued tickets that fit beside the running work, oldest first, of any
+        schedule, stopping at the first that does not fit (arrival order: a large request is never
+        overtaken, so it cannot starve). `block`: wait for a first ticket (the engine is idle).
+        None when closed and empty; [] when nothing fits or nothing is queued."""
+        with self._cond:
+            while True:
+                self._discard_dead()
+                taken: list[Ticket] = []
+                rows = memory = 0
+                for t in self._queue:
+                    fits_memory = max_bytes is None or memory + t.kv_bytes <= max_bytes
+                    if (rows + t.rows > max_rows or not fits_memory) and (taken or not block):
+                        break  # (idle, the head always goes: admission let no ticket exceed a whole batch)
+                    taken.append(t)
+                    rows, memory = rows + t.rows, memory + t.kv_bytes
+                if taken or not block or (self._closed is not None and not self._queue):
+                    break
+                self._cond.wait()
+            if not taken:
+                return None if self._closed is not None and not self._queue else []
+            del self._queue[: len(taken)]
+            self._last_batch_requests = len(taken)
+            self._on_take(taken)
+            self._changed()
+            return taken
 
     def poll(self) -> list[Ticket] | None:
         """The batch that leaves now, taken off the queue, or None: `take` without blocking (tests with

@@ -120,6 +120,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-wait-ms", type=float)
+    p.add_argument(
+        "--batching",
+        choices=("static", "continuous"),  # Settings.batching's (pydantic is not imported for --help)
+        help="static: a batch runs to its end; continuous: requests join at the next scale boundary",
+    )
     p.add_argument("--max-queue", type=int)
     p.add_argument("--default-pn", choices=PN_NAMES)
     p.add_argument("--max-pn", choices=PN_NAMES)
@@ -159,6 +164,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         "port",
         "max_batch_size",
         "max_wait_ms",
+        "batching",
         "max_queue",
         "default_pn",
         "max_pn",

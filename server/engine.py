@@ -15,7 +15,7 @@ import time
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from server.admission import Admission
-from server.batcher import Batcher, Ticket
+from server.batcher import Batcher, BatchingMode, Ticket
 from server.errors import draining, not_ready
 from server.jobs import GenerationOutput, GenerationRequest, Preview
 from server.metrics import ModelMetrics
@@ -37,6 +37,7 @@ class Engine:
         memory_budget_bytes: int | None = None,
         worker_restarts: int = 3,
         restart_window_s: float = 600.0,
+        batching: BatchingMode = "static",
     ) -> None:
         self.metrics = metrics
         first = next(iter(pipelines.values()))
@@ -63,6 +64,7 @@ class Engine:
                 policy,
                 may_restart=lambda: self._accepting,
                 on_retired=self._retired,
+                batching=batching,
             )
             for device, pipeline in pipelines.items()
         ]

@@ -96,6 +96,7 @@ def build_engine(
         settings.max_queue,
         settings.memory_budget_bytes,
         settings.worker_restarts,
+        batching=settings.batching,
     )
     engine.start(
         warmup=limits.warmup_schedule if settings.warmup else None,

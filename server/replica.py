@@ -20,7 +20,8 @@ from model.config import SamplingParams
 from model.pipeline import DeviceOutOfMemory, GenerationResult, InfinityPipeline, ScaleEvent
 from model.schedules import ScaleSchedule
 from server.admission import Admission
-from server.batcher import Ticket
+from server.batcher import BatchingMode, Ticket
+from server.continuous import ContinuousLoop
 from server.delivery import BatchDelivery
 from server.errors import cancelled, generation_failed, out_of_memory
 from server.jobs import GenerationRequest
@@ -60,8 +61,9 @@ class Replica:
         policy: RestartPolicy,
         may_restart: Callable[[], bool],
         on_retired: Callable[[Replica], None],
+        batching: BatchingMode = "static",
     ) -> None:
-        self.device, self.pipeline = device, pipeline
+        self.device, self.pipeline, self.batching = device, pipeline, batching
         self.admission, self.metrics, self.policy = admission, metrics, policy
         self._may_restart, self._on_retired = may_restart, on_retired
         self.health = _Health()
@@ -124,6 +126,8 @@ class Replica:
             )
 
     def _serve(self) -> None:
+        if self.batching == "continuous":
+            return ContinuousLoop(self).run()
         while True:
             batch = self.admission.queue.take()
             if batch is None:
@@ -198,7 +202,8 @@ class Replica:
         delivery.deliver(result, start)
 
     def retry_apart(self, tickets: list[Ticket[GenerationRequest]], start: float, reason: Failure) -> None:
-        """A failed batch: one request fails with its error; more are retried in two halves."""
+        """A failed batch (or continuous cohort): one request fails with its error; more are retried in
+        two halves, each a batch of its own."""
         for t in tickets:
             if t.cancelled:  # gone while it ran: nothing to retry for it
                 t.fail(cancelled())

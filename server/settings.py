@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import AttentionChoice, CompileMode, Precision, PreviewMode, VaeDecodeMode, default_precision
 from model.schedules import PN_NAMES, PixelBudget
+from server.batcher import BatchingMode
 from server.models_file import ModelsFileError, ModelSpec, load_models_file
 
 
@@ -42,7 +43,10 @@ class Settings(BaseSettings):
     warmup: bool = True
 
     # --- batching and admission ---
-    max_batch_size: int = Field(8, ge=1, le=256)  # rows (images) per batch
+    # "static": a batch runs all its scales before the queue is looked at again; "continuous": waiting
+    # requests join at the next scale boundary (server/continuous.py). docs/serving.md#continuous-batching
+    batching: BatchingMode = "static"
+    max_batch_size: int = Field(8, ge=1, le=256)  # rows (images) per batch; continuous: rows in flight
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1)  # queued images before 429
     memory_budget_bytes: int | None = Field(None, ge=1)  # KV cache bytes per batch; None = no cap

@@ -1,6 +1,13 @@
 """Load generator: the real `serve` process on loopback vs the same work called directly on the pipeline.
 
     python -m tests.bench.server_bench [--requests 48] [--max-seconds 120]
+    python -m tests.bench.server_bench --open-loop [--requests 120] [--loads 0.3,0.5,0.7]
+
+Open loop (`--open-loop`): static vs continuous batching (`--batching`), each in its own `serve`
+process, under Poisson arrivals that do not wait for answers (as real traffic). Per mode: the lone
+request's latency (median of 10 sent one at a time), the saturation throughput (closed loop at
+concurrency 16), then arrivals at each fraction of the static batcher's saturation: p50/p95/p99 and
+their ratio to the lone latency. The same arrival times (one seed) for both modes.
 
 Starts `infinity-serve serve` (the embedded default model) as a child process, sends a bounded
 number of requests at concurrency 1, 4 and 16, and prints throughput, latency percentiles, the
@@ -13,6 +20,7 @@ oversubscribe the cores (generation measured 1.65x slower that way).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import threading
@@ -86,11 +94,115 @@ def direct(pipe: InfinityPipeline, schedule: ScaleSchedule, batch: int, count: i
     return count / (time.perf_counter() - start)
 
 
+def lone_latency(url: str, count: int = 10) -> float:
+    with httpx.Client(base_url=url, timeout=300) as client:
+        times = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            client.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}).raise_for_status()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def open_loop(url: str, rate: float, count: int, seed: int = 0) -> dict[str, float]:
+    """`count` requests at Poisson arrival times of `rate` per second, each sent at its time whatever
+    the earlier ones are doing (a thread per request)."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(count):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    client = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=count))
+    start = time.perf_counter()
+
+    def send(i: int) -> None:
+        nonlocal errors
+        delay = start + arrivals[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        r = client.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - start
+    client.close()
+    return {
+        "n": len(latencies),
+        "errors": errors,
+        "images_s": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p95": percentile(latencies, 0.95),
+        "p99": percentile(latencies, 0.99),
+    }
+
+
+def compare_batching(requests: int, loads: list[float], max_batch: int, max_seconds: float) -> None:
+    """Static vs continuous batching under open-loop arrivals (see the module docstring)."""
+    measured: dict[str, dict] = {}
+    rates: list[float] = []
+    for mode in ("static", "continuous"):
+        port = free_port()
+        log = Path(tempfile.mkdtemp()) / f"server-{mode}.log"
+        env = {"INFINITY_BATCHING": mode}
+        proc = start_server(port, max_queue=4 * requests, max_batch=max_batch, log=log, extra_env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            lone = lone_latency(url)
+            saturation = load(url, 16, max(48, 2 * max_batch), max_seconds)["images_s"]
+            rates = rates or [round(f * saturation, 2) for f in loads]  # the static batcher's, for both
+            runs = [(rate, open_loop(url, rate, requests)) for rate in rates]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        measured[mode] = {"lone": lone, "saturation": saturation, "runs": runs}
+    print(
+        f"# open loop: static vs continuous batching, the embedded default model, max_batch_size {max_batch}, "
+        f"{requests} Poisson arrivals per rate, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print("| batching | lone s | saturation images/s |")
+    print("|---|---|---|")
+    for mode, m in measured.items():
+        print(f"| {mode} | {m['lone']:.3f} | {m['saturation']:.2f} |")
+    print(
+        "\n| arrivals / s (of static saturation) | batching | done / errors | images/s | p50 s | p95 s | p99 s "
+        "| p50 / lone | p95 / lone |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, load_fraction in enumerate(loads):
+        for mode, m in measured.items():
+            rate, r = m["runs"][i]
+            lone = measured["static"]["lone"]  # one yardstick for both
+            print(
+                f"| {rate:.2f} ({load_fraction:.0%}) | {mode} | {r['n']} / {r['errors']} | {r['images_s']:.2f} "
+                f"| {r['p50']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | **{r['p50'] / lone:.2f}x** "
+                f"| **{r['p95'] / lone:.2f}x** |"
+            )
+    ratio = measured["continuous"]["saturation"] / measured["static"]["saturation"]
+    print(f"\nsaturation throughput, continuous / static: **{ratio:.2f}x**")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-seconds", type=float, default=120)
+    parser.add_argument("--open-loop", action="store_true", help="static vs continuous batching, Poisson arrivals")
+    parser.add_argument("--loads", default="0.3,0.5,0.7", help="open loop: fractions of saturation throughput")
+    parser.add_argument("--max-batch", type=int, default=8, help="open loop: max_batch_size")
     args = parser.parse_args()
+    if args.open_loop:
+        loads = [float(x) for x in args.loads.split(",")]
+        return compare_batching(args.requests, loads, args.max_batch, args.max_seconds)
     pipe, default = load_default_pipeline(RuntimeConfig())
     schedule = default.schedule
     pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))

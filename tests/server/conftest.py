@@ -68,6 +68,7 @@ def make_app(pipeline, **overrides):
         settings.max_queue,
         settings.memory_budget_bytes,
         settings.worker_restarts,
+        batching=settings.batching,
     )
     engine.start()
     return create_app(settings, engine, LIMITS), engine

@@ -248,3 +248,54 @@ def test_closed_and_empty_take_returns_none_and_put_raises_the_close_reason():
     with pytest.raises(ServingError) as refused:
         b.put(ticket())
     assert refused.value.code == "custom_reason"
+
+
+# ---- continuous batching: take_admissible ----------------------------------------------------------
+def test_admissible_takes_every_schedule_in_arrival_order_until_one_does_not_fit():
+    b = Batcher(max_batch_size=8, max_wait_s=0.0, max_queue_rows=100)
+    t = [ticket("a"), ticket("b", rows=2), ticket("a", rows=3), ticket("c")]
+    for x in t:
+        b.put(x)
+    assert b.take_admissible(max_rows=3, max_bytes=None, block=False) == [t[0], t[1]]
+    # t[2] needs 3 rows: t[3] (1 row) would fit beside the running work, but never overtakes it
+    assert b.take_admissible(max_rows=2, max_bytes=None, block=False) == []
+    assert b.take_admissible(max_rows=4, max_bytes=None, block=False) == [t[2], t[3]]
+    assert b.depth == 0
+
+
+def test_admissible_counts_the_kv_budget_left_beside_the_running_work():
+    b = Batcher(max_batch_size=8, max_wait_s=0.0, max_queue_rows=100, memory_budget=100)
+    t = [ticket(kv=40), ticket(kv=40), ticket(kv=40)]
+    for x in t:
+        b.put(x)
+    assert b.take_admissible(max_rows=8, max_bytes=90, block=False) == t[:2]
+    assert b.take_admissible(max_rows=8, max_bytes=30, block=False) == []
+    assert b.take_admissible(max_rows=8, max_bytes=40, block=False) == [t[2]]
+
+
+def test_admissible_discards_the_dead_and_ends_once_closed_and_empty():
+    clock = Clock()
+    b = Batcher(max_batch_size=4, max_wait_s=0.0, max_queue_rows=100, clock=clock)
+    late, alive = ticket(deadline_s=1, clock=clock), ticket(deadline_s=60, clock=clock)
+    b.put(late)
+    b.put(alive)
+    clock.advance(2)
+    assert b.take_admissible(max_rows=4, max_bytes=None, block=False) == [alive]
+    with pytest.raises(ServingError) as e:
+        late.future.result(0)
+    assert e.value.code == "deadline_exceeded"
+    b.close()
+    assert b.take_admissible(max_rows=4, max_bytes=None, block=True) is None
+
+
+def test_admissible_blocks_while_idle_until_a_ticket_arrives():
+    b = Batcher(max_batch_size=4, max_wait_s=10.0, max_queue_rows=100)  # no waiting for company here
+    got: list = []
+    taker = threading.Thread(target=lambda: got.append(b.take_admissible(4, None, block=True)))
+    taker.start()
+    time.sleep(0.05)
+    assert not got  # nothing queued: it waits
+    t = ticket()
+    b.put(t)
+    taker.join(5)
+    assert got == [[t]]
