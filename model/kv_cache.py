@@ -49,6 +49,21 @@ class KVCache:
         """A cache holding only batch rows `rows` (rows leaving a running batch)."""
         return KVCache(self.keys[:, rows], self.values[:, rows], self.filled)
 
+    @classmethod
+    def merge(cls, first: KVCache, second: KVCache, rows: torch.Tensor) -> KVCache:
+        """One cache for the rows of `first` then `second`, put in the order `rows` indexes (two running
+        batches at the same scale merging). Allocated for the whole schedule, as each was; only the
+        filled prefix is copied."""
+        assert first.filled == second.filled and first.keys.shape[3] == second.keys.shape[3]
+        filled = first.filled
+
+        def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            out = a.new_empty((a.shape[0], len(rows), *a.shape[2:]))
+            out[:, :, :, :filled] = torch.cat((a[:, :, :, :filled], b[:, :, :, :filled]), 1)[:, rows]
+            return out
+
+        return cls(merged(first.keys, second.keys), merged(first.values, second.values), filled)
+
     def advance(self, tokens: int) -> None:
         """Mark a scale as complete (called once per scale, after every layer wrote it)."""
         self.filled += tokens

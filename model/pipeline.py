@@ -346,6 +346,16 @@ class Generation:
         """Prompt index of each row still running."""
         return self.sampling.rows
 
+    @property
+    def scale_index(self) -> int:
+        """The scale the next `step()` samples."""
+        return self.sampling.scale_index
+
+    @property
+    def guided(self) -> bool:
+        """Its rows still run with their unconditional twins (only such batches merge with each other)."""
+        return self.sampling.state.guided
+
     def step(self, on_scale: ScaleCallback | None = None) -> ScaleEvent:
         """The next scale of every running row; `on_scale` may name rows to drop (cancelled)."""
         pipeline = self.pipeline
@@ -355,6 +365,24 @@ class Generation:
             _sync(pipeline.device)
             self.transformer_seconds += time.perf_counter() - t0
         return event
+
+    def can_absorb(self, other: Generation) -> bool:
+        """`other` stands at this one's scale of the same schedule: they can run as one batch from here."""
+        return self.sampling.can_absorb(other.sampling)
+
+    def absorb(self, other: Generation) -> None:
+        """Run `other`'s rows in this batch from now on (continuous batching: a request that caught up
+        with a running one); its prompt index i becomes len(this one's prompts) + i. Images do not
+        change: each row's numbers are its own (batch invariance)."""
+        offset = len(self.seeds)
+        with self.pipeline._out_of_memory(len(self.rows) + len(other.rows)), torch.inference_mode():
+            self.sampling.absorb(other.sampling, offset)
+        self.seeds = self.seeds + other.seeds
+        self.prompt_tokens = self.prompt_tokens + other.prompt_tokens
+        self.conditions = self.conditions + other.conditions
+        self.text_seconds += other.text_seconds
+        self.image_seconds += other.image_seconds
+        self.transformer_seconds += other.transformer_seconds
 
     def finish(self) -> GenerationResult:
         """Decode the accumulated latent of the rows that ran to the end with finite logits."""

@@ -20,7 +20,7 @@ from model.image_condition import ForcedBits
 from model.kv_cache import KVCache
 from model.quantizer import BitwiseQuantizer
 from model.schedules import ScaleSchedule
-from model.transformer import Infinity, TextConditioning
+from model.transformer import Infinity, TextConditioning, cat_padded_kv
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,17 @@ class RowParams:
             torch.tensor(greedy, device=device).view(-1, 1),
         )
 
+    def cat(self, other: RowParams) -> RowParams:
+        """This batch's rows, then `other`'s (two running batches merging)."""
+        return RowParams(
+            torch.cat((self.inv_tau, other.inv_tau), 1),
+            torch.cat((self.w_cond, other.w_cond), 1),
+            torch.cat((self.w_uncond, other.w_uncond), 1),
+            torch.cat((self.top_p_limit, other.top_p_limit)),
+            self.greedy + other.greedy,
+            torch.cat((self.greedy_mask, other.greedy_mask)),
+        )
+
     def select(self, positions: Sequence[int], index: torch.Tensor) -> RowParams:
         """The rows at `positions` (`index`: the same positions on the device)."""
         return RowParams(
@@ -125,6 +136,25 @@ class Forcing:
     def select(self, index: torch.Tensor) -> Forcing:
         return Forcing([w[index] for w in self.where], [b[index] for b in self.bits])
 
+    @staticmethod
+    def cat(first: Forcing | None, rows_first: int, second: Forcing | None, rows_second: int) -> Forcing | None:
+        """Two batches' forcing, rows of `first` then `second`; a batch without any is never forced."""
+        if first is None and second is None:
+            return None
+        some = first if first is not None else second
+        assert some is not None
+
+        def part(f: Forcing | None, rows: int, k: int, bits: bool) -> torch.Tensor:
+            like = (some.bits if bits else some.where)[k]
+            if f is None:
+                return torch.zeros((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            return (f.bits if bits else f.where)[k]
+
+        scales = range(len(some.where))
+        where = [torch.cat((part(first, rows_first, k, False), part(second, rows_second, k, False))) for k in scales]
+        bits = [torch.cat((part(first, rows_first, k, True), part(second, rows_second, k, True))) for k in scales]
+        return Forcing(where, bits)
+
     def apply(self, scale_index: int, bits: torch.Tensor) -> torch.Tensor:
         """Sampled bits (B, h, w, d) -> the forced values where forced, the sampled ones elsewhere."""
         return torch.where(self.where[scale_index], self.bits[scale_index], bits)
@@ -161,6 +191,42 @@ class _RunningRows:
         self.nonfinite = self.nonfinite[index]
         self.forcing = None if self.forcing is None else self.forcing.select(index)
         return index
+
+    def merged_order(self, other: _RunningRows) -> tuple[list[int], torch.Tensor]:
+        """Where each model row of the merged batch comes from in cat((self, other)), and the same as a
+        device index: the conditional rows of both, then (guided) the unconditional rows of both."""
+        a, b = len(self.ids), len(other.ids)
+        if self.guided:
+            order = [*range(a), *range(2 * a, 2 * a + b), *range(a, 2 * a), *range(2 * a + b, 2 * a + 2 * b)]
+        else:
+            order = list(range(a + b))
+        return order, device_index(order, self.cache.keys.device)
+
+    def absorb(self, other: _RunningRows, id_offset: int, order: list[int], index: torch.Tensor) -> None:
+        """Take `other`'s rows after these (ids shifted by `id_offset`), at the same scale of the same
+        schedule, both guided or both not; `order`, `index`: `merged_order(other)`. Each row's numbers
+        are unchanged: batch invariance makes a row's result independent of its batch-mates, whichever
+        batch they came from."""
+        assert self.guided == other.guided and self.cache.filled == other.cache.filled
+        a, b = len(self.ids), len(other.ids)
+        # every new tensor first: out of memory half-way must leave this batch as it was
+        forcing = Forcing.cat(self.forcing, a, other.forcing, b)
+        rows = self.rows.cat(other.rows)
+        cond = TextConditioning.stack([self.cond, other.cond]).select(order, index)
+        ca_kv = [(k[index], v[index]) for k, v in cat_padded_kv(self.ca_kv, other.ca_kv)]
+        cache = KVCache.merge(self.cache, other.cache, index)
+        nonfinite = torch.cat((self.nonfinite, other.nonfinite))
+        self.ids = self.ids + [i + id_offset for i in other.ids]
+        self.params = self.params + other.params
+        self.generators = self.generators + other.generators
+        self.forcing, self.rows, self.cond, self.ca_kv, self.cache, self.nonfinite = (
+            forcing,
+            rows,
+            cond,
+            ca_kv,
+            cache,
+            nonfinite,
+        )
 
     def stop_guidance(self) -> None:
         """Every row's cfg is 1 on every remaining scale: keep only the conditional rows (half the
@@ -370,6 +436,32 @@ class Sampling:
                 x = self.model.embed_bits(quantizer.next_inputs(latent, self.vae_scales[si + 1]))
                 self.x = torch.cat((x, x)) if state.guided else x
         return event
+
+    def can_absorb(self, other: Sampling) -> bool:
+        """`other` is at the same point of the same schedule, on the same model: their rows can run as one
+        batch from here (continuous batching merges a request that caught up with a running one)."""
+        return (
+            other is not self
+            and other.model is self.model
+            and other.schedule == self.schedule
+            and other.scale_index == self.scale_index
+            and 0 < self.scale_index < self.schedule.num_scales
+            and other.state.guided == self.state.guided
+            and bool(self.state.ids and other.state.ids)
+        )
+
+    def absorb(self, other: Sampling, id_offset: int) -> None:
+        """Merge `other`'s rows into this batch (see `can_absorb`); their ids become `id_offset + id`.
+        The merged cache is allocated anew for both (then the two old ones are freed)."""
+        assert self.can_absorb(other)
+        assert self.latent is not None and other.latent is not None
+        order, index = self.state.merged_order(other.state)
+        x = torch.cat((self.x, other.x))[index]
+        latent = torch.cat((self.latent, other.latent))
+        bits = [torch.cat((p, q)) for p, q in zip(self.bits, other.bits, strict=True)]
+        self.state.absorb(other.state, id_offset, order, index)  # the last step that may run out of memory
+        self.x, self.latent, self.bits = x, latent, bits
+        self.seconds = [p + q for p, q in zip(self.seconds, other.seconds, strict=True)]
 
     def output(self) -> SampleOutput:
         """The bits and latent of the rows that ran to the end (call once `done`)."""

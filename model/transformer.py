@@ -38,6 +38,11 @@ class TextConditioning:
         memory = self.memory.select(positions, index)
         return TextConditioning(self.pooled[index], self.ada[index], self.head_ada[index], memory)
 
+    @staticmethod
+    def stack(parts: Sequence[TextConditioning]) -> TextConditioning:
+        """The rows of each part in order, the text padded to the longest (two running batches merging)."""
+        return _stack_conditionings(list(parts))
+
 
 class Infinity(BatchInvariantModule):
     """Built with batch invariance off (training's one GEMM per layer); `set_batch_invariant(True)`
@@ -192,6 +197,18 @@ def _row(text: TextMemory, i: int) -> TextMemory:
     """Row i alone, cut to its own length."""
     n = text.sizes[i]
     return TextMemory(text.features[i : i + 1, :n], text.lengths[i : i + 1], (n,))
+
+
+def cat_padded_kv(
+    first: list[tuple[torch.Tensor, torch.Tensor]], second: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-block text K/V (B, H, T, hd) of two batches, rows of `first` then `second`, zero-padded to the
+    longer text (cross-attention reads each row's own length only: the padding is never seen)."""
+    out = []
+    for (k1, v1), (k2, v2) in zip(first, second, strict=True):
+        T = max(k1.shape[2], k2.shape[2])
+        out.append((_cat_padded([k1, k2], T, dim=2), _cat_padded([v1, v2], T, dim=2)))
+    return out
 
 
 def _cat_padded(tensors: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:

@@ -4,15 +4,16 @@ The static batcher (server/batcher.py `take`) runs a batch's every scale before 
 again. Here a replica's worker runs a loop of steps instead. At each scale boundary it admits the
 queued requests that fit beside the running ones (arrival order, `max_batch_size` images and the KV
 budget over everything in flight, the whole schedule's cache reserved at admission), as new cohorts
-that begin at scale 0; then every cohort runs its next scale; a cohort whose last scale is done is
+that begin at scale 0; then every due cohort runs its next scale; a cohort whose last scale is done is
 decoded and delivered at once, without waiting for the others.
 
 A cohort is the requests of one schedule admitted at one boundary: one `Generation` (model/pipeline.py)
-with its own KV cache, text and generators. Cohorts never share a tensor, so a seed's image is the
-same alone, in a static batch, or joined mid-flight (tests/server/test_continuous.py), whatever runs
-beside it. Their scales run one after another within a step: each cohort's GEMMs, attention and
-elementwise ops are dispatched for its rows only (fusing cohorts into one pass is future work,
-docs/serving.md#continuous-batching).
+with its own KV cache, text and generators. A cohort pauses while a later one of its schedule catches
+up with it, when that is cheaper than running both apart (`_worth_waiting`); at the same scale the
+two merge into one batch, whose rows then share every kernel call. Cohorts at different scales run one
+after the other within a step. A row's numbers never depend on its batch-mates (batch invariance), so
+a seed's image is the same alone, in a static batch, or joined mid-flight and merged
+(tests/server/test_continuous.py).
 
 Everything else is the static path's: previews and cancellation through the cohort's delivery at each
 of its scales, the metrics, and failure isolation: a cohort that fails (out of memory or any error) is
@@ -43,12 +44,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Cohort:
-    """Requests of one schedule admitted at one boundary, running together scale by scale."""
+    """Requests of one schedule running together scale by scale: admitted at one boundary, joined by
+    the later ones that caught up with them."""
 
     tickets: list[Ticket[GenerationRequest]]
     delivery: BatchDelivery
     generation: Generation
-    started: float  # monotonic: admission into the running set
+    started: list[float]  # monotonic, per ticket: its admission into the running set
+
+    @property
+    def scale_index(self) -> int:
+        return self.generation.scale_index
+
+    @property
+    def schedule_key(self) -> str:
+        return self.generation.schedule.key
+
+    def absorb(self, other: Cohort) -> None:
+        self.generation.absorb(other.generation)
+        self.delivery.absorb(other.delivery)
+        self.tickets += other.tickets
+        self.started += other.started
 
     @property
     def rows(self) -> int:
@@ -65,6 +81,7 @@ class ContinuousLoop:
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
         self.running: list[Cohort] = []
+        self._scale_seconds: dict[tuple[str, int], float] = {}  # (schedule, scale): recent step seconds
 
     def run(self) -> None:
         """Until the queue closes and the running cohorts finish."""
@@ -110,34 +127,99 @@ class ContinuousLoop:
             return
         replica.metrics.batch_size.observe(len(delivery.owners))
         replica.metrics.running_rows.inc(len(delivery.owners))
-        self.running.append(Cohort(tickets, delivery, generation, now))
+        replica.metrics.running_batches.inc()
+        self.running.append(Cohort(tickets, delivery, generation, [now] * len(tickets)))
 
-    # ---- one step: every cohort's next scale -----------------------------------------------
+    # ---- one step: the next scale of every cohort that is due ------------------------------
     def _step_all(self) -> None:
-        for cohort in list(self.running):
+        self._merge_caught_up()
+        for cohort in self._due():
             try:
-                cohort.generation.step(functools.partial(self.replica.on_scale, cohort.delivery))
+                event = cohort.generation.step(functools.partial(self.replica.on_scale, cohort.delivery))
+                self._observe_step(cohort, event.seconds)
                 if cohort.generation.done:
                     result = cohort.generation.finish()
             except Exception as e:
                 log.exception("cohort of requests %s failed", [t.payload.request_id for t in cohort.tickets])
                 self._drop(cohort)
-                self._recover(cohort.tickets, cohort.started, e)
+                self._recover(cohort.tickets, min(cohort.started), e)
                 continue
             if cohort.generation.done:
                 self._complete(cohort, result)
 
     def _complete(self, cohort: Cohort, result: GenerationResult) -> None:
         self._drop(cohort)
-        replica, seconds = self.replica, time.monotonic() - cohort.started
+        replica, seconds = self.replica, time.monotonic() - min(cohort.started)
         replica.admission.times.record(replica.device, cohort.generation.schedule.key, seconds)
         replica.observe(result)
         cohort.delivery.deliver(result, cohort.started)
         self._finished(cohort)
 
+    def _merge_caught_up(self) -> None:
+        """Cohorts at the same scale of one schedule become one batch: from here their rows share
+        every GEMM call and kernel launch (as a static batch's do) instead of running one after the
+        other. Each row's numbers are its own (batch invariance), so no image changes."""
+        for cohort in list(self.running):
+            if cohort not in self.running:
+                continue
+            for later in [c for c in self.running if c is not cohort and cohort.generation.can_absorb(c.generation)]:
+                if not self._merge_fits(cohort, later):
+                    continue
+                try:
+                    cohort.absorb(later)
+                except DeviceOutOfMemory:  # the batch is left as it was: they run apart
+                    log.warning("out of device memory merging two running batches; they run apart")
+                    continue
+                self.running.remove(later)
+                self.replica.metrics.running_batches.dec()
+                self.replica.metrics.batch_merges.inc()
+
+    def _merge_fits(self, cohort: Cohort, later: Cohort) -> bool:
+        """The merged cache is allocated before the two old ones are freed: the budget must hold it too."""
+        budget = self.replica.admission.queue.memory_budget
+        if budget is None:
+            return True
+        held = sum(c.kv_bytes for c in self.running)
+        return held + cohort.kv_bytes + later.kv_bytes <= budget
+
+    def _due(self) -> list[Cohort]:
+        """Cohorts that run their next scale now: all but those waiting for a later cohort of their
+        schedule to catch up with them (`_worth_waiting`)."""
+        due = []
+        for cohort in self.running:
+            laggards = [
+                c.scale_index
+                for c in self.running
+                if c.schedule_key == cohort.schedule_key
+                and c.scale_index < cohort.scale_index
+                and c.generation.guided == cohort.generation.guided
+            ]
+            if not (laggards and self._worth_waiting(cohort, max(laggards))):
+                due.append(cohort)
+        return due
+
+    def _worth_waiting(self, leader: Cohort, laggard_at: int) -> bool:
+        """Wait (to merge) while the nearest laggard's catch-up, its scales laggard_at..s-1, costs at most
+        twice the leader's remaining scales s..n-1. Why: waiting delays the leader by the catch-up and
+        then both run as one batch; running apart costs each of the two about one extra step per
+        remaining scale (a step's cost barely depends on its rows at the early, dispatch-bound scales).
+        Costs are the recent seconds of each scale of this schedule (1 per scale until measured)."""
+        key, s, n = leader.schedule_key, leader.scale_index, leader.generation.schedule.num_scales
+        measured = [self._scale_seconds.get((key, k)) for k in range(n)]
+        cost = [c for c in measured if c is not None]
+        if len(cost) < n:  # not every scale run yet: count scales
+            cost = [1.0] * n
+        return sum(cost[laggard_at:s]) <= 2 * sum(cost[s:])
+
+    def _observe_step(self, cohort: Cohort, seconds: float) -> None:
+        key = (cohort.schedule_key, cohort.scale_index - 1)  # the scale just run
+        previous = self._scale_seconds.get(key)
+        self._scale_seconds[key] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
     def _drop(self, cohort: Cohort) -> None:
         self.running.remove(cohort)
         self.replica.metrics.running_rows.dec(len(cohort.delivery.owners))
+        self.replica.metrics.running_batches.dec()
 
     def _finished(self, cohort: Cohort) -> None:
         self.replica.admission.finished(cohort.tickets)

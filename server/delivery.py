@@ -30,6 +30,13 @@ class BatchDelivery:
         self.requests = [t.payload for t in self.tickets]
         self.owners = [i for i, r in enumerate(self.requests) for _ in r.params]  # ticket index of each row
 
+    def absorb(self, other: BatchDelivery) -> None:
+        """`other`'s tickets join this batch's, its rows after these (as `Generation.absorb` numbers them)."""
+        offset = len(self.tickets)
+        self.tickets += other.tickets
+        self.requests += other.requests
+        self.owners += [offset + i for i in other.owners]
+
     @property
     def prompts(self) -> list[str]:
         return [self.requests[i].prompt for i in self.owners]
@@ -56,8 +63,10 @@ class BatchDelivery:
             request.on_preview(Preview(event.scale_index, event.num_scales, list(images)))
         return {row for row in event.rows if self.tickets[self.owners[row]].cancelled}
 
-    def deliver(self, result: GenerationResult, started: float) -> None:
-        """Each request its images, or the error that stopped it."""
+    def deliver(self, result: GenerationResult, started: float | Sequence[float]) -> None:
+        """Each request its images, or the error that stopped it. `started`: when the batch started, or
+        when each ticket did (continuous batching: tickets that joined later)."""
+        starts = [started] * len(self.tickets) if isinstance(started, (int, float)) else list(started)
         for i, ticket in enumerate(self.tickets):
             if ticket.future.done():
                 continue
@@ -70,7 +79,7 @@ class BatchDelivery:
             if not kept:  # every image of it was dropped (cancelled)
                 ticket.fail(cancelled())
                 continue
-            ticket.future.set_result(self._output(ticket, result, kept, started))
+            ticket.future.set_result(self._output(ticket, result, kept, starts[i]))
 
     @staticmethod
     def _output(

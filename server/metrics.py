@@ -99,6 +99,18 @@ class Metrics:
         )
         self.queue_depth = Gauge("infinity_queue_depth", "Images waiting in the queue", ["model"], registry=r)
         self.running_rows = Gauge("infinity_running_rows", "Images being generated now", ["model"], registry=r)
+        self.running_batches = Gauge(
+            "infinity_running_batches",
+            "Batches in flight (static batching: one per busy replica; continuous: the running cohorts)",
+            ["model"],
+            registry=r,
+        )
+        self.batch_merges = Counter(
+            "infinity_batch_merges_total",
+            "Continuous batching: running batches merged into one once a later one caught up with an earlier one",
+            ["model"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "infinity_batch_size_images", "Images per executed batch", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
@@ -170,6 +182,8 @@ class Metrics:
             previews_dropped=self.previews_dropped.labels(model),
             queue_depth=self.queue_depth.labels(model),
             running_rows=self.running_rows.labels(model),
+            running_batches=self.running_batches.labels(model),
+            batch_merges=self.batch_merges.labels(model),
             ready=self.ready.labels(model),
             batch_size=self.batch_size.labels(model),
             queue_wait=self.queue_wait.labels(model),
@@ -210,6 +224,8 @@ class ModelMetrics:
     previews_dropped: Counter
     queue_depth: Gauge
     running_rows: Gauge
+    running_batches: Gauge
+    batch_merges: Counter
     ready: Gauge
     batch_size: Histogram
     queue_wait: Histogram

@@ -53,6 +53,7 @@ class ModelSpec:
     attention: str | None = None
     compile: str | None = None
     max_batch_size: int | None = None
+    batching: str | None = None  # "static" or "continuous"
     default_pn: str | None = None
     max_pn: str | None = None
 
@@ -65,7 +66,7 @@ class ModelSpec:
 
     def overrides(self) -> dict[str, Any]:
         """The server settings this entry sets for its own model (Settings field -> value)."""
-        names = ("dtype", "attention", "compile", "max_batch_size", "default_pn", "max_pn")
+        names = ("dtype", "attention", "compile", "max_batch_size", "batching", "default_pn", "max_pn")
         given: dict[str, Any] = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.devices is not None:
             given["devices"] = list(self.devices)
@@ -78,6 +79,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": PRECISIONS,
     "attention": ATTENTION_CHOICES,
     "compile": COMPILE_MODES,
+    "batching": ("static", "continuous"),  # Settings.batching's
     "default_pn": PN_NAMES,
     "max_pn": PN_NAMES,
 }

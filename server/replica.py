@@ -177,6 +177,7 @@ class Replica:
         schedule, rows = delivery.requests[0].schedule, len(delivery.owners)
         self.metrics.batch_size.observe(rows)
         self.metrics.running_rows.inc(rows)
+        self.metrics.running_batches.inc()
         try:
             if self.fault_hook is not None:
                 self.fault_hook(delivery.requests)
@@ -197,6 +198,7 @@ class Replica:
             return self.retry_apart(tickets, start, "generation")
         finally:
             self.metrics.running_rows.dec(rows)
+            self.metrics.running_batches.dec()
         self.admission.times.record(self.device, schedule.key, time.monotonic() - start)
         self.observe(result)
         delivery.deliver(result, start)

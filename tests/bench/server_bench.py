@@ -33,6 +33,8 @@ import torch
 from model.config import RuntimeConfig, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
+from server.engine import Engine, GenerationRequest
+from server.metrics import Metrics
 from tests.bench.load_test import start_server
 from tests.bench.prompts import PROMPTS
 from tests.server.conftest import free_port
@@ -165,8 +167,77 @@ def compare_batching(requests: int, loads: list[float], max_batch: int, max_seco
             proc.terminate()
             proc.wait(30)
         measured[mode] = {"lone": lone, "saturation": saturation, "runs": runs}
+    print_comparison("the embedded default model, HTTP", measured, loads, requests, max_batch)
+
+
+def engine_open_loop(engine: Engine, schedule: ScaleSchedule, rate: float, count: int, seed: int = 0) -> dict:
+    """`open_loop` straight into an in-process engine (no HTTP): for shapes too slow for many requests.
+    Rate 0: every request at once."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(count):
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+        arrivals.append(t)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def send(i: int) -> None:
+        delay = start + arrivals[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        params = (SamplingParams(seed=i),)
+        request = GenerationRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], schedule, params, time.monotonic() + 3600)
+        engine.submit(request).future.result()
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - start
+    return {
+        "n": len(latencies),
+        "errors": 0,
+        "images_s": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p95": percentile(latencies, 0.95),
+        "p99": percentile(latencies, 0.99),
+    }
+
+
+def compare_batching_in_process(shape: str, requests: int, loads: list[float], max_batch: int) -> None:
+    """Static vs continuous on a larger shape with random weights (bf16, 0.06M), in this process."""
+    from tests.bench.perf_bench import pipeline as random_pipeline
+
+    schedule = ScaleSchedule.official(1.0, "0.06M")
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = random_pipeline(shape, "bfloat16", torch.device("cpu"), "off", Path(tmp))
+    pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
+    measured: dict[str, dict] = {}
+    rates: list[float] = []
+    for mode in ("static", "continuous"):
+        engine = Engine({"cpu": pipe}, Metrics().for_model(shape), max_batch, 10.0, 4 * requests, batching=mode)
+        engine.start()
+        try:
+            lone = statistics.median(engine_open_loop(engine, schedule, 0.0, 1)["p50"] for _ in range(3))
+            saturation = engine_open_loop(engine, schedule, 0.0, 2 * max_batch)["images_s"]  # all at once
+            rates = rates or [round(f * saturation, 3) for f in loads]
+            runs = [(rate, engine_open_loop(engine, schedule, rate, requests)) for rate in rates]
+        finally:
+            engine.drain(600)
+        measured[mode] = {"lone": lone, "saturation": saturation, "runs": runs}
+    print_comparison(
+        f"the {shape} shape (random weights, bf16, 0.06M), in process", measured, loads, requests, max_batch
+    )
+
+
+def print_comparison(what: str, measured: dict[str, dict], loads: list[float], requests: int, max_batch: int) -> None:
     print(
-        f"# open loop: static vs continuous batching, the embedded default model, max_batch_size {max_batch}, "
+        f"# open loop: static vs continuous batching, {what}, max_batch_size {max_batch}, "
         f"{requests} Poisson arrivals per rate, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d')}\n"
     )
@@ -179,17 +250,17 @@ def compare_batching(requests: int, loads: list[float], max_batch: int, max_seco
         "| p50 / lone | p95 / lone |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    lone = measured["static"]["lone"]  # one yardstick for both
     for i, load_fraction in enumerate(loads):
         for mode, m in measured.items():
             rate, r = m["runs"][i]
-            lone = measured["static"]["lone"]  # one yardstick for both
             print(
                 f"| {rate:.2f} ({load_fraction:.0%}) | {mode} | {r['n']} / {r['errors']} | {r['images_s']:.2f} "
                 f"| {r['p50']:.3f} | {r['p95']:.3f} | {r['p99']:.3f} | **{r['p50'] / lone:.2f}x** "
                 f"| **{r['p95'] / lone:.2f}x** |"
             )
     ratio = measured["continuous"]["saturation"] / measured["static"]["saturation"]
-    print(f"\nsaturation throughput, continuous / static: **{ratio:.2f}x**")
+    print(f"\nsaturation throughput, continuous / static: **{ratio:.2f}x**\n")
 
 
 def main() -> None:
@@ -199,9 +270,12 @@ def main() -> None:
     parser.add_argument("--open-loop", action="store_true", help="static vs continuous batching, Poisson arrivals")
     parser.add_argument("--loads", default="0.3,0.5,0.7", help="open loop: fractions of saturation throughput")
     parser.add_argument("--max-batch", type=int, default=8, help="open loop: max_batch_size")
+    parser.add_argument("--shape", help="open loop on this random-weight shape (e.g. mid), in process, not HTTP")
     args = parser.parse_args()
     if args.open_loop:
         loads = [float(x) for x in args.loads.split(",")]
+        if args.shape:
+            return compare_batching_in_process(args.shape, args.requests, loads, args.max_batch)
         return compare_batching(args.requests, loads, args.max_batch, args.max_seconds)
     pipe, default = load_default_pipeline(RuntimeConfig())
     schedule = default.schedule

@@ -203,3 +203,44 @@ def test_the_idle_worker_starts_a_lone_request_at_once_and_drains(pipeline):
     finally:
         assert engine.drain(30)  # the running request finishes before the worker stops
     assert ticket.future.result(0).images
+
+
+def _merges(engine: Engine) -> float:
+    return engine.metrics.owner.registry.get_sample_value("infinity_batch_merges_total", {"model": "m"})
+
+
+@pytest.mark.parametrize("join_at, merges", [(2, 1), (8, 0)])
+def test_a_request_of_the_same_schedule_catches_up_and_merges_early_but_not_late(engine, pipeline, join_at, merges):
+    """Joined early (scale 2 of 10), the newcomer runs alone until it reaches the running request's
+    scale, then both run as one batch; joined late (scale 8, past 2/3), they run apart. Either way
+    each image is the one it gets alone."""
+    engine, hook = engine
+    joined: list[Ticket] = []
+    newcomer = _request("newcomer", "two blue squares", LONG, seeds=(4, 5))
+    first = _request("first", "a red circle", LONG, preview_scales={join_at})
+    first.__dict__["on_preview"] = _join_at(join_at, engine, hook, [newcomer], joined)
+    out_first = _submit(engine, hook, first).future.result(60)
+    out_new = joined[0].future.result(60)
+    assert _merges(engine) == merges
+    for out, request in ((out_first, first), (out_new, newcomer)):
+        assert all(np.array_equal(a, b) for a, b in zip(out.images, _alone(pipeline, request), strict=True))
+
+
+def test_a_leader_waits_while_the_catch_up_costs_at_most_twice_its_remaining_scales():
+    from types import SimpleNamespace
+
+    from server.continuous import ContinuousLoop
+
+    loop = ContinuousLoop(replica=None)  # type: ignore[arg-type]  # the policy reads only what it is given
+    schedule = SimpleNamespace(num_scales=6)
+
+    def leader(at: int):
+        return SimpleNamespace(schedule_key="k", scale_index=at, generation=SimpleNamespace(schedule=schedule))
+
+    # nothing measured yet: scales are counted (from 0 to s costs s, apart costs 2 (6 - s))
+    assert loop._worth_waiting(leader(4), 0) and not loop._worth_waiting(leader(5), 0)
+    # measured: the last scale costs as much as the first five together, so waiting there still pays
+    loop._scale_seconds = {("k", k): cost for k, cost in enumerate([1, 1, 1, 1, 1, 3])}
+    assert loop._worth_waiting(leader(5), 0)
+    loop._scale_seconds[("k", 5)] = 2
+    assert not loop._worth_waiting(leader(5), 0) and loop._worth_waiting(leader(5), 1)

@@ -113,7 +113,7 @@ def _every_series(metrics: Metrics, *models: str) -> list:
 def test_every_series_about_one_model_carries_its_model_label_and_exists_from_its_start():
     families = _every_series(Metrics(), "a", "b")
     per_model = [f for f in families if f.name not in SERVER_WIDE]
-    assert len(per_model) == 21, sorted(f.name for f in per_model)
+    assert len(per_model) == 23, sorted(f.name for f in per_model)
     for family in per_model:
         models = {s.labels.get("model") for s in family.samples}
         assert models == {"a", "b"}, (family.name, models)  # each model's own, at 0 before its first event

@@ -33,6 +33,7 @@ vae = "v.pth"
 text_encoder = "t5"
 devices = ["cpu"]
 max_batch_size = 2
+batching = "continuous"
 default_pn = "0.06M"
 max_pn = "0.25M"
 """
@@ -40,7 +41,13 @@ max_pn = "0.25M"
     first, second = load_models_file(tmp_path / "models.toml")
     assert first.name == "default" and first.weights == DEFAULT_DIR and first.weight_paths is None
     assert second.weight_paths == (tmp_path / "t.pth", tmp_path / "v.pth", tmp_path / "t5")
-    assert second.overrides() == {"devices": ["cpu"], "max_batch_size": 2, "default_pn": "0.06M", "max_pn": "0.25M"}
+    assert second.overrides() == {
+        "devices": ["cpu"],
+        "max_batch_size": 2,
+        "batching": "continuous",
+        "default_pn": "0.06M",
+        "max_pn": "0.25M",
+    }
 
 
 @pytest.mark.parametrize(
@@ -54,6 +61,7 @@ max_pn = "0.25M"
         ({"name": "a", "weights": "t5"}, ["`weights`", "lacks the project's layout"]),
         ({"name": "a", "weights": str(DEFAULT_DIR), "dtype": "int8"}, ["`dtype` must be one of", "int8"]),
         ({"name": "a", "weights": str(DEFAULT_DIR), "max_batch_size": 0}, ["`max_batch_size`", "got 0"]),
+        ({"name": "a", "weights": str(DEFAULT_DIR), "batching": "eager"}, ["`batching` must be one of", "eager"]),
         ({"name": "a", "weights": str(DEFAULT_DIR), "devices": "cpu"}, ["`devices` must be a list"]),
         ({"name": "a", "weights": str(DEFAULT_DIR), "default_pn": "1M", "max_pn": "0.25M"}, ["`default_pn` 1M"]),
     ],
