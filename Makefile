@@ -25,6 +25,8 @@ serve: install
 
 test: lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+	# the server's suite again under continuous batching (docs/serving.md#continuous-batching)
+	INFINITY_BATCHING=continuous HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests/server
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -40,6 +42,8 @@ bench: install-dev
 	$(BIN)/python -m tests.bench.decode_bench
 	$(BIN)/python -m tests.bench.preview_bench
 	$(BIN)/python -m tests.bench.server_bench
+	$(BIN)/python -m tests.bench.server_bench --open-loop
+	$(BIN)/python -m tests.bench.server_bench --open-loop --shape mid --requests 24
 
 # Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
 # ~5 minutes on 2 cores; never part of `make test` or CI. A fresh run each time (the counts stay comparable);

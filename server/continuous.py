@@ -82,6 +82,7 @@ class ContinuousLoop:
         self.replica = replica
         self.running: list[Cohort] = []
         self._scale_seconds: dict[tuple[str, int], float] = {}  # (schedule, scale): recent step seconds
+        self._held: dict[Ticket[GenerationRequest], None] = {}  # taken off the queue, not yet released
 
     def run(self) -> None:
         """Until the queue closes and the running cohorts finish."""
@@ -97,16 +98,19 @@ class ContinuousLoop:
                 self._admit(taken or [])
                 self._step_all()
         except BaseException:
-            for cohort in self.running:  # the thread is going down: nobody else would answer them
-                for t in cohort.tickets:
-                    t.fail(generation_failed())
-                self._finished(cohort)
+            # The thread is going down: nobody else would answer what it took, running or not yet
+            # (a cohort starting, or one being retried apart, when the error struck).
+            held = list(self._held)
+            for t in held:
+                t.fail(generation_failed())
+            self._release(held)
             raise
 
     # ---- admission --------------------------------------------------------------------------
     def _admit(self, tickets: list[Ticket[GenerationRequest]]) -> None:
+        self._held.update(dict.fromkeys(tickets))
         live = [t for t in tickets if not t.cancelled]
-        self.replica.admission.finished([t for t in tickets if t.cancelled])
+        self._release([t for t in tickets if t.cancelled])
         for key in dict.fromkeys(t.key for t in live):  # one cohort per schedule, in arrival order
             self._start([t for t in live if t.key == key])
 
@@ -222,7 +226,14 @@ class ContinuousLoop:
         self.replica.metrics.running_batches.dec()
 
     def _finished(self, cohort: Cohort) -> None:
-        self.replica.admission.finished(cohort.tickets)
+        self._release(cohort.tickets)
+
+    def _release(self, tickets: Iterable[Ticket[GenerationRequest]]) -> None:
+        """The loop is done with these tickets (answered, or failed): no longer running."""
+        tickets = list(tickets)
+        for t in tickets:
+            self._held.pop(t, None)
+        self.replica.admission.finished(tickets)
 
     def _recover(self, tickets: Iterable[Ticket[GenerationRequest]], started: float, error: Exception) -> None:
         """A failed cohort: retried alone by the static path (halves until each request fails alone)."""
@@ -230,7 +241,5 @@ class ContinuousLoop:
         reason: Failure = "out_of_memory" if isinstance(error, DeviceOutOfMemory) else "generation"
         ids = [t.payload.request_id for t in tickets]
         log.warning("cohort of requests %s failed (%s): retried apart from the others", ids, reason)
-        try:
-            self.replica.retry_apart(tickets, started, reason)
-        finally:
-            self.replica.admission.finished(tickets)
+        self.replica.retry_apart(tickets, started, reason)  # a thread-killing error: run() fails them
+        self._release(tickets)

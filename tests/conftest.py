@@ -86,3 +86,14 @@ def official_files(tmp_path_factory, tiny_transformer, tiny_vae) -> dict[str, Pa
     torch.save(official_transformer_state(tiny_transformer), transformer)
     torch.save({"vae": official_vae_state(tiny_vae)}, vae)
     return {"transformer": transformer, "vae": vae}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under INFINITY_BATCHING=continuous (the server suite's second run, `make test`), the few tests that
+    check the static batcher's batch-at-a-time order are skipped; every other server test runs as is."""
+    if os.environ.get("INFINITY_BATCHING") != "continuous":
+        return
+    skip = pytest.mark.skip(reason="checks static batching's order (INFINITY_BATCHING=continuous)")
+    for item in items:
+        if "static_batching" in item.keywords:
+            item.add_marker(skip)

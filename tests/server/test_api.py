@@ -322,6 +322,7 @@ def test_generate_stream_sends_queued_previews_and_completed(client):
     assert events[-1][1]["images"][0]["seed"] >= 0
 
 
+@pytest.mark.static_batching  # two requests of other sizes leave the queue one batch at a time (continuous: together)
 def test_a_queued_stream_hears_when_the_queue_moves(app_and_engine, client):
     app, engine, _ = app_and_engine
     release = [threading.Event(), threading.Event()]  # one per batch: the blocker, then "ahead"

@@ -187,6 +187,7 @@ def _wait_for_metric(url: str, line: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.static_batching  # requests queued behind a running batch (continuous: admitted at the next scale)
 def test_sigterm_on_the_real_process_finishes_running_work_refuses_queued_and_exits_in_time():
     env = {
         "INFINITY_MAX_BATCH_SIZE": "1",

@@ -9,6 +9,7 @@ import json
 import threading
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -36,6 +37,8 @@ def stream(client: TestClient, prompt: str) -> tuple[list[list[np.ndarray]], lis
     return previews, [png(image["b64"]) for image in events[-1][1]["images"]]
 
 
+# four queued requests form one batch after the blocker (continuous: max_batch_size counts the rows in flight)
+@pytest.mark.static_batching
 def test_streams_sharing_a_batch_get_previews_of_their_own_images_only(pipeline):
     app, engine = make_app(pipeline)
     gate = Gate()

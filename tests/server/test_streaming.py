@@ -230,6 +230,7 @@ def live_previews() -> int:
     return sum(isinstance(o, Preview) for o in gc.get_objects())
 
 
+@pytest.mark.static_batching  # holds the batch through pipeline.generate (continuous steps a Generation)
 def test_clients_that_never_read_are_cut_and_pin_one_preview_each(pipeline, monkeypatch):
     # The send timeout outlasts the making of the previews (about a second here), so that most of
     # them arrive while the stalled streams are blocked; the hold keeps the requests running after.

@@ -6,6 +6,7 @@ import copy
 import threading
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from model.pipeline import InfinityPipeline
@@ -53,6 +54,9 @@ def test_a_dead_worker_fails_its_batch_and_is_restarted(pipeline):
         engine.drain(5)
 
 
+# the running batch outlives a death in the next one (continuous: a death fails every request in flight on
+# the replica, all of it on that worker thread)
+@pytest.mark.static_batching
 def test_past_its_restart_budget_the_server_is_not_ready_and_nothing_waits(pipeline):
     app, engine = make_app(pipeline, worker_restarts=0)
     gate = Gate()
