@@ -244,3 +244,30 @@ def test_a_leader_waits_while_the_catch_up_costs_at_most_twice_its_remaining_sca
     assert loop._worth_waiting(leader(5), 0)
     loop._scale_seconds[("k", 5)] = 2
     assert not loop._worth_waiting(leader(5), 0) and loop._worth_waiting(leader(5), 1)
+
+
+def test_a_worker_death_fails_every_request_in_flight_and_leaves_none_waiting(engine):
+    """A thread-killing error while a newcomer starts: the running request and the newcomer both fail
+    (nothing else would answer them), and the restarted worker serves the next request."""
+    from tests.server.test_engine import ThreadKill
+
+    engine, hook = engine
+    joined: list[Ticket] = []
+
+    class Killer(Started):
+        def __call__(self, requests) -> None:
+            super().__call__(requests)
+            if any(r.request_id == "newcomer" for r in requests):
+                raise ThreadKill()
+
+    engine.fault_hook = killer = Killer()
+    newcomer = _request("newcomer", "a star", SHORT)
+    first = _request("first", "a red circle", LONG, preview_scales={1})
+    first.__dict__["on_preview"] = _join_at(1, engine, killer, [newcomer], joined)
+    running = _submit(engine, killer, first)
+    for ticket in (running, None):
+        with pytest.raises(ServingError) as e:
+            (ticket or joined[0]).future.result(30)
+        assert e.value.code == "generation_failed"
+    engine.fault_hook = hook
+    assert engine.submit(_request("after", "a star", SHORT)).future.result(30).images
