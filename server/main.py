@@ -102,6 +102,14 @@ def build_engine(
         warmup=limits.warmup_schedule if settings.warmup else None,
         warmup_batches=(1, settings.max_batch_size) if settings.compile != "off" else (1,),
     )
+    log.info(
+        "model %s: %s batching, up to %d images %s, queue bound %d",
+        limits.name,
+        settings.batching,
+        settings.max_batch_size,
+        "in flight" if settings.batching == "continuous" else "per batch",
+        settings.max_queue,
+    )
     return engine, limits
 
 

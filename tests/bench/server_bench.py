@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -46,6 +47,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def run_all(threads: list[threading.Thread]) -> float:
+    """Start the threads, wait for all; the wall seconds they took."""
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
+def summary(latencies: list[float], errors: int, wall: float) -> dict[str, float]:
+    return {
+        "n": len(latencies),
+        "errors": errors,
+        "images_s": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p95": percentile(latencies, 0.95),
+        "p99": percentile(latencies, 0.99),
+    }
+
+
 def load(url: str, concurrency: int, count: int, max_seconds: float) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
@@ -65,20 +87,8 @@ def load(url: str, concurrency: int, count: int, max_seconds: float) -> dict[str
                     latencies.append(time.perf_counter() - t0)
                     errors += r.status_code != 200
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return {
-        "n": len(latencies),
-        "errors": errors,
-        "images_s": len(latencies) / wall,
-        "p50": statistics.median(latencies),
-        "p95": percentile(latencies, 0.95),
-    }
+    wall = run_all([threading.Thread(target=worker) for _ in range(concurrency)])
+    return summary(latencies, errors, wall)
 
 
 def direct(pipe: InfinityPipeline, schedule: ScaleSchedule, batch: int, count: int) -> float:
@@ -106,18 +116,21 @@ def lone_latency(url: str, count: int = 10) -> float:
     return statistics.median(times)
 
 
-def open_loop(url: str, rate: float, count: int, seed: int = 0) -> dict[str, float]:
-    """`count` requests at Poisson arrival times of `rate` per second, each sent at its time whatever
-    the earlier ones are doing (a thread per request)."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
+def poisson(rate: float, count: int, seed: int = 0) -> list[float]:
+    """Arrival times (seconds from the start) of `count` requests at `rate` per second; rate 0: all at once."""
+    rng, t, times = random.Random(seed), 0.0, []
     for _ in range(count):
-        t += rng.expovariate(rate)
-        arrivals.append(t)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+        times.append(t)
+    return times
+
+
+def send_at(arrivals: list[float], send_one: Callable[[int], bool]) -> dict[str, float]:
+    """Request i sent at arrivals[i] on its own thread, whatever the earlier ones are doing (open loop);
+    `send_one(i)` sends it and says whether it succeeded."""
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
-    client = httpx.Client(base_url=url, timeout=300, limits=httpx.Limits(max_connections=count))
     start = time.perf_counter()
 
     def send(i: int) -> None:
@@ -126,26 +139,25 @@ def open_loop(url: str, rate: float, count: int, seed: int = 0) -> dict[str, flo
         if delay > 0:
             time.sleep(delay)
         t0 = time.perf_counter()
-        r = client.post("/generate", json={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i})
+        ok = send_one(i)
         with lock:
             latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
+            errors += not ok
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - start
-    client.close()
-    return {
-        "n": len(latencies),
-        "errors": errors,
-        "images_s": len(latencies) / wall,
-        "p50": statistics.median(latencies),
-        "p95": percentile(latencies, 0.95),
-        "p99": percentile(latencies, 0.99),
-    }
+    run_all([threading.Thread(target=send, args=(i,)) for i in range(len(arrivals))])
+    return summary(latencies, errors, time.perf_counter() - start)
+
+
+def open_loop(url: str, rate: float, count: int, seed: int = 0) -> dict[str, float]:
+    """`count` requests to the server at Poisson arrival times of `rate` per second."""
+    limits = httpx.Limits(max_connections=count)
+    with httpx.Client(base_url=url, timeout=300, limits=limits) as client:
+
+        def send_one(i: int) -> bool:
+            body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+            return client.post("/generate", json=body).status_code == 200
+
+        return send_at(poisson(rate, count, seed), send_one)
 
 
 def compare_batching(requests: int, loads: list[float], max_batch: int, max_seconds: float) -> None:
@@ -173,40 +185,13 @@ def compare_batching(requests: int, loads: list[float], max_batch: int, max_seco
 def engine_open_loop(engine: Engine, schedule: ScaleSchedule, rate: float, count: int, seed: int = 0) -> dict:
     """`open_loop` straight into an in-process engine (no HTTP): for shapes too slow for many requests.
     Rate 0: every request at once."""
-    rng = random.Random(seed)
-    arrivals, t = [], 0.0
-    for _ in range(count):
-        t += rng.expovariate(rate) if rate > 0 else 0.0
-        arrivals.append(t)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    start = time.perf_counter()
 
-    def send(i: int) -> None:
-        delay = start + arrivals[i] - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        t0 = time.perf_counter()
+    def send_one(i: int) -> bool:
         params = (SamplingParams(seed=i),)
         request = GenerationRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], schedule, params, time.monotonic() + 3600)
-        engine.submit(request).future.result()
-        with lock:
-            latencies.append(time.perf_counter() - t0)
+        return bool(engine.submit(request).future.result().images)
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - start
-    return {
-        "n": len(latencies),
-        "errors": 0,
-        "images_s": len(latencies) / wall,
-        "p50": statistics.median(latencies),
-        "p95": percentile(latencies, 0.95),
-        "p99": percentile(latencies, 0.99),
-    }
+    return send_at(poisson(rate, count, seed), send_one)
 
 
 def compare_batching_in_process(shape: str, requests: int, loads: list[float], max_batch: int) -> None:

@@ -54,6 +54,15 @@ def wait(driver, condition, timeout: float = 15):
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition())
 
 
+def assert_final_image(driver, status: str, width: int, height: int) -> None:
+    """The page says it made one image of this size, and shows one, loaded, of that size."""
+    assert f"1 image of {width}×{height}" in status, status  # noqa: RUF001 (the page's sign)
+    final = driver.find_element(By.CSS_SELECTOR, "#images img")
+    wait(driver, lambda: driver.execute_script("return arguments[0].complete", final))
+    size = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", final)
+    assert size == [width, height]
+
+
 def open_page(driver, url: str, key: str | None = KEY):
     """A fresh page (no stored key or history), options loaded, key typed in when given."""
     driver.get(f"{url}/")

@@ -19,7 +19,7 @@ from selenium.webdriver.common.keys import Keys
 
 from tests.server import test_playground as playground
 from tests.server.browser import console_errors
-from tests.server.test_playground import open_page, wait
+from tests.server.test_playground import assert_final_image, open_page, wait
 
 # The page's own fixtures: a real server with an API key on 127.0.0.1, and headless Chromium.
 live, browser = playground.live, playground.browser
@@ -142,13 +142,7 @@ def test_paint_a_mask_and_send_an_edit(live, browser, tmp_path):
     assert (alpha[:, :14] == 255).all() and (alpha[26:36, :50] == 255).all() and (alpha[:8] == 255).all()
 
     width, height = template_size(url, "3:2")
-    assert f"1 image of {width}×{height}" in status, status  # noqa: RUF001 (the page's sign)
-    final = driver.find_element(By.CSS_SELECTOR, "#images img")
-    wait(driver, lambda: driver.execute_script("return arguments[0].complete", final))
-    assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", final) == [
-        width,
-        height,
-    ]
+    assert_final_image(driver, status, width, height)
     assert "edit of an image, strength 0.8" in driver.find_element(By.CSS_SELECTOR, "#history li").text
     assert console_errors(driver) == []
 

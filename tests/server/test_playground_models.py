@@ -23,7 +23,7 @@ from tests.server import test_several_models as several
 from tests.server.browser import console_errors
 from tests.server.conftest import make_app
 from tests.server.test_lifecycle import _start_serve
-from tests.server.test_playground import KEY, open_page, wait
+from tests.server.test_playground import KEY, assert_final_image, open_page, wait
 from tests.server.test_playground_image import RECORD_REQUESTS, generate_and_wait, picture, png_bytes, sent_bodies
 
 # Headless Chromium, and two models in one process (in-process: "small" and "large").
@@ -156,13 +156,7 @@ def test_the_chosen_model_offers_its_sizes_and_gets_every_request(served, browse
     driver.find_element(By.ID, "prompt").send_keys("a red circle")
     status = generate_and_wait(driver)  # text-to-image
     # The server's side first: what it made (a size the default model cannot make), the model it names.
-    assert f"1 image of {width}×{height}" in status, status  # noqa: RUF001 (the page's sign)
-    final = driver.find_element(By.CSS_SELECTOR, "#images img")
-    wait(driver, lambda: driver.execute_script("return arguments[0].complete", final))
-    assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", final) == [
-        width,
-        height,
-    ]
+    assert_final_image(driver, status, width, height)
     assert TINY in driver.find_element(By.CSS_SELECTOR, "#history li").text  # from the `completed` event
     (body,) = sent_bodies(driver)
     assert (body["model"], body["pn"], body["aspect_ratio"]) == (TINY, "0.25M", "2:1")
