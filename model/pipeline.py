@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -62,6 +62,24 @@ class GenerationResult:
     prompt_tokens: list[int]  # T5 tokens per prompt, EOS included
     image_tokens: int  # bitwise tokens generated per image: sum over scales of h*w*bits
     timings: StageTimings
+
+    @staticmethod
+    def combine(parts: Sequence[GenerationResult]) -> GenerationResult:
+        """One batch's result from the parts `Generation.finish(rows)` returned (disjoint rows): rows in
+        the order of the parts, decode seconds summed, the rest the batch's own."""
+        first = parts[0]
+        timings = replace(first.timings, vae_decode=sum(p.timings.vae_decode for p in parts))
+        per_scale = zip(*(p.bits for p in parts), strict=True)
+        return replace(
+            first,
+            rows=tuple(r for p in parts for r in p.rows),
+            nonfinite=tuple(r for p in parts for r in p.nonfinite),
+            images=[image for p in parts for image in p.images],
+            bits=[np.concatenate(scale) for scale in per_scale],
+            seeds=[s for p in parts for s in p.seeds],
+            prompt_tokens=[n for p in parts for n in p.prompt_tokens],
+            timings=timings,
+        )
 
 
 class DeviceOutOfMemory(RuntimeError):
@@ -384,12 +402,17 @@ class Generation:
         self.image_seconds += other.image_seconds
         self.transformer_seconds += other.transformer_seconds
 
-    def finish(self) -> GenerationResult:
-        """Decode the accumulated latent of the rows that ran to the end with finite logits."""
+    def finish(self, rows: Collection[int] | None = None) -> GenerationResult:
+        """Decode the accumulated latent of the rows that ran to the end with finite logits: all of them,
+        or only those among `rows` (prompt indices). In parts, a caller hands each request its images as
+        soon as they are decoded instead of after the whole batch's (call once per disjoint part;
+        `GenerationResult.combine` joins the parts)."""
         pipeline, out = self.pipeline, self.sampling.output()
+        wanted = set(out.rows if rows is None else rows)
+        out = replace(out, nonfinite=tuple(r for r in out.nonfinite if r in wanted))
         with pipeline._out_of_memory(len(out.rows)), torch.inference_mode():
             t0 = time.perf_counter()
-            keep = [k for k, row in enumerate(out.rows) if row not in out.nonfinite]
+            keep = [k for k, row in enumerate(out.rows) if row in wanted and row not in out.nonfinite]
             decoded = list(pipeline.decode_latent(out.latent[keep])) if keep else []
             conditions = [self.conditions[out.rows[k]] for k in keep]
             decoded = [pipeline._pasted(image, c) for image, c in zip(decoded, conditions, strict=True)]

@@ -142,21 +142,27 @@ class ContinuousLoop:
                 event = cohort.generation.step(functools.partial(self.replica.on_scale, cohort.delivery))
                 self._observe_step(cohort, event.seconds)
                 if cohort.generation.done:
-                    result = cohort.generation.finish()
+                    self._complete(cohort)
             except Exception as e:
                 log.exception("cohort of requests %s failed", [t.payload.request_id for t in cohort.tickets])
-                self._drop(cohort)
-                self._recover(cohort.tickets, min(cohort.started), e)
-                continue
-            if cohort.generation.done:
-                self._complete(cohort, result)
+                if cohort in self.running:
+                    self._drop(cohort)
+                unanswered = [t for t in cohort.tickets if not t.future.done()]
+                self._release([t for t in cohort.tickets if t.future.done()])
+                self._recover(unanswered, min(cohort.started), e)
 
-    def _complete(self, cohort: Cohort, result: GenerationResult) -> None:
+    def _complete(self, cohort: Cohort) -> None:
+        """Decode and deliver request by request: each gets its images without waiting for the decode of
+        its batch-mates' (one image per decode call either way)."""
         self._drop(cohort)
+        generation, delivery = cohort.generation, cohort.delivery
+        parts = []
+        for i in range(len(delivery.tickets)):
+            parts.append(generation.finish(delivery.rows_of(i)))
+            delivery.deliver(parts[-1], cohort.started, only=(i,))
         replica, seconds = self.replica, time.monotonic() - min(cohort.started)
-        replica.admission.times.record(replica.device, cohort.generation.schedule.key, seconds)
-        replica.observe(result)
-        cohort.delivery.deliver(result, cohort.started)
+        replica.admission.times.record(replica.device, generation.schedule.key, seconds)
+        replica.observe(GenerationResult.combine(parts))
         self._finished(cohort)
 
     def _merge_caught_up(self) -> None:

@@ -9,7 +9,7 @@ at the next scale. At the end each request gets its images, or the one error tha
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from model.config import SamplingParams
 from model.image_condition import ImageCondition
@@ -63,12 +63,15 @@ class BatchDelivery:
             request.on_preview(Preview(event.scale_index, event.num_scales, list(images)))
         return {row for row in event.rows if self.tickets[self.owners[row]].cancelled}
 
-    def deliver(self, result: GenerationResult, started: float | Sequence[float]) -> None:
+    def deliver(
+        self, result: GenerationResult, started: float | Sequence[float], only: Collection[int] | None = None
+    ) -> None:
         """Each request its images, or the error that stopped it. `started`: when the batch started, or
-        when each ticket did (continuous batching: tickets that joined later)."""
+        when each ticket did (continuous batching: tickets that joined later). `only`: these tickets
+        (indices), from a result decoded for their rows alone (`Generation.finish(rows)`)."""
         starts = [started] * len(self.tickets) if isinstance(started, (int, float)) else list(started)
         for i, ticket in enumerate(self.tickets):
-            if ticket.future.done():
+            if ticket.future.done() or (only is not None and i not in only):
                 continue
             if any(self.owners[row] == i for row in result.nonfinite):
                 log.warning("request %s: non-finite logits, failed alone", ticket.payload.request_id)

@@ -151,3 +151,22 @@ def test_an_image_to_image_row_merges_with_a_text_row_and_keeps_its_forced_bits(
         result = a.finish()
         expected = {"text": alone_text.images[0], "edit": alone_edit.images[0]}
         assert np.array_equal(result.images[0], expected[first]) and np.array_equal(result.images[1], expected[second])
+
+
+def test_finishing_in_parts_decodes_each_part_alone_and_the_parts_combine_into_the_whole(pipe):
+    from model.pipeline import GenerationResult
+
+    prompts = ["a red circle", "two blue squares", "a star"]
+    params = [SamplingParams(seed=s, cfg=3.0, tau=1.0) for s in (1, 2, 3)]
+    whole = pipe.generate(prompts, SMALL, params)
+    g = pipe.start(prompts, SMALL, params)
+    _run(g)
+    parts = [g.finish([2]), g.finish([0, 1])]  # any order, disjoint
+    assert [p.rows for p in parts] == [(2,), (0, 1)]
+    assert np.array_equal(parts[0].images[0], whole.images[2])
+    combined = GenerationResult.combine(parts)
+    assert combined.rows == (2, 0, 1) and combined.seeds == [3, 1, 2]
+    for k, row in enumerate(combined.rows):
+        assert np.array_equal(combined.images[k], whole.images[row])
+        assert all(np.array_equal(b[k], w[row]) for b, w in zip(combined.bits, whole.bits, strict=True))
+    assert combined.timings.vae_decode == sum(p.timings.vae_decode for p in parts)

@@ -271,3 +271,26 @@ def test_a_worker_death_fails_every_request_in_flight_and_leaves_none_waiting(en
         assert e.value.code == "generation_failed"
     engine.fault_hook = hook
     assert engine.submit(_request("after", "a star", SHORT)).future.result(30).images
+
+
+def test_each_request_of_a_finished_batch_is_delivered_before_the_next_ones_decode(engine, pipeline, monkeypatch):
+    engine, hook = engine
+    joined: list[Ticket] = []
+    a = _request("a", "a green star", SHORT, seeds=(1,))
+    b = _request("b", "two blue squares", SHORT, seeds=(2, 3))
+    first = _request("first", "a red circle", LONG, preview_scales={0})
+    first.__dict__["on_preview"] = _join_at(0, engine, hook, [a, b], joined)  # a and b: one cohort
+    decode, seen = pipeline.decode_latent, []
+
+    def recording_decode(latent):
+        if joined and len(joined) == 2:
+            seen.append((len(latent), joined[0].future.done()))
+        return decode(latent)
+
+    monkeypatch.setattr(pipeline, "decode_latent", recording_decode)
+    _submit(engine, hook, first).future.result(60)
+    out_a, out_b = (t.future.result(60) for t in joined)
+    assert [names for names, _ in hook.cohorts] == [["first"], ["a", "b"]]
+    # a's one image decoded and delivered, then b's two images decoded
+    assert (1, False) in seen and (2, True) in seen
+    assert np.array_equal(out_a.images[0], _alone(pipeline, a)[0])
