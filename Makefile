@@ -42,8 +42,8 @@ bench: install-dev
 	$(BIN)/python -m tests.bench.decode_bench
 	$(BIN)/python -m tests.bench.preview_bench
 	$(BIN)/python -m tests.bench.server_bench
-	$(BIN)/python -m tests.bench.server_bench --open-loop
-	$(BIN)/python -m tests.bench.server_bench --open-loop --shape mid --requests 24
+	$(BIN)/python -m tests.bench.server_bench --open-loop --requests 300
+	$(BIN)/python -m tests.bench.server_bench --open-loop --shape mid --requests 60
 
 # Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
 # ~5 minutes on 2 cores; never part of `make test` or CI. A fresh run each time (the counts stay comparable);
