@@ -163,7 +163,7 @@ class ContinuousLoop:
         replica, seconds = self.replica, time.monotonic() - min(cohort.started)
         replica.admission.times.record(replica.device, generation.schedule.key, seconds)
         replica.observe(GenerationResult.combine(parts))
-        self._finished(cohort)
+        self._release(cohort.tickets)
 
     def _merge_caught_up(self) -> None:
         """Cohorts at the same scale of one schedule become one batch: from here their rows share
@@ -230,9 +230,6 @@ class ContinuousLoop:
         self.running.remove(cohort)
         self.replica.metrics.running_rows.dec(len(cohort.delivery.owners))
         self.replica.metrics.running_batches.dec()
-
-    def _finished(self, cohort: Cohort) -> None:
-        self._release(cohort.tickets)
 
     def _release(self, tickets: Iterable[Ticket[GenerationRequest]]) -> None:
         """The loop is done with these tickets (answered, or failed): no longer running."""
