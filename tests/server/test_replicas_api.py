@@ -171,6 +171,9 @@ def test_a_warm_up_that_fails_names_its_replica_and_the_server_is_not_ready(fres
         engine.drain(2)
 
 
+# four queued images form one batch after the blocker, split twice (continuous: max_batch_size counts the
+# rows in flight, and the cohorts, so the splits, depend on the order the threads' requests arrive in)
+@pytest.mark.static_batching
 def test_torchs_out_of_memory_error_fails_only_the_request_too_big_after_the_bisect(pipeline, monkeypatch):
     """The first block raises torch.OutOfMemoryError itself, inside the real generate, whenever it
     sees more rows than one image needs: the pipeline's conversion to DeviceOutOfMemory is what makes
