@@ -35,7 +35,8 @@ lint: install-dev
 
 # Every performance table, each measured within one run (ratios): the model (with ops per block and
 # per-scale overhead), guidance-free late scales, the VAE decode and end to end before/after, stream
-# previews, then the real server. ~25 minutes on 2 cores; docs/benchmarks.md has the latest figures.
+# previews, the real server, then what each batching scheduler reaches on measured step costs.
+# ~27 minutes on 2 cores; docs/benchmarks.md has the latest figures.
 bench: install-dev
 	$(BIN)/python -m tests.bench.perf_bench
 	$(BIN)/python -m tests.bench.guidance_bench
@@ -44,6 +45,8 @@ bench: install-dev
 	$(BIN)/python -m tests.bench.server_bench
 	$(BIN)/python -m tests.bench.server_bench --open-loop --requests 300
 	$(BIN)/python -m tests.bench.server_bench --open-loop --shape mid --requests 60
+	$(BIN)/python -m tests.bench.batching_sim
+	$(BIN)/python -m tests.bench.batching_sim --shape mid --repeats 2
 
 # Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
 # ~5 minutes on 2 cores; never part of `make test` or CI. A fresh run each time (the counts stay comparable);

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,13 @@ if TYPE_CHECKING:  # the replica owns the loop; imported for types only (no cycl
     from server.replica import Replica
 
 log = logging.getLogger(__name__)
+
+
+def worth_waiting(scale_costs: Sequence[float], laggard_at: int, leader_at: int) -> bool:
+    """The catch-up rule: a leader at `leader_at` waits for a laggard at `laggard_at` of its schedule
+    while the laggard's catch-up (its scales laggard_at..leader_at-1) costs at most twice the leader's
+    remaining scales. Pure, so that tests/bench/batching_sim.py simulates the very rule served."""
+    return sum(scale_costs[laggard_at:leader_at]) <= 2 * sum(scale_costs[leader_at:])
 
 
 @dataclass
@@ -214,12 +221,12 @@ class ContinuousLoop:
         then both run as one batch; running apart costs each of the two about one extra step per
         remaining scale (a step's cost barely depends on its rows at the early, dispatch-bound scales).
         Costs are the recent seconds of each scale of this schedule (1 per scale until measured)."""
-        key, s, n = leader.schedule_key, leader.scale_index, leader.generation.schedule.num_scales
+        key, n = leader.schedule_key, leader.generation.schedule.num_scales
         measured = [self._scale_seconds.get((key, k)) for k in range(n)]
         cost = [c for c in measured if c is not None]
         if len(cost) < n:  # not every scale run yet: count scales
             cost = [1.0] * n
-        return sum(cost[laggard_at:s]) <= 2 * sum(cost[s:])
+        return worth_waiting(cost, laggard_at, leader.scale_index)
 
     def _observe_step(self, cohort: Cohort, seconds: float) -> None:
         key = (cohort.schedule_key, cohort.scale_index - 1)  # the scale just run
