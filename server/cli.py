@@ -336,9 +336,11 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from model.config import RuntimeConfig, SamplingParams
+    from model.host_memory import retain_freed_memory
     from weights import load_pipeline
     from weights.default import load_default_pipeline
 
+    retain_freed_memory()  # as `serve` does: no page faults on each large tensor of the decode
     condition = _input_image(args)
     if not args.prompt and condition is None:
         log.error("--prompt is required (it may be empty only with --image)")

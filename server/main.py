@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from model.config import RuntimeConfig
+from model.host_memory import retain_freed_memory
 from model.pipeline import InfinityPipeline
 from model.schedules import LARGEST_PN
 from server.app import create_app
@@ -207,6 +208,8 @@ def warn_if_open(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     warn_if_open(settings)
+    if settings.retain_host_memory:  # before any worker thread starts (model/host_memory.py)
+        retain_freed_memory()
     models = build_models(settings)
     app = create_app(settings, models)
     config = uvicorn_config(app, settings)

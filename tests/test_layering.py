@@ -25,7 +25,15 @@ WEB = {
 }
 # model.image_condition: for its ImageCondition, the public dataclass of an input image (the server
 # builds one per image-to-image request; the model's helpers there are not for the server).
-MODEL_PUBLIC_API = {"model", "model.config", "model.schedules", "model.pipeline", "model.image_condition"}
+# model.host_memory: the process's host allocator setting, which `serve` applies before its workers start.
+MODEL_PUBLIC_API = {
+    "model",
+    "model.config",
+    "model.schedules",
+    "model.pipeline",
+    "model.image_condition",
+    "model.host_memory",
+}
 
 
 def imports_of(package: str, top_level_only: bool = False) -> dict[str, set[str]]:

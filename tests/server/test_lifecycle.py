@@ -118,6 +118,7 @@ def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
     assert image_url.rsplit("/", 1)[1] not in output  # the id is a secret: in no log, uvicorn's included
     assert "GET /v1/images/{image_id} -> 200" in output
     assert "embedded default model" in output
+    assert "freed memory kept for reuse (glibc malloc: one arena, no mmap, no trim): True" in output
     assert "draining" in output
 
 
