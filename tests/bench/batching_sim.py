@@ -25,7 +25,9 @@ saturation. Costs between measured row counts are interpolated linearly (extrapo
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,8 +40,11 @@ from model.config import RuntimeConfig, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from server.continuous import worth_waiting
+from server.main import in_own_thread
 from tests.bench.prompts import PROMPTS
-from tests.bench.server_bench import percentile, poisson
+from tests.bench.server_bench import engine_open_loop, percentile, poisson
+
+MAX_WAIT_S = 0.010  # the served default `max_wait_ms`
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,18 @@ class StepCosts:
     rows: tuple[int, ...]  # the measured row counts, ascending (requests; CFG doubles them inside)
     scales: tuple[tuple[float, ...], ...]  # scales[s][i]: scale s with rows[i] requests
     decode: float  # one image
+    start: tuple[float, ...] = ()  # start[i]: `InfinityPipeline.start` (text encoding) of rows[i]; () none
 
     def step(self, scale: int, rows: int) -> float:
+        return self._at(self.scales[scale], rows)
+
+    def starting(self, rows: int) -> float:
+        """Starting a batch (or cohort) of `rows` requests: its text encoding and conditioning."""
+        return self._at(self.start, rows) if self.start else 0.0
+
+    def _at(self, costs: tuple[float, ...], rows: int) -> float:
         """Linear between measured row counts, extrapolated from the last two past the end."""
-        ks, costs = self.rows, self.scales[scale]
+        ks = self.rows
         i = next((j for j, k in enumerate(ks) if k >= rows), len(ks) - 1)
         if ks[i] == rows or i == 0:
             return costs[i]
@@ -72,25 +85,30 @@ class StepCosts:
         return sum(self.step(s, rows) for s in range(self.num_scales))
 
     def lone(self) -> float:
-        return self.batch(1) + self.decode
+        return self.starting(1) + self.batch(1) + self.decode
 
 
 Scheduler = Callable[[StepCosts, Sequence[float], int], list[float]]
 
 
-def static(costs: StepCosts, arrivals: Sequence[float], max_batch: int) -> list[float]:
-    """Latency of each arrival (in order) under the static batcher."""
-    latencies, now, i = [], 0.0, 0
+def static(costs: StepCosts, arrivals: Sequence[float], max_batch: int, max_wait: float = MAX_WAIT_S) -> list[float]:
+    """Latency of each arrival (in order) under the static batcher (server/batcher.py `take`): when the
+    worker is free the waiting requests leave as one batch, after up to `max_wait` past the first one's
+    arrival for a fuller batch if the last batch held several requests (under load, not for a lone one)."""
+    latencies, now, i, patient = [], 0.0, 0, False
     while i < len(arrivals):
-        now = max(now, arrivals[i])
+        leave = max(now, arrivals[i])
+        full_at = arrivals[i + max_batch - 1] if i + max_batch <= len(arrivals) else math.inf
+        if patient and full_at > leave:
+            leave = max(leave, min(arrivals[i] + max_wait, full_at))
         j = i
-        while j < len(arrivals) and arrivals[j] <= now and j - i < max_batch:
+        while j < len(arrivals) and arrivals[j] <= leave and j - i < max_batch:
             j += 1
-        now += costs.batch(j - i)
+        now = leave + costs.starting(j - i) + costs.batch(j - i)
         for a in arrivals[i:j]:
             now += costs.decode
             latencies.append(now - a)
-        i = j
+        patient, i = j - i > 1, j
     return latencies
 
 
@@ -117,6 +135,7 @@ def _boundary(
             admitted.append(i)
             i += 1
         if admitted:
+            now += costs.starting(len(admitted))
             running.append(_Cohort(0, admitted))
         running = _merged(running)
         now += step(running)
@@ -199,14 +218,18 @@ def simulate(scheduler: Scheduler, costs: StepCosts, rate: float, requests: int,
 
 
 def measure(pipe: InfinityPipeline, schedule: ScaleSchedule, rows: Sequence[int], repeats: int) -> StepCosts:
-    """Fastest of `repeats` per scale and row count; the decode per image, over every measured run."""
+    """Fastest of `repeats` per scale and row count (and for the start); the decode per image, over
+    every measured run. Prompts as the validation sends them (text features cached after first use)."""
     pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
-    per_rows, decodes = [], []
+    per_rows, decodes, starts = [], [], []
     for k in rows:
         best: list[float] | None = None
+        start = math.inf
         for r in range(repeats):
             prompts = [PROMPTS[(r * k + j) % len(PROMPTS)] for j in range(k)]
+            t0 = time.perf_counter()
             generation = pipe.start(prompts, schedule, [SamplingParams(seed=j) for j in range(k)])
+            start = min(start, time.perf_counter() - t0)
             steps = []
             while not generation.done:
                 t0 = time.perf_counter()
@@ -218,8 +241,40 @@ def measure(pipe: InfinityPipeline, schedule: ScaleSchedule, rows: Sequence[int]
                 decodes.append(time.perf_counter() - t0)
             best = steps if best is None else [min(a, b) for a, b in zip(best, steps, strict=True)]
         per_rows.append(best or [])
+        starts.append(start)
     scales = tuple(tuple(per_rows[i][s] for i in range(len(rows))) for s in range(schedule.num_scales))
-    return StepCosts(tuple(rows), scales, min(decodes))
+    return StepCosts(tuple(rows), scales, min(decodes), tuple(starts))
+
+
+def validate(
+    pipe: InfinityPipeline, schedule: ScaleSchedule, costs: StepCosts, load: float, requests: int, max_batch: int
+) -> None:
+    """The real in-process Engine (no HTTP) in each mode under Poisson arrivals at `load` of the simulated
+    static saturation, against the simulation of the very same arrival times: how far to trust it."""
+    from server.engine import Engine
+    from server.metrics import Metrics
+
+    rate = load * saturation(static, costs, max_batch)
+    arrivals = poisson(rate, requests, seed=0)  # engine_open_loop's arrivals, seed 0
+    print(f"\n# validation: {requests} arrivals at {rate:.2f}/s ({load:.0%}), in-process engine vs simulated\n")
+    print("| batching | measured lone s | p50 / lone | p95 / lone | simulated lone s | p50 / lone | p95 / lone |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, scheduler in (("static", static), ("continuous", continuous)):
+        engine = Engine(
+            {"cpu": pipe}, Metrics().for_model("sim"), max_batch, MAX_WAIT_S * 1000, 4 * requests, batching=mode
+        )
+        engine.start()
+        try:
+            lone = statistics.median(engine_open_loop(engine, schedule, 0.0, 1)["p50"] for _ in range(9))
+            run = engine_open_loop(engine, schedule, rate, requests)
+        finally:
+            engine.drain(600)
+        simulated = scheduler(costs, arrivals, max_batch)
+        sim_p50, sim_p95 = (percentile(simulated, q) / costs.lone() for q in (0.5, 0.95))
+        print(
+            f"| {mode} | {lone:.3f} | {run['p50'] / lone:.2f}x | {run['p95'] / lone:.2f}x | "
+            f"{costs.lone():.3f} | {sim_p50:.2f}x | {sim_p95:.2f}x |"
+        )
 
 
 def load_pipeline(shape: str | None) -> tuple[InfinityPipeline, ScaleSchedule, str]:
@@ -246,7 +301,11 @@ def print_costs(costs: StepCosts, what: str) -> None:
     for s, row in enumerate(costs.scales):
         gain = costs.rows[-1] * row[0] / row[-1]
         print(f"| {s} | " + " | ".join(f"{c * 1e3:.1f}" for c in row) + f" | {gain:.2f}x |")
-    whole = costs.rows[-1] * costs.lone() / (costs.batch(costs.rows[-1]) + costs.rows[-1] * costs.decode)
+    k = costs.rows[-1]
+    whole = k * costs.lone() / (costs.starting(k) + costs.batch(k) + k * costs.decode)
+    if costs.start:
+        gain = k * costs.start[0] / costs.start[-1]
+        print("| start (text) | " + " | ".join(f"{c * 1e3:.1f}" for c in costs.start) + f" | {gain:.2f}x |")
     print(
         f"| decode | {costs.decode * 1e3:.1f} per image | | | | |\n\nlone {costs.lone() * 1e3:.1f} ms, "
         f"fixed cost per step {costs.overhead * 1e3:.1f} ms, whole-request batching gain at "
@@ -279,14 +338,19 @@ def main() -> None:
     parser.add_argument("--loads", default="0.3,0.5,0.7", help="fractions of the static batcher's saturation")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per row count (fastest kept)")
+    parser.add_argument("--validate", type=int, default=0, help="then this many real requests per mode at 70%%")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
-    pipe, schedule, what = load_pipeline(args.shape)
+    # Torch work off the main thread, as `serve` does it: a pool on the main thread would halve the
+    # validation engine's worker (two OpenMP pools on 2 cores: server/main.py `in_own_thread`).
+    pipe, schedule, what = in_own_thread(load_pipeline, args.shape)
     rows = tuple(k for k in (1, 2, 4, 8) if k <= args.max_batch)
-    costs = measure(pipe, schedule, rows, args.repeats)
+    costs = in_own_thread(measure, pipe, schedule, rows, args.repeats)
     print_costs(costs, f"{what}, {torch.get_num_threads()} threads")
     report(costs, [float(x) for x in args.loads.split(",")], args.requests, args.seeds, args.max_batch)
+    if args.validate:
+        validate(pipe, schedule, costs, 0.7, args.validate, args.max_batch)
 
 
 if __name__ == "__main__":

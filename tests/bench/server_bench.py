@@ -35,6 +35,7 @@ from model.config import RuntimeConfig, SamplingParams
 from model.pipeline import InfinityPipeline
 from model.schedules import ScaleSchedule
 from server.engine import Engine, GenerationRequest
+from server.main import in_own_thread
 from server.metrics import Metrics
 from tests.bench.load_test import start_server
 from tests.bench.prompts import PROMPTS
@@ -199,9 +200,16 @@ def compare_batching_in_process(shape: str, requests: int, loads: list[float], m
     from tests.bench.perf_bench import pipeline as random_pipeline
 
     schedule = ScaleSchedule.official(1.0, "0.06M")
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = random_pipeline(shape, "bfloat16", torch.device("cpu"), "off", Path(tmp))
-    pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
+
+    def load() -> InfinityPipeline:
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = random_pipeline(shape, "bfloat16", torch.device("cpu"), "off", Path(tmp))
+        pipe.generate(["warm-up"], schedule, SamplingParams(seed=0))
+        return pipe
+
+    # Off the main thread, as `serve` loads: torch work on two threads halves the engine worker's speed
+    # (two OpenMP pools on 2 cores: server/main.py `in_own_thread`).
+    pipe = in_own_thread(load)
     measured: dict[str, dict] = {}
     rates: list[float] = []
     for mode in ("static", "continuous"):

@@ -31,6 +31,20 @@ def test_static_batches_what_waits_and_decodes_one_image_after_the_other():
     assert static(LINEAR, [0.0, 1.0, 2.0], 8) == [12.5, 30.0, 29.5]
 
 
+def test_under_load_the_static_batcher_waits_up_to_max_wait_for_a_fuller_batch():
+    # After a batch of two, the next head (at 20) waits until 23 for company: the request at 21 joins.
+    assert static(LINEAR, [0.0, 0.0, 20.0, 21.0], 8, max_wait=3.0) == [18.5, 19.0, 21.5, 21.0]
+    # Without the wait each goes alone; a lone request never waits (the batch before it held one).
+    assert static(LINEAR, [0.0, 0.0, 20.0, 21.0], 8, max_wait=0.0) == [18.5, 19.0, 12.5, 24.0]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_starting_a_batch_costs_its_text_encoding_once(name):
+    costs = StepCosts(LINEAR.rows, LINEAR.scales, LINEAR.decode, start=(1.0, 1.5, 2.5))
+    assert SCHEDULERS[name](costs, [0.0], 8) == [13.5]
+    assert SCHEDULERS[name](costs, [0.0, 0.0], 8) == [1.5 + 18.5, 1.5 + 19.0]  # one start for both
+
+
 def test_continuous_admits_at_the_next_boundary_and_merges_after_the_catch_up():
     # The second request arrives during the first's scale 0 (done at 2): it starts at 2 alone, the first
     # waits (catch-up 2 <= 2 * (4 + 6)), both are at scale 1 at 4 and run merged: 4 + 6 + 9 = 19, decodes.
