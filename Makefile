@@ -45,7 +45,7 @@ bench: install-dev
 	$(BIN)/python -m tests.bench.server_bench
 	$(BIN)/python -m tests.bench.server_bench --open-loop --requests 300
 	$(BIN)/python -m tests.bench.server_bench --open-loop --shape mid --requests 60
-	$(BIN)/python -m tests.bench.batching_sim
+	$(BIN)/python -m tests.bench.batching_sim --validate 300
 	$(BIN)/python -m tests.bench.batching_sim --shape mid --repeats 2
 
 # Mutation testing of model/sampler.py, model/quantizer.py and server/batcher.py: [tool.mutmut] in pyproject.toml, docs/testing.md.
