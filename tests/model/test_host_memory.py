@@ -4,6 +4,7 @@ process's for good."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def page_faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
 def test_retained_memory_serves_a_threads_large_tensors_without_new_page_faults():
     pages = (64 << 20) // 4096  # per 64 MiB
     assert page_faults("system") > 8 * pages  # glibc's defaults: each large tensor mmapped and faulted in anew

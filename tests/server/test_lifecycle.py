@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def test_serve_command_starts_serves_and_stops_on_sigterm(tmp_path):
     assert image_url.rsplit("/", 1)[1] not in output  # the id is a secret: in no log, uvicorn's included
     assert "GET /v1/images/{image_id} -> 200" in output
     assert "embedded default model" in output
-    assert "freed memory kept for reuse (glibc malloc: one arena, no mmap, no trim): True" in output
+    if platform.libc_ver()[0] == "glibc":  # model/host_memory.py: elsewhere it says why not, and serves on
+        assert "freed memory kept for reuse (glibc malloc: one arena, no mmap, no trim): True" in output
     assert "draining" in output
 
 
