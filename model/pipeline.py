@@ -19,6 +19,7 @@ import torch
 
 from model.attention import TextMemory, choose_backend, stack_memories
 from model.config import ATTENTION_MODES, PRECISIONS, RuntimeConfig, SamplingParams
+from model.cpu_threads import BuildingThread
 from model.image_condition import PASTE_FEATHER, ImageCondition, feathered_paste, prepare
 from model.memory import MemoryUsage, device_memory
 from model.preview import LinearPreview, PreviewDecoder, Previewer
@@ -114,6 +115,7 @@ class InfinityPipeline:
             )
         self.runtime = runtime
         self.device = torch.device(runtime.device)
+        self._built_on = BuildingThread(self.device)  # warns once if run elsewhere while it lives
         dtype = DTYPES[runtime.dtype]
         self.transformer = transformer.to(self.device).eval().requires_grad_(False)
         self.transformer.blocks.to(dtype)
@@ -168,6 +170,7 @@ class InfinityPipeline:
         `done`, then `finish()`. Between two steps the caller may step other generations (continuous
         batching): a generation's images do not depend on that."""
         rows = self._check_inputs(prompts, schedule, params, images)
+        self._built_on.check()
         # one generator per row, seeded explicitly
         seeds = [p.seed if p.seed is not None else random.SystemRandom().randrange(2**32) for p in rows]
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
